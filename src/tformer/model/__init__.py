@@ -1,0 +1,39 @@
+"""The Transformer of "Attention Is All You Need", in plain PyTorch (this package imports only torch).
+
+Read in this order: ``masks`` -> ``attention`` -> ``layers`` -> ``transformer``; ``config`` holds
+the sizes and ``loss`` the training objective. The math is in ``docs/model.md``.
+"""
+
+from tformer.model.attention import (
+    AttentionOutput,
+    DecoderCache,
+    MultiHeadAttention,
+    attention_fast,
+    attention_math,
+)
+from tformer.model.config import SIZES, TransformerConfig, config_for
+from tformer.model.layers import (
+    DecoderLayer,
+    Embeddings,
+    EncoderLayer,
+    FeedForward,
+    sinusoidal_positions,
+)
+from tformer.model.loss import IGNORE_INDEX, compute_loss
+from tformer.model.masks import causal_mask, combine, padding_mask
+from tformer.model.transformer import (
+    Decoder,
+    Encoder,
+    KVCache,
+    Seq2SeqOutput,
+    Transformer,
+    build_transformer,
+)
+
+__all__ = [
+    "AttentionOutput", "DecoderCache", "MultiHeadAttention", "attention_fast", "attention_math",
+    "SIZES", "TransformerConfig", "config_for", "DecoderLayer", "Embeddings", "EncoderLayer",
+    "FeedForward", "sinusoidal_positions", "IGNORE_INDEX", "compute_loss", "causal_mask",
+    "combine", "padding_mask", "Decoder", "Encoder", "KVCache", "Seq2SeqOutput", "Transformer",
+    "build_transformer",
+]

@@ -1,0 +1,179 @@
+"""The pieces of a Transformer layer: feed-forward network, positions, embeddings, and the
+encoder and decoder layers (Vaswani et al. 2017, sections 3.1, 3.3-3.5).
+
+Dimension names: B batch, S source length, T target length, D d_model, F d_ff, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.model.attention import DecoderCache, MultiHeadAttention
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, applied at every position alone (section 3.3).
+
+    ``gated=True`` gives the GLU variant (Shazeer 2020): (act(x W1) * x W3) W2.
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0,
+        gated: bool = False,
+    ) -> None:
+        super().__init__()
+        self.act = _ACTIVATIONS[activation]
+        self.w1 = nn.Linear(d_model, d_ff)
+        self.w3 = nn.Linear(d_model, d_ff) if gated else None
+        self.w2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+        h = self.act(self.w1(x))  # (B, T, F)
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return self.w2(self.dropout(h))
+
+
+def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(pos / 10000^(2i/D)) (section 3.5).
+
+    positions: (T,) integer positions -> (T, D). Each pair of dimensions is a rotation at its own
+    frequency, so PE(pos + k) is a linear function of PE(pos): relative offsets are easy to read.
+    Computed on demand (T × D sines are cheap) so any length works.
+    """
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / d_model)
+    )  # (D/2,)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    pe = torch.zeros(positions.numel(), d_model, device=positions.device)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return pe
+
+
+class Embeddings(nn.Module):
+    """Token embedding × √D plus positions, then dropout (sections 3.4, 3.5, 5.4).
+
+    The scale matters with tied weights: the embedding matrix is initialised with std D^-1/2
+    (right for the output projection), and √D brings the token vectors back to unit scale so
+    the positions do not drown them.
+    """
+
+    def __init__(
+        self, token: nn.Embedding, positional: str, max_positions: int, scale: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.token = token
+        d_model = token.embedding_dim
+        self.learned = nn.Embedding(max_positions, d_model) if positional == "learned" else None
+        self.max_positions = max_positions
+        self.scale = math.sqrt(d_model) if scale else 1.0
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:  # (B, T) -> (B, T, D)
+        positions = torch.arange(offset, offset + ids.size(1), device=ids.device)  # (T,)
+        x = self.token(ids) * self.scale
+        if self.learned is not None:
+            if offset + ids.size(1) > self.max_positions:
+                raise ValueError(
+                    f"sequence of length {offset + ids.size(1)} exceeds max_positions="
+                    f"{self.max_positions} of the learned position table"
+                )
+            pos = self.learned(positions)
+        else:
+            pos = sinusoidal_positions(positions, x.size(-1)).to(x.dtype)
+        return self.dropout(x + pos[None])
+
+
+class EncoderLayerOutput(NamedTuple):
+    hidden: Tensor  # (B, S, D)
+    self_weights: Tensor | None  # (B, H, S, S)
+
+
+class DecoderLayerOutput(NamedTuple):
+    hidden: Tensor  # (B, T, D)
+    self_weights: Tensor | None  # (B, H, T, T_past + T)
+    cross_weights: Tensor | None  # (B, H, T, S)
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then FFN, each wrapped in dropout, a residual connection and LayerNorm.
+
+    Post-norm (the paper, section 3.1): x = LayerNorm(x + Sublayer(x)).
+    Pre-norm (``norm_first``):           x = x + Sublayer(LayerNorm(x)): trains deep stacks
+    without warmup tricks (Xiong et al. 2020) but needs a final LayerNorm after the stack.
+    """
+
+    def __init__(
+        self, self_attn: MultiHeadAttention, ffn: FeedForward, d_model: int, dropout: float,
+        norm_first: bool, eps: float,
+    ) -> None:
+        super().__init__()
+        self.self_attn, self.ffn = self_attn, ffn
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> EncoderLayerOutput:
+        if self.norm_first:
+            a, w = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
+            x = x + self.dropout(a)
+            x = x + self.dropout(self.ffn(self.norm2(x)))
+        else:
+            a, w = self.self_attn(x, mask=mask, need_weights=need_weights)
+            x = self.norm1(x + self.dropout(a))
+            x = self.norm2(x + self.dropout(self.ffn(x)))
+        return EncoderLayerOutput(x, w)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, then FFN (section 3.1)."""
+
+    def __init__(
+        self, self_attn: MultiHeadAttention, cross_attn: MultiHeadAttention, ffn: FeedForward,
+        d_model: int, dropout: float, norm_first: bool, eps: float,
+    ) -> None:
+        super().__init__()
+        self.self_attn, self.cross_attn, self.ffn = self_attn, cross_attn, ffn
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.norm3 = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(
+        self, x: Tensor, memory: Tensor, memory_mask: Tensor | None,
+        cache: DecoderCache | None = None, need_weights: bool = False,
+    ) -> DecoderLayerOutput:
+        def self_block(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            return self.self_attn(h, is_causal=True, cache=cache, need_weights=need_weights)
+
+        def cross_block(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            return self.cross_attn(
+                h, memory, mask=memory_mask, cache=cache, need_weights=need_weights
+            )
+
+        if self.norm_first:
+            a, ws = self_block(self.norm1(x))
+            x = x + self.dropout(a)
+            c, wc = cross_block(self.norm2(x))
+            x = x + self.dropout(c)
+            x = x + self.dropout(self.ffn(self.norm3(x)))
+        else:
+            a, ws = self_block(x)
+            x = self.norm1(x + self.dropout(a))
+            c, wc = cross_block(x)
+            x = self.norm2(x + self.dropout(c))
+            x = self.norm3(x + self.dropout(self.ffn(x)))
+        return DecoderLayerOutput(x, ws, wc)

@@ -1,0 +1,221 @@
+"""The encoder-decoder Transformer (Vaswani et al. 2017, figure 1), assembled by one factory.
+
+Dimension names: B batch, S source length, T target length, H heads, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.model.attention import MultiHeadAttention
+from tformer.model.config import TransformerConfig
+from tformer.model.layers import DecoderLayer, Embeddings, EncoderLayer, FeedForward
+from tformer.model.masks import padding_mask
+
+
+class EncoderOutput(NamedTuple):
+    hidden: Tensor  # (B, S, D)
+    attentions: tuple[Tensor, ...] | None  # per layer (B, H, S, S)
+
+
+class DecoderOutput(NamedTuple):
+    hidden: Tensor  # (B, T, D)
+    self_attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, T_past + T)
+    cross_attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, S)
+
+
+class Seq2SeqOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    encoder_hidden: Tensor  # (B, S, D)
+    encoder_attentions: tuple[Tensor, ...] | None
+    decoder_attentions: tuple[Tensor, ...] | None
+    cross_attentions: tuple[Tensor, ...] | None
+
+
+class KVCache:
+    """Plain-torch :class:`~tformer.model.attention.DecoderCache` for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def seq_length(self) -> int:
+        return self.self_kv[0][0].size(2) if self.self_kv else 0
+
+    def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer in self.self_kv:
+            pk, pv = self.self_kv[layer]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, past + T, Dh)
+        self.self_kv[layer] = (k, v)
+        return k, v
+
+    def get_cross(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        return self.cross_kv.get(layer)
+
+    def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self.cross_kv[layer] = (k, v)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search picks which hypotheses survive)."""
+        for store in (self.self_kv, self.cross_kv):
+            for layer, (k, v) in store.items():
+                store[layer] = (k.index_select(0, index), v.index_select(0, index))
+
+
+class Encoder(nn.Module):
+    """N identical layers; pre-norm stacks end with a LayerNorm, post-norm ones already do."""
+
+    def __init__(self, layers: list[EncoderLayer], final_norm: nn.LayerNorm | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = final_norm
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> EncoderOutput:
+        weights = []
+        for layer in self.layers:
+            x, w = layer(x, mask, need_weights)
+            weights.append(w)
+        if self.norm is not None:
+            x = self.norm(x)
+        return EncoderOutput(x, tuple(weights) if need_weights else None)
+
+
+class Decoder(nn.Module):
+    def __init__(self, layers: list[DecoderLayer], final_norm: nn.LayerNorm | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = final_norm
+
+    def forward(
+        self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, cache=None,
+        need_weights: bool = False,
+    ) -> DecoderOutput:
+        self_w, cross_w = [], []
+        for layer in self.layers:
+            x, ws, wc = layer(x, memory, memory_mask, cache, need_weights)
+            self_w.append(ws)
+            cross_w.append(wc)
+        if self.norm is not None:
+            x = self.norm(x)
+        if not need_weights:
+            return DecoderOutput(x, None, None)
+        return DecoderOutput(x, tuple(self_w), tuple(cross_w))
+
+
+class Transformer(nn.Module):
+    """Embeddings, encoder, decoder and output projection. Build it with :func:`build_transformer`.
+
+    Masks are boolean, True = may attend; ``source_mask`` is (B, S) with True at real tokens
+    (a Hugging Face ``attention_mask.bool()``). The decoder is always causal.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, src_embed: Embeddings, tgt_embed: Embeddings,
+        encoder: Encoder, decoder: Decoder, lm_head: nn.Linear | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.src_embed, self.tgt_embed = src_embed, tgt_embed
+        self.encoder, self.decoder = encoder, decoder
+        self.lm_head = lm_head  # None: the output projection is the shared embedding (tied)
+
+    def encode(
+        self, input_ids: Tensor, source_mask: Tensor | None = None, need_weights: bool = False
+    ) -> EncoderOutput:
+        mask = None if source_mask is None else padding_mask(source_mask)  # (B, 1, 1, S)
+        return self.encoder(self.src_embed(input_ids), mask, need_weights)
+
+    def decode(
+        self, decoder_input_ids: Tensor, memory: Tensor, source_mask: Tensor | None = None,
+        cache=None, need_weights: bool = False,
+    ) -> DecoderOutput:
+        """Decode target prefixes against the encoder output ``memory`` (B, S, D).
+
+        With a :class:`~tformer.model.attention.DecoderCache`, ``decoder_input_ids`` holds only
+        the new positions; earlier ones are read from the cache.
+        """
+        offset = cache.seq_length() if cache is not None else 0
+        x = self.tgt_embed(decoder_input_ids, offset=offset)  # (B, T, D)
+        mask = None if source_mask is None else padding_mask(source_mask)
+        return self.decoder(x, memory, mask, cache, need_weights)
+
+    def project(self, hidden: Tensor) -> Tensor:  # (..., D) -> (..., V)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.tgt_embed.token.weight)
+
+    def forward(
+        self, input_ids: Tensor, decoder_input_ids: Tensor, source_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Seq2SeqOutput:
+        enc = self.encode(input_ids, source_mask, need_weights)
+        dec = self.decode(decoder_input_ids, enc.hidden, source_mask, None, need_weights)
+        return Seq2SeqOutput(
+            self.project(dec.hidden), enc.hidden, enc.attentions, dec.self_attentions,
+            dec.cross_attentions,
+        )
+
+
+def build_transformer(config: TransformerConfig) -> Transformer:
+    """The one factory: every module is built here and handed to the block that uses it."""
+    c = config
+
+    def attn(layer: int = 0) -> MultiHeadAttention:
+        return MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout, layer=layer)
+
+    def ffn() -> FeedForward:
+        return FeedForward(c.d_model, c.d_ff, c.activation, c.dropout, c.gated_ffn)
+
+    def final_norm() -> nn.LayerNorm | None:
+        return nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
+
+    def embeddings(token: nn.Embedding) -> Embeddings:
+        return Embeddings(token, c.positional, c.max_positions, c.scale_embeddings, c.dropout)
+
+    src_token = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)
+    tgt_token = (
+        src_token if c.tie_embeddings
+        else nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)
+    )
+    encoder = Encoder(
+        [
+            EncoderLayer(attn(), ffn(), c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+            for _ in range(c.n_encoder_layers)
+        ],
+        final_norm(),
+    )
+    decoder = Decoder(
+        [
+            DecoderLayer(
+                attn(i), attn(i), ffn(), c.d_model, c.dropout, c.norm_first, c.layer_norm_eps
+            )
+            for i in range(c.n_decoder_layers)
+        ],
+        final_norm(),
+    )
+    lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+    model = Transformer(c, embeddings(src_token), embeddings(tgt_token), encoder, decoder, lm_head)
+    init_weights(model)
+    return model
+
+
+def init_weights(model: nn.Module) -> None:
+    """Xavier-uniform matrices and zero biases (as ``torch.nn.Transformer``); embeddings
+    N(0, D^-1/2) with a zero padding row, so that √D-scaled token vectors have unit scale."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
