@@ -1,0 +1,263 @@
+"""One configuration system: typed, frozen dataclasses; recipes hold only what differs from the
+defaults; dotted overrides on the command line (``train.lr=3e-4``); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tformer.model import SIZES, TransformerConfig, config_for
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The own Transformer as a named size plus any field of
+    :class:`tformer.model.TransformerConfig` (None = the size's value); or a pretrained
+    Hugging Face seq2seq checkpoint."""
+
+    size: str = "small"
+    pretrained: str | None = None  # Hub name or local directory of an AutoModelForSeq2SeqLM
+    d_model: int | None = None
+    n_heads: int | None = None
+    n_encoder_layers: int | None = None
+    n_decoder_layers: int | None = None
+    d_ff: int | None = None
+    dropout: float | None = None
+    attention_dropout: float | None = None
+    activation: str | None = None
+    gated_ffn: bool | None = None
+    norm_first: bool | None = None
+    positional: str | None = None
+    max_positions: int | None = None
+    scale_embeddings: bool | None = None
+    tie_embeddings: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
+
+    def transformer_config(self, vocab_size: int, pad_token_id: int) -> TransformerConfig:
+        chosen = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("size", "pretrained") and getattr(self, f.name) is not None
+        }
+        try:
+            return config_for(self.size, vocab_size, pad_token_id=pad_token_id, **chosen)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from e
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the examples come from and how they are cut. ``train`` None = the embedded corpus
+    of standard-library docstrings (no download)."""
+
+    train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
+    validation: str | None = None
+    test: str | None = None
+    source_column: str = "source"
+    target_column: str = "target"
+    prefix: str = ""  # prepended to every source, e.g. "summarize: "
+    max_source_length: int = 256
+    max_target_length: int = 128
+    max_train_examples: int | None = None
+    tokenizer: str | None = None  # existing tokenizer; None = train one on the training split
+    tokenizer_kind: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = 8000
+
+    def __post_init__(self) -> None:
+        for name in ("max_source_length", "max_target_length", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.tokenizer_kind not in ("unigram", "bpe"):
+            raise ConfigError(
+                f"data.tokenizer_kind must be 'unigram' or 'bpe', got {self.tokenizer_kind!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    output_dir: str = "runs/run"
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    max_tokens: int = 4096  # token budget of one micro-batch (see data.TokenBudgetBatchSampler)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.98)  # the paper's β2 = 0.98 (section 5.3)
+    adam_eps: float = 1e-9
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    warmup_steps: int = 400
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    label_smoothing: float = 0.1
+    clip_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = 20
+    eval_every: int = 200
+    eval_max_examples: int = 200  # generation-metric sample size at each evaluation
+    metric: Literal["rougeL", "rouge1", "bleu", "chrf"] = "rougeL"
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    keep_last: int = 2
+    save_every: int | None = None  # None = at every evaluation
+    num_beams: int = 1  # generation during validation
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "max_tokens", "grad_accum", "log_every", "eval_every",
+                    "eval_max_examples", "keep_last", "num_beams", "max_new_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(
+                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
+            )
+        choices = {
+            "schedule": ("inverse_sqrt", "cosine", "constant"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "metric": ("rougeL", "rouge1", "bleu", "chrf"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"train.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check a recipe value against the field's type; ints are accepted where floats are."""
+    name = f"{section}.{f.name}"
+    hint = typing.get_type_hints(_SECTIONS[section])[f.name]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} may not be null")
+    for option in options:
+        if option is type(None):
+            continue
+        origin = typing.get_origin(option)
+        if origin is Literal:
+            if value in typing.get_args(option):
+                return value
+        elif origin is tuple:
+            if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(option)):
+                return tuple(float(v) for v in value)
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option in (str, bool) and isinstance(value, option):
+            return value
+    raise ConfigError(f"{name} expects {hint}, got {value!r} ({type(value).__name__})")
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> Config:
+    """Nested mapping -> Config. Unknown sections or keys are errors that list the valid ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; valid: {sorted(_SECTIONS)}")
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        given = values.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(given) - set(known))
+        if bad:
+            raise ConfigError(
+                f"{source}: unknown key(s) {[f'{section}.{k}' for k in bad]}; "
+                f"valid keys of {section!r}: {sorted(known)}"
+            )
+        sections[section] = cls(**{k: _coerce(section, known[k], v) for k, v in given.items()})
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as YAML (numbers,
+    booleans, null, lists)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip():
+        value = _number_or_str(raw.strip())
+    return section, key, value
+
+
+def _number_or_str(raw: str) -> Any:
+    # YAML 1.1 reads "3e-4" as a string; a user means the number.
+    try:
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        return raw
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- recipe YAML <- ``section.key=value`` overrides."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
+        values = loaded or {}
+        source = str(path)
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        values[section][key] = value
+    return build_config(values, source)

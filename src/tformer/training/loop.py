@@ -1,0 +1,466 @@
+"""The training loop, on Hugging Face Accelerate: the same code on one CPU, one GPU, several
+GPUs or machines (``accelerate launch`` / ``torchrun``: DDP; FSDP and DeepSpeed through
+accelerate config files).
+
+Read :func:`train` first: it is the table of contents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from tformer.data import Seq2SeqCollator, TokenBudgetBatchSampler, padding_fraction
+from tformer.generation import generate_texts
+from tformer.metrics import score
+from tformer.model import compute_loss
+from tformer.training.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from tformer.training.config import Config
+from tformer.training.schedule import lr_factor
+from tformer.training.setup import RunData, build_model, get_tokenizer, load_texts, tokenize_splits
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    state: TrainState
+    stopped_by: str  # "max_steps", "early_stopping", "interrupted"
+
+
+def train(config: Config, resume: bool = False) -> TrainResult:
+    """Train the model described by ``config``; with ``resume`` continue the run found in
+    ``train.output_dir`` exactly where its last checkpoint left it."""
+    t = config.train
+    run_dir = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(t.precision, config), gradient_accumulation_steps=t.grad_accum
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = _resume_point(run_dir, ckpt_dir, config) if resume else None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    texts, stats = load_texts(config)
+    tokenizer = get_tokenizer(config, run_dir, texts["train"])
+    data = tokenize_splits(config, texts, tokenizer)
+    data.stats.update(stats)
+    model = build_model(config, tokenizer)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.schedule, t.max_steps, t.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sampler = TokenBudgetBatchSampler(
+        *_lengths(data.tokens["train"]), max_tokens=t.max_tokens, seed=t.seed
+    )
+    collate = Seq2SeqCollator(tokenizer.pad_token_id, _decoder_start(model, accelerator))
+    data.stats["padding_fraction"] = padding_fraction(
+        sampler.batches(0), *(_lengths(data.tokens["train"]))
+    )
+    log.info("data: %s", {k: v for k, v in data.stats.items() if "lengths" not in k})
+
+    state = TrainState()
+    if resume_from is not None:
+        state = _restore(resume_from, accelerator, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    if accelerator.is_main_process:
+        (run_dir / "data_stats.json").write_text(json.dumps(data.stats))
+
+    logger = MetricsLogger(run_dir, accelerator.is_main_process)
+    stopped_by = "max_steps"
+    last_ckpt = resume_from
+    interrupted = _InterruptFlag()
+    batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
+    progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
+    window = _Window(state)
+    model.train()
+    try:
+        while state.step < t.max_steps:
+            loss_value = 0.0
+            for _ in range(t.grad_accum):
+                batch = collate_batch(collate, data.tokens["train"], next(batches), accelerator)
+                with accelerator.accumulate(model):
+                    loss = forward_loss(model, batch, t.label_smoothing)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += accelerator.num_processes
+                window.tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+                loss_value += loss.item() / t.grad_accum
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss is {loss_value} at step {state.step + 1}; stopping. The last good "
+                    f"checkpoint is {last_ckpt or 'none (no checkpoint written yet)'}. "
+                    "Try a lower train.lr, train.precision=fp32 or train.clip_grad_norm=1.0."
+                )
+            scheduler.step()
+            state.step += 1
+            window.add(loss_value)
+            progress.update(1)
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                record = window.flush(accelerator, scheduler.get_last_lr()[0])
+                logger.log("train", state.step, record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+            evaluated = state.step % t.eval_every == 0 or state.step == t.max_steps
+            if evaluated:
+                improved = maybe_evaluate(model, tokenizer, data, config, state, accelerator,
+                                          logger)
+                last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
+                                       accelerator, config, improved)
+                if _patience_exhausted(state, t.early_stopping_patience):
+                    stopped_by = "early_stopping"
+                    break
+            elif t.save_every and state.step % t.save_every == 0:
+                last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
+                                       accelerator, config, False)
+            if interrupted.requested:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        if state.step > 0:
+            last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
+                                   accelerator, config, False)
+            log.warning("interrupted at step %d; saved %s (resume with --resume)", state.step,
+                        last_ckpt)
+    finally:
+        interrupted.restore()
+        progress.close()
+        logger.close()
+    best = ckpt_dir / _step_name(state.best_step) if state.best_step else last_ckpt
+    if accelerator.is_main_process:
+        _write_summary(run_dir, state, best, last_ckpt, stopped_by)
+        from tformer.training.plots import plot_losses
+
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, best, last_ckpt, state, stopped_by)
+
+
+# --- the pieces, in the order train() uses them -------------------------------------------
+
+
+def resolve_precision(precision: str, config: Config) -> str:
+    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise); on CPU bf16 only
+    for widths where it measured faster on 2 cores (d_model >= 256), fp32 below."""
+    if precision != "auto":
+        return {"fp32": "no"}.get(precision, precision)
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if config.model.pretrained is not None:
+        return "bf16"
+    width = config.model.transformer_config(100, 0).d_model
+    return "bf16" if width >= 256 else "no"
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (decaying them only hurts)."""
+    t = config.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "shared" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+
+
+def micro_batches(sampler: TokenBudgetBatchSampler, state: TrainState, world: int, rank: int):
+    """This process's batches, forever, epoch after epoch, from ``state``'s position.
+
+    Every process computes the same global batch order from (seed, epoch) and takes every
+    ``world``-th batch: processes see different batches, and the position in the data is one
+    number (global batches consumed) that survives a resume. The epoch's last
+    ``len % world`` batches are dropped so all processes take the same number of steps.
+    """
+    while True:
+        order = sampler.batches(state.epoch)
+        usable = len(order) - len(order) % world
+        if usable == 0:
+            raise TrainingError(
+                f"the training split gives {len(order)} batch(es) for {world} process(es); "
+                "lower train.max_tokens or add data"
+            )
+        for position in range(state.batches_in_epoch + rank, usable, world):
+            yield order[position]
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def collate_batch(collate, tokens, indices: list[int], accelerator: Accelerator) -> dict:
+    sources, labels = tokens
+    features = [{"input_ids": sources[i], "labels": labels[i]} for i in indices]
+    return {k: v.to(accelerator.device) for k, v in collate(features).items()}
+
+
+def forward_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """The one loss of training and validation (``tformer.model.compute_loss``)."""
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"], use_cache=False,
+    )
+    return compute_loss(out.logits, batch["labels"], label_smoothing)
+
+
+@torch.no_grad()
+def validation_loss(model, collate, tokens, config: Config, accelerator: Accelerator) -> float:
+    """Token-mean cross-entropy (no smoothing) over the whole validation split."""
+    sampler = TokenBudgetBatchSampler(
+        *_lengths(tokens), max_tokens=config.train.max_tokens, shuffle=False
+    )
+    total, count = 0.0, 0
+    for indices in sampler.batches(0):
+        batch = collate_batch(collate, tokens, indices, accelerator)
+        with accelerator.autocast():
+            loss = forward_loss(model, batch, 0.0)
+        n = int((batch["labels"] != -100).sum())
+        total, count = total + loss.item() * n, count + n
+    return total / max(count, 1)
+
+
+def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: TrainState,
+                   accelerator: Accelerator, logger: MetricsLogger) -> bool:
+    """Validation loss and the generation metric on a capped sample; True if the metric
+    improved. Runs on the main process; the others wait."""
+    t = config.train
+    improved = False
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        collate = Seq2SeqCollator(tokenizer.pad_token_id, unwrapped.config.decoder_start_token_id)
+        record: dict[str, Any] = {
+            "loss": validation_loss(unwrapped, collate, data.tokens["validation"], config,
+                                    accelerator)
+        }
+        sample = data.texts["validation"].select(
+            range(min(t.eval_max_examples, len(data.texts["validation"])))
+        )
+        with accelerator.autocast():
+            predictions = generate_texts(
+                unwrapped, tokenizer, sample["source"], max_new_tokens=t.max_new_tokens,
+                num_beams=t.num_beams, max_source_length=config.data.max_source_length,
+            )
+        record[t.metric] = score(t.metric, predictions, sample["target"])
+        record["samples"] = [
+            {"source": s[:300], "reference": r, "prediction": p}
+            for s, r, p in list(zip(sample["source"], sample["target"], predictions))[:5]
+        ]
+        value = record[t.metric]
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step = value, state.step
+            state.evals_without_improvement = 0
+            improved = True
+        else:
+            state.evals_without_improvement += 1
+        logger.log("validation", state.step, record)
+        log.info("step %d: validation loss %.4f, %s %.2f (best %.2f at step %d)", state.step,
+                 record["loss"], t.metric, value, state.best_metric, state.best_step)
+        unwrapped.train()
+    # every process needs the same early-stopping decision and best step
+    shared = [state.best_metric, state.best_step, state.evals_without_improvement, improved]
+    shared = _broadcast(shared, accelerator)
+    state.best_metric, state.best_step, state.evals_without_improvement, improved = shared
+    return improved
+
+
+def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: TrainState,
+               accelerator: Accelerator, config: Config, is_best: bool) -> Path:
+    """Write a checkpoint (main process), keep the last N and the best."""
+    path = ckpt_dir / _step_name(state.step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        if accelerator.scaler is not None:
+            trainer_state["scaler"] = accelerator.scaler.state_dict()
+        save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, trainer_state, state)
+        keep = {ckpt_dir / _step_name(state.best_step)} if state.best_step else set()
+        prune_checkpoints(ckpt_dir, config.train.keep_last, keep)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _restore(path: Path, accelerator, model, optimizer, scheduler) -> TrainState:
+    from safetensors.torch import load_file
+
+    trainer_state, state = load_trainer_state(path)
+    weights = load_file(path / "model.safetensors")
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if "tgt_embed.token" in k or "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise TrainingError(f"{path}: weights do not match the model "
+                            f"(missing {sorted(set(missing) - tied)}, unexpected {unexpected})")
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    if accelerator.scaler is not None and "scaler" in trainer_state:
+        accelerator.scaler.load_state_dict(trainer_state["scaler"])
+    set_rng_state(trainer_state["rng"])
+    return state
+
+
+def _resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        from tformer.training.config import load_config
+
+        previous = load_config(saved)
+        if previous.model != config.model or previous.data != config.data:
+            raise TrainingError(
+                f"--resume: the model/data configuration differs from the one saved in {saved}; "
+                "resume with the same recipe and overrides"
+            )
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", ckpt_dir)
+    return path
+
+
+def _decoder_start(model, accelerator: Accelerator) -> int:
+    config = accelerator.unwrap_model(model).config
+    return config.decoder_start_token_id
+
+
+def _lengths(tokens) -> tuple[list[int], list[int]]:
+    return [len(x) for x in tokens[0]], [len(y) for y in tokens[1]]
+
+
+def _patience_exhausted(state: TrainState, patience: int | None) -> bool:
+    return patience is not None and state.evals_without_improvement >= patience
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _broadcast(values: list, accelerator: Accelerator) -> list:
+    if accelerator.num_processes == 1:
+        return values
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(values)
+
+
+def _write_summary(run_dir: Path, state: TrainState, best, last, stopped_by: str) -> None:
+    summary = {"state": asdict(state), "best_checkpoint": str(best) if best else None,
+               "last_checkpoint": str(last) if last else None, "stopped_by": stopped_by}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class _Window:
+    """Running figures between two log lines."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state, self.losses, self.tokens, self.start = state, [], 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def flush(self, accelerator: Accelerator, lr: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        tokens = self.tokens
+        if accelerator.num_processes > 1:
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
+                                            "sum"))
+        self.state.tokens_seen += tokens
+        self.state.elapsed_seconds += elapsed
+        record = {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr,
+                  "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens_seen": self.state.tokens_seen}
+        self.losses, self.tokens, self.start = [], 0, time.perf_counter()
+        return record
+
+
+class MetricsLogger:
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to
+    TensorBoard."""
+
+    def __init__(self, run_dir: Path, active: bool) -> None:
+        self.active = active
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if active:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                log.info("tensorboard not installed: metrics.jsonl only")
+
+    def log(self, split: str, step: int, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"split": split, "step": step, **record}, ensure_ascii=False) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _InterruptFlag:
+    """SIGINT/SIGTERM finish the current step, then save and stop (a second one kills)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: finishing this step, then saving a checkpoint", signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress(total: int, initial: int, active: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not active, desc="train", unit="step",
+                dynamic_ncols=True)

@@ -1,0 +1,120 @@
+"""What a run needs before its first step: the splits, the tokenizer, the tokenised data and
+the model. Kept apart from the loop so the loop reads as the loop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from tformer.data import (
+    load_examples,
+    sequence_lengths,
+    stdlib_docstring_corpus,
+    tokenize_examples,
+)
+from tformer.tokenization import load_tokenizer, train_tokenizer
+from tformer.training.config import Config
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.02  # carved from train when no validation split is given
+VALIDATION_MAX = 500
+
+
+@dataclass
+class RunData:
+    """Texts and token ids of every split, plus the statistics the report shows."""
+
+    texts: DatasetDict  # columns source, target
+    tokens: dict[str, tuple[list[list[int]], list[list[int]]]]  # split -> (input_ids, labels)
+    stats: dict = field(default_factory=dict)
+
+
+def load_texts(config: Config) -> tuple[DatasetDict, dict]:
+    """The splits as text. ``data.train`` None = the embedded stdlib docstring corpus."""
+    d = config.data
+    stats: dict = {}
+    if d.train is None:
+        corpus = stdlib_docstring_corpus(seed=config.train.seed)
+        splits = dict(corpus)
+        stats["corpus"] = "stdlib docstrings (embedded)"
+    else:
+        options = dict(source_column=d.source_column, target_column=d.target_column,
+                       prefix=d.prefix)
+        splits = {}
+        for split, path in (("train", d.train), ("validation", d.validation), ("test", d.test)):
+            if path is None:
+                continue
+            cap = d.max_train_examples if split == "train" else None
+            splits[split], report = load_examples(path, split=split, max_examples=cap, **options)
+            stats[f"{split}_load"] = str(report)
+    if d.train is None and d.max_train_examples:
+        splits["train"] = splits["train"].select(range(min(d.max_train_examples,
+                                                           len(splits["train"]))))
+    if "validation" not in splits:
+        n = min(max(int(len(splits["train"]) * VALIDATION_FRACTION), 1), VALIDATION_MAX)
+        parts = splits["train"].train_test_split(test_size=n, seed=config.train.seed)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+        log.info("no validation split given: held out %d training examples", n)
+    stats["sizes"] = {k: len(v) for k, v in splits.items()}
+    return DatasetDict(splits), stats
+
+
+def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset):
+    """The run's tokenizer: the pretrained model's, a given one, the one this run already
+    trained (resume), or a new one trained on the training split (source and target)."""
+    d = config.data
+    saved = run_dir / "tokenizer"
+    if config.model.pretrained is not None:
+        return load_tokenizer(config.model.pretrained)
+    if d.tokenizer is not None:
+        return load_tokenizer(d.tokenizer)
+    if (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)
+    texts = (t for column in ("source", "target") for t in train_texts[column])
+    tokenizer = train_tokenizer(texts, vocab_size=d.vocab_size, kind=d.tokenizer_kind)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def tokenize_splits(config: Config, texts: DatasetDict, tokenizer) -> RunData:
+    d = config.data
+    data = RunData(texts=texts, tokens={})
+    for split, dataset in texts.items():
+        encoded, report = tokenize_examples(
+            dataset, tokenizer, d.max_source_length, d.max_target_length
+        )
+        columns = encoded.to_dict()  # plain lists: collating indexes them every step
+        data.tokens[split] = (columns["input_ids"], columns["labels"])
+        data.stats[f"{split}_truncation"] = {
+            "examples": report.examples,
+            "truncated_sources": report.truncated_sources,
+            "truncated_targets": report.truncated_targets,
+        }
+        if split == "train":
+            data.stats["train_source_lengths"] = sequence_lengths(encoded, "input_ids")
+            data.stats["train_target_lengths"] = sequence_lengths(encoded, "labels")
+    return data
+
+
+def build_model(config: Config, tokenizer):
+    """The own Transformer sized by ``config.model`` (vocabulary from the tokenizer), or the
+    pretrained checkpoint ``model.pretrained``."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tformer.hf import TformerConfig, TformerForConditionalGeneration
+
+    if config.model.pretrained is not None:
+        return AutoModelForSeq2SeqLM.from_pretrained(config.model.pretrained)
+    core = config.model.transformer_config(len(tokenizer), tokenizer.pad_token_id)
+    hf_config = TformerConfig.from_transformer_config(
+        core,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+        label_smoothing=config.train.label_smoothing,
+    )
+    return TformerForConditionalGeneration(hf_config)
