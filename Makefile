@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# Train a small model on the embedded docstring corpus (no download), <= 10 min on 2 cores.
+demo: install
+	$(VENV)/bin/tformer demo recipes/demo.yaml
+
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 

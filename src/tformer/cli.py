@@ -18,6 +18,13 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if result.stopped_by == "interrupted" else 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from tformer.demo import run_demo
+
+    run_demo(args.recipe, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in train.output_dir from its last checkpoint")
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser("demo", help="train on the embedded docstring corpus and show results")
+    p.add_argument("recipe", nargs="?", help="recipe (default: recipes/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=_demo)
     return parser
 
 

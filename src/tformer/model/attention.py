@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,10 +37,15 @@ def attention_math(
     components, so the softmax does not saturate into near one-hot rows with tiny gradients
     (section 3.2.1).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    # (Q / √Dh) Kᵀ rather than (Q Kᵀ) / √Dh: the same numbers, but the division touches Tq × Dh
+    # values instead of Tq × Tk, forward and backward (bench/attention.py, case "weights").
+    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
     if mask is not None:
-        # -inf gives an exact 0 weight after the softmax at masked keys.
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # -inf gives an exact 0 weight after the softmax at masked keys. It is added as a bias the
+        # size of the mask ((B, 1, 1, Tk) for padding) rather than written with masked_fill: an
+        # addition has no backward work, masked_fill one more pass over the (Tq, Tk) gradient.
+        # In place, because the matmul's backward needs q and k, not the scores it produced.
+        scores += torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return AttentionOutput(dropped @ v, weights)  # (B, H, Tq, Dh)

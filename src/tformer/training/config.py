@@ -94,6 +94,7 @@ class TrainSection:
     output_dir: str = "runs/run"
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
+    max_minutes: float | None = None  # wall-clock budget: stop, evaluate and save when spent
     max_tokens: int = 4096  # token budget of one micro-batch (see data.TokenBudgetBatchSampler)
     grad_accum: int = 1
     lr: float = 5e-4
@@ -171,6 +172,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     name = f"{section}.{f.name}"
     hint = typing.get_type_hints(_SECTIONS[section])[f.name]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, Raw):
+        for option in sorted(options, key=lambda o: o is str):  # str last: it takes anything
+            try:
+                value = _read_raw(value, option)
+                break
+            except (ValueError, yaml.YAMLError):
+                continue
+        else:
+            raise ConfigError(f"{name} expects {hint}, got {str(value)!r}")
     if value is None:
         if type(None) in options:
             return None
@@ -217,28 +227,41 @@ def build_config(values: dict[str, Any], source: str = "config") -> Config:
     return Config(**sections)
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """``section.key=value`` -> (section, key, value); the value is read as YAML (numbers,
-    booleans, null, lists)."""
+class Raw(str):
+    """An override's value as typed on the command line; read by the field's type, so that
+    ``data.prefix=summarize: `` stays a string and ``train.lr=3e-4`` becomes a number."""
+
+
+def parse_override(text: str) -> tuple[str, str, Raw]:
+    """``section.key=value`` -> (section, key, raw value)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str) and raw.strip():
-        value = _number_or_str(raw.strip())
-    return section, key, value
+    return section, key, Raw(raw)
 
 
-def _number_or_str(raw: str) -> Any:
-    # YAML 1.1 reads "3e-4" as a string; a user means the number.
-    try:
-        return float(raw) if any(c in raw for c in ".eE") else int(raw)
-    except ValueError:
-        return raw
+def _read_raw(raw: Raw, option: Any) -> Any:
+    """Read a command-line string as ``option``; ValueError if it is not one."""
+    if option is type(None):
+        if raw.strip().lower() in ("null", "none", "~"):
+            return None
+        raise ValueError
+    if option is bool:
+        value = yaml.safe_load(raw)
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if option is int:
+        return int(raw)
+    if option is float:
+        return float(raw)
+    if typing.get_origin(option) is tuple:
+        value = yaml.safe_load(raw)
+        if isinstance(value, list):
+            return value
+        raise ValueError
+    return str(raw)  # str and Literal: the text itself
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -50,7 +50,7 @@ class TrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     state: TrainState
-    stopped_by: str  # "max_steps", "early_stopping", "interrupted"
+    stopped_by: str  # "max_steps", "early_stopping", "time_limit", "interrupted"
     model: Any = None  # the trained model (unwrapped), in memory
     tokenizer: Any = None
 
@@ -108,6 +108,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
+    started = time.perf_counter()
     model.train()
     try:
         while state.step < t.max_steps:
@@ -139,7 +140,9 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                 logger.log("train", state.step, record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
-            evaluated = state.step % t.eval_every == 0 or state.step == t.max_steps
+            out_of_time = t.max_minutes is not None and _broadcast(
+                [time.perf_counter() - started > 60 * t.max_minutes], accelerator)[0]
+            evaluated = state.step % t.eval_every == 0 or state.step == t.max_steps or out_of_time
             if evaluated:
                 improved = maybe_evaluate(model, tokenizer, data, config, state, accelerator,
                                           logger)
@@ -147,6 +150,9 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                                        accelerator, config, improved)
                 if _patience_exhausted(state, t.early_stopping_patience):
                     stopped_by = "early_stopping"
+                    break
+                if out_of_time:
+                    stopped_by = "time_limit"
                     break
             elif t.save_every and state.step % t.save_every == 0:
                 last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
@@ -166,6 +172,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         logger.close()
     best = ckpt_dir / _step_name(state.best_step) if state.best_step else last_ckpt
     if accelerator.is_main_process:
+        if "test" in data.texts and best is not None and stopped_by != "interrupted":
+            evaluate_test(best, data, config, run_dir)
         _write_summary(run_dir, state, best, last_ckpt, stopped_by)
         from tformer.training.plots import plot_losses
 
@@ -179,16 +187,17 @@ def train(config: Config, resume: bool = False) -> TrainResult:
 
 
 def resolve_precision(precision: str, config: Config) -> str:
-    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise); on CPU bf16 only
-    for widths where it measured faster on 2 cores (d_model >= 256), fp32 below."""
+    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise); fp32 on CPU.
+
+    On this 2-core CPU, bf16 autocast made the own ``small`` model (d_model 256) about 4x
+    *slower* per step than fp32 (68 s vs 17 s for 32×128+32×24 tokens, machine under load;
+    measured with /tmp-style one-off timing, see docs/benchmarks.md), so CPU runs default
+    to fp32; ask for ``train.precision=bf16`` to try it on a CPU with native bf16 units."""
     if precision != "auto":
         return {"fp32": "no"}.get(precision, precision)
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if config.model.pretrained is not None:
-        return "bf16"
-    width = config.model.transformer_config(100, 0).d_model
-    return "bf16" if width >= 256 else "no"
+    return "no"
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -300,6 +309,35 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
     shared = _broadcast(shared, accelerator)
     state.best_metric, state.best_step, state.evals_without_improvement, improved = shared
     return improved
+
+
+def evaluate_test(checkpoint: Path, data: RunData, config: Config, run_dir: Path) -> dict:
+    """Score the best checkpoint on the whole test split: ``test_metrics.json`` and
+    ``test_predictions.jsonl`` in the run directory."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tformer.metrics import bleu, chrf, rouge
+    from tformer.tokenization import load_tokenizer
+
+    t = config.train
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    test = data.texts["test"]
+    predictions = generate_texts(
+        model, tokenizer, test["source"], max_new_tokens=t.max_new_tokens, num_beams=t.num_beams,
+        max_source_length=config.data.max_source_length,
+    )
+    metrics = {"checkpoint": str(checkpoint), "examples": len(test), "num_beams": t.num_beams,
+               **rouge(predictions, test["target"]), **bleu(predictions, test["target"]),
+               **chrf(predictions, test["target"])}
+    (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    with (run_dir / "test_predictions.jsonl").open("w", encoding="utf-8") as fh:
+        for source, reference, prediction in zip(test["source"], test["target"], predictions):
+            record = {"source": source, "reference": reference, "prediction": prediction}
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log.info("test (%d examples): ROUGE-L %.2f, BLEU %.2f", len(test), metrics["rougeL"],
+             metrics["bleu"])
+    return metrics
 
 
 def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: TrainState,
