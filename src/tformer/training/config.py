@@ -267,7 +267,7 @@ def _read_raw(raw: Raw, option: Any) -> Any:
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- recipe YAML <- ``section.key=value`` overrides."""
     values: dict[str, Any] = {}
-    source = "defaults"
+    source = "command line"
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
