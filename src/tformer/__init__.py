@@ -5,12 +5,15 @@ text-to-text model.
 ``AutoModelForSeq2SeqLM`` (model_type ``"tformer"``).
 """
 
+from tformer.generation import Seq2Seq, load
 from tformer.hf import TformerConfig, TformerForConditionalGeneration
 from tformer.model import TransformerConfig, build_transformer, config_for
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Seq2Seq",
+    "load",
     "TformerConfig",
     "TformerForConditionalGeneration",
     "TransformerConfig",

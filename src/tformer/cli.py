@@ -25,6 +25,114 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="longest output, in tokens (always passed to generate(); default 128)")
+    g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--max-source-length", type=int, default=None, help="truncate inputs")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        batch_size=args.batch_size, max_source_length=args.max_source_length,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tformer.generation import load
+
+    records = _read_inputs(args.input, args.field)
+    generator = load(args.checkpoint, device=args.device)
+    outputs = generator.generate([text for _, text in records], progress=True,
+                                 **_generation_options(args))
+    to_jsonl = args.output is not None and args.output.endswith((".jsonl", ".json"))
+    lines = (
+        json.dumps({"id": rid, "output": out}, ensure_ascii=False) if to_jsonl
+        else out.replace("\n", " ")
+        for (rid, _), out in zip(records, outputs)
+    )
+    if args.output is None:
+        for line in lines:
+            print(line)
+    else:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.writelines(line + "\n" for line in lines)
+    return 0
+
+
+def _read_inputs(path: str | None, field: str) -> list[tuple[str, str]]:
+    """(id, text) pairs from a .txt file (one text per line), a .jsonl file (``field``), or
+    standard input (text lines)."""
+    import json
+
+    from tformer.data import DataError
+
+    if path is None or path == "-":
+        lines, name = sys.stdin.read().splitlines(), "stdin"
+    else:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        name = path
+    records = []
+    jsonl = name.endswith((".jsonl", ".json"))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            records.append((str(number), line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}, line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{name}, line {number}: no string field {field!r}")
+        records.append((str(record.get("id", number)), record[field]))
+    if not records:
+        raise DataError(f"{name}: no input texts")
+    return records
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from tformer.evaluation import evaluate
+    from tformer.generation import load
+
+    generator = load(args.checkpoint, device=args.device)
+    metrics = evaluate(
+        generator, args.data, output_dir=args.output_dir, source_column=args.source_column,
+        target_column=args.target_column, prefix=args.prefix, language=args.language,
+        max_examples=args.max_examples, progress=True, **_generation_options(args),
+    )
+    shown = {k: v for k, v in metrics.items() if k != "generation"}
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -41,12 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe (default: recipes/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_demo)
+
+    p = verbs.add_parser("generate", help="generate outputs for texts from a file or stdin")
+    p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
+    p.add_argument("--input", "-i", default=None, help=".txt (one text per line) or .jsonl; "
+                   "default: stdin")
+    p.add_argument("--field", default="source", help="JSONL field holding the text")
+    p.add_argument("--output", "-o", default=None, help=".txt or .jsonl (with ids); default: stdout")
+    _add_generation_flags(p)
+    p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("evaluate", help="score a model on a file with references")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet with source and target "
+                   "(a string or a list of reference strings)")
+    p.add_argument("--output-dir", default=None, help="write metrics.json and predictions.jsonl")
+    p.add_argument("--source-column", default="source")
+    p.add_argument("--target-column", default="target")
+    p.add_argument("--prefix", default="", help="prepended to every source")
+    p.add_argument("--language", default="auto", choices=["auto", "zh", "latin"],
+                   help="zh: character ROUGE and sacreBLEU's zh tokenizer")
+    p.add_argument("--max-examples", type=int, default=None)
+    _add_generation_flags(p)
+    p.set_defaults(func=_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.recipe and "=" in args.recipe:  # only overrides were given
+    if getattr(args, "recipe", None) and "=" in args.recipe:  # only overrides were given
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -57,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError,
+            ValueError) as e:
         print(f"tformer {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,9 +3,14 @@ server. It always goes through Hugging Face ``generate()``: there is no second b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -24,6 +29,7 @@ def generate_texts(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    progress: bool = False,
 ) -> list[str]:
     """Generate one output per input text, in input order.
 
@@ -43,8 +49,13 @@ def generate_texts(
     )
     if do_sample:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
     try:
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             chunk = order[start : start + batch_size]
             enc = tokenizer(
                 [texts[i] for i in chunk], return_tensors="pt", padding=True,
@@ -58,3 +69,49 @@ def generate_texts(
     finally:
         model.train(was_training)
     return outputs
+
+
+@dataclass
+class Seq2Seq:
+    """A loaded model and its tokenizer: what ``tformer.load`` returns and the CLI, the
+    evaluation and the server use."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str = ""
+
+    def generate(self, texts: Sequence[str] | str, *, max_new_tokens: int = 128,
+                 **options) -> list[str] | str:
+        """Generate for one text (returns a string) or many (returns a list, input order).
+        Options: see :func:`generate_texts` (num_beams, length_penalty, no_repeat_ngram_size,
+        do_sample, temperature, top_k, top_p, batch_size, max_source_length, progress)."""
+        single = isinstance(texts, str)
+        out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),
+                             max_new_tokens=max_new_tokens, **options)
+        return out[0] if single else out
+
+
+def load(path: str | Path, device: str | None = None) -> Seq2Seq:
+    """Load a checkpoint directory (own model or any Hugging Face seq2seq model) or a Hub
+    name, with its tokenizer. Weights only from safetensors; remote code never runs."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    import tformer.hf  # noqa: F401  (registers model_type "tformer")
+    from tformer.tokenization import load_tokenizer
+
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False
+        )
+    except OSError as error:
+        raise FileNotFoundError(
+            f"could not load a model from {path!r}: {str(error).splitlines()[0]}. "
+            "Without a network, pass a local checkpoint directory."
+        ) from error
+    model.to(device).eval()
+    return Seq2Seq(model, load_tokenizer(path), path)

@@ -11,15 +11,24 @@ from tformer.data.batching import TokenBudgetBatchSampler, padding_fraction
 from tformer.data.collate import Seq2SeqCollator
 from tformer.data.corpus import first_sentence_baseline, stdlib_docstring_corpus
 from tformer.data.encoding import TruncationReport, sequence_lengths, tokenize_examples
-from tformer.data.loading import DataError, LoadReport, load_examples, load_splits
+from tformer.data.loading import (
+    DataError,
+    EvalExamples,
+    LoadReport,
+    load_eval_examples,
+    load_examples,
+    load_splits,
+)
 
 __all__ = [
     "DataError",
+    "EvalExamples",
     "LoadReport",
     "Seq2SeqCollator",
     "TokenBudgetBatchSampler",
     "TruncationReport",
     "first_sentence_baseline",
+    "load_eval_examples",
     "load_examples",
     "load_splits",
     "padding_fraction",

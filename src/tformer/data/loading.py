@@ -299,3 +299,56 @@ def _check_columns(origin: object, present: list[str], wanted: tuple[str, str]) 
         raise DataError(
             f"{origin}: no column {missing[0]!r}; the columns are: {', '.join(present)}"
         )
+
+
+@dataclass(frozen=True)
+class EvalExamples:
+    """Sources with one or more references each, as read for evaluation."""
+
+    ids: list[str]
+    sources: list[str]
+    references: list[list[str]]  # per example, at least one non-empty reference
+
+
+def load_eval_examples(
+    path: str | os.PathLike[str],
+    *,
+    source_column: str = "source",
+    target_column: str = "target",
+    prefix: str = "",
+    id_column: str = "id",
+) -> EvalExamples:
+    """Read an evaluation file: the target field holds one reference (a string) or several
+    (a list of strings). Unlike training data, nothing is skipped: an empty source or an
+    empty reference is an error naming the line, since dropping it would change the score."""
+    path = Path(path).expanduser()
+    origin = str(path)
+    ids: list[str] = []
+    sources: list[str] = []
+    references: list[list[str]] = []
+    for where, record in _read_file(path, (source_column, target_column)):
+        source = _text_field(origin, where, record, source_column)
+        if source is None:
+            raise DataError(f"{origin}, {where}: empty {source_column!r}")
+        if target_column not in record:
+            _text_field(origin, where, record, target_column)  # raises, naming the fields
+        value = record[target_column]
+        refs = value if isinstance(value, list) else [value]
+        if not refs:
+            raise DataError(f"{origin}, {where}, field {target_column!r}: empty list of references")
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, str):
+                raise DataError(
+                    f"{origin}, {where}, field {target_column!r}: reference {i + 1} is "
+                    f"{type(ref).__name__}, expected a string"
+                )
+            if not ref.strip():
+                raise DataError(
+                    f"{origin}, {where}, field {target_column!r}: reference {i + 1} is empty"
+                )
+        ids.append(str(record.get(id_column, len(ids) + 1)))
+        sources.append(prefix + source)
+        references.append(list(refs))
+    if not sources:
+        raise DataError(f"{origin}: no examples")
+    return EvalExamples(ids, sources, references)

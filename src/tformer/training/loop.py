@@ -316,7 +316,7 @@ def evaluate_test(checkpoint: Path, data: RunData, config: Config, run_dir: Path
     ``test_predictions.jsonl`` in the run directory."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from tformer.metrics import bleu, chrf, rouge
+    from tformer.metrics import all_metrics
     from tformer.tokenization import load_tokenizer
 
     t = config.train
@@ -328,8 +328,7 @@ def evaluate_test(checkpoint: Path, data: RunData, config: Config, run_dir: Path
         max_source_length=config.data.max_source_length,
     )
     metrics = {"checkpoint": str(checkpoint), "examples": len(test), "num_beams": t.num_beams,
-               **rouge(predictions, test["target"]), **bleu(predictions, test["target"]),
-               **chrf(predictions, test["target"])}
+               **all_metrics(predictions, test["target"])}
     (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
     with (run_dir / "test_predictions.jsonl").open("w", encoding="utf-8") as fh:
         for source, reference, prediction in zip(test["source"], test["target"], predictions):
