@@ -1,8 +1,8 @@
 """tformer's MultiHeadAttention against torch.nn.MultiheadAttention: forward+backward time and
 peak memory, self-attention, batch_first, identical weights.
 
-    .venv/bin/python bench/attention.py            # lengths 64..2048 (~2-4 min on 2 CPU cores)
-    .venv/bin/python bench/attention.py --quick    # lengths 64..512, smaller batches (~20 s)
+    .venv/bin/python bench/attention.py            # lengths 64..2048 (~4 min on a busy 2-core CPU)
+    .venv/bin/python bench/attention.py --quick    # lengths 64..512, smaller batches (< 1 min)
     .venv/bin/python bench/attention.py --device cuda --dtype bf16 --tokens 65536
 
 Three cases: no mask, a key-padding mask (sequence lengths drawn between T/2 and T; the peer gets

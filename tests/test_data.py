@@ -27,7 +27,9 @@ from tformer.data import (
 )
 from tformer.tokenization import train_tokenizer
 
-MULTI30K = Path("/work/shared/data/multi30k")
+from .conftest import SHARED_DATA
+
+MULTI30K = SHARED_DATA / "multi30k"
 needs_multi30k = pytest.mark.skipif(not MULTI30K.exists(), reason="shared data not present")
 ROWS = [
     {"id": "1", "source": "Ein Hund läuft.", "target": "A dog runs."},

@@ -1,7 +1,6 @@
 """Tokenizers: byte-fallback round trips, fixed special ids, save/reload through AutoTokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -14,7 +13,9 @@ from tformer.tokenization import (
     train_tokenizer,
 )
 
-DATA = Path("/work/shared/data")
+from .conftest import SHARED_DATA
+
+DATA = SHARED_DATA
 # Text that NFKC leaves unchanged (asserted below), none of it in the training data.
 ROUND_TRIP = [
     "中文的句子、机器翻译。",

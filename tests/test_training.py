@@ -18,29 +18,11 @@ import tformer  # noqa: F401
 from tformer.training import CheckpointError, TrainingError, latest_checkpoint, load_config, train
 from tformer.training.checkpoint import verify_checkpoint
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("data")
-    lines = (DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    (root / "train.jsonl").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
-    (root / "val.jsonl").write_text("\n".join(lines[300:340]) + "\n", encoding="utf-8")
-    return {"train": root / "train.jsonl", "validation": root / "val.jsonl"}
+from .conftest import tiny_overrides
 
 
 def overrides(data_files, out: Path, **extra) -> list[str]:
-    values = {
-        "data.train": data_files["train"], "data.validation": data_files["validation"],
-        "data.vocab_size": 400, "model.size": "tiny", "model.dropout": 0.1,
-        "train.max_steps": 12, "train.eval_every": 4, "train.log_every": 1,
-        "train.max_tokens": 600, "train.warmup_steps": 4, "train.lr": 3e-3,
-        "train.max_new_tokens": 8, "train.eval_max_examples": 8, "train.output_dir": out,
-        "train.keep_last": 5,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_overrides(data_files, out, **extra)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -52,14 +34,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-
-
-@pytest.fixture(scope="module")
-def reference_run(data_files, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = train(load_config(None, overrides(data_files, out)))
-    assert result.stopped_by == "max_steps" and result.state.step == 12
-    return out
 
 
 def test_tiny_run_writes_a_usable_run_directory(reference_run):

@@ -147,13 +147,15 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(q)  # (B, H, Tq, Dh)
 
         tq, tk = q.size(2), k.size(2)
+        if is_causal and tq == 1:
+            # One query at the end of the sequence (a cached decoding step) sees every key:
+            # no mask at all, so the kernel can take its fastest path.
+            is_causal = False
         if is_causal and (mask is not None or tq != tk or need_weights):
             # The kernel's own causal flag assumes Tq == Tk and no other mask: build it instead.
             causal = causal_mask(tq, tk, x.device)
             mask = causal if mask is None else mask & causal
             is_causal = False
-        if is_causal and tq == 1:
-            is_causal = False  # a single query at the end of the sequence sees every key
 
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:

@@ -204,7 +204,7 @@ def build_transformer(config: TransformerConfig) -> Transformer:
 
 
 def init_weights(model: nn.Module) -> None:
-    """Xavier-uniform matrices and zero biases (as ``torch.nn.Transformer``); embeddings
+    """Xavier-uniform matrices (as ``torch.nn.Transformer``) and zero biases; embeddings
     N(0, D^-1/2) with a zero padding row, so that √D-scaled token vectors have unit scale."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
