@@ -28,7 +28,7 @@ class TransformerConfig:
     n_encoder_layers: int = 6
     n_decoder_layers: int = 6
     d_ff: int = 2048
-    dropout: float = 0.1  # residual, embedding and FFN dropout (P_drop in the paper, section 5.4)
+    dropout: float = 0.1  # on sublayer outputs and embeddings (P_drop, section 5.4)
     attention_dropout: float = 0.0  # on the attention weights; the paper does not use it
     activation: Activation = "relu"
     gated_ffn: bool = False  # GLU-style FFN (Shazeer 2020): act(x W1) * (x W3), then W2

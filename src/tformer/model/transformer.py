@@ -168,7 +168,7 @@ def build_transformer(config: TransformerConfig) -> Transformer:
         return MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout, layer=layer)
 
     def ffn() -> FeedForward:
-        return FeedForward(c.d_model, c.d_ff, c.activation, c.dropout, c.gated_ffn)
+        return FeedForward(c.d_model, c.d_ff, c.activation, c.gated_ffn)
 
     def final_norm() -> nn.LayerNorm | None:
         return nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
