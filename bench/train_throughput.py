@@ -1,77 +1,85 @@
 """Training throughput: tformer's own model through tformer's training loop against a Hugging Face
 T5 of about the same size trained with ``Seq2SeqTrainer``, on the same Multi30k examples.
 
-    .venv/bin/python bench/train_throughput.py                     # 20 timed steps, fp32 + bf16
-    .venv/bin/python bench/train_throughput.py --precision bf16    # one precision
-    .venv/bin/python bench/train_throughput.py --quick             # 6 timed steps, auto precision
-    .venv/bin/python bench/train_throughput.py --group-by-length   # HF gets length grouping
-    .venv/bin/python bench/train_throughput.py --profile           # + where the time goes
+    .venv/bin/python bench/train_throughput.py                  # fp32, 5 timed steps (~3-4 min)
+    .venv/bin/python bench/train_throughput.py --quick          # 2 timed steps (~2 min)
+    .venv/bin/python bench/train_throughput.py --precision bf16 # or auto (tformer's rule), both
+    .venv/bin/python bench/train_throughput.py --hf-sampling random   # one HF variant only
+    .venv/bin/python bench/train_throughput.py --profile-only   # where a step's time goes (~2 min)
 
-Throughput is **non-pad source + target tokens per second**: per optimizer step (one micro-batch,
+Times are for an otherwise idle 2-core CPU. bf16 needs a CPU with bf16 matrix units (AMX,
+AVX512-BF16) or a GPU: on an AVX2 CPU bf16 matmuls are emulated, ~50x slower than fp32 (the
+script prints both speeds first and warns).
+
+**Throughput** is non-pad source + target tokens per second: per optimizer step (one micro-batch,
 no accumulation), the number of source positions whose attention mask is 1 plus the number of
-target positions whose label is not -100, divided by wall time. It is exactly the figure
-tformer's loop logs as ``tokens_per_s``. Padding positions cost compute but are not counted.
+target positions whose label is not -100, divided by the wall time of the step. It is the figure
+tformer's loop logs as ``tokens_per_s``. Padding positions cost compute but are not counted; the
+padding fraction of the timed batches is printed for each side, and so is the throughput in
+*positions* (padding included), which compares the raw speed of the two implementations.
 
-What is compared, and kept equal:
+What is kept equal:
 
 - **Data and tokenizer.** One BPE tokenizer (vocabulary 8000) is trained on the Multi30k training
   split (source and target) with ``tformer.tokenization.train_tokenizer``; both models use it and
-  both see the same token ids (``tformer.data.tokenize_examples``, same truncation).
-- **Models.** tformer ``small`` (d_model 256, 4 heads, 4+4 layers, d_ff 1024, post-norm,
+  see the same token ids (``tformer.data.tokenize_examples``, tformer's default truncation).
+- **Models.** tformer ``small`` (d_model 256, 4 heads, 4+4 layers, d_ff 1024; post-norm,
   sinusoidal positions, tied embeddings) against ``T5ForConditionalGeneration`` with d_model 256,
-  d_kv 64, 4 heads, 4+4 layers, d_ff 1024, ReLU FFN, tied embeddings; pad 0, eos 3, decoder start
-  2 from the tokenizer. Parameter counts are printed.
+  d_kv 64, 4 heads, 4+4 layers, d_ff 1024, ReLU feed-forward, tied embeddings, and pad 0, eos 3,
+  decoder start 2 from the tokenizer. Parameter counts are printed (9.42M and 9.39M).
 - **Training settings.** AdamW (lr 5e-4, betas 0.9/0.98, eps 1e-9, weight decay 0.01),
   inverse-sqrt schedule, dropout 0.1, label smoothing 0.1, gradient clipping at 1.0, no
-  accumulation, one process, data collated in the main process (no workers).
-- **Precision.** fp32 or bf16 autocast on both sides (accelerate's ``mixed_precision``, which both
-  use). tformer's ``train.precision=auto`` picks bf16 on a CPU for d_model >= 256
-  (``tformer.training.loop.resolve_precision``), so ``--precision auto`` means bf16 here.
-- **Batch size.** tformer batches by a token budget (``train.max_tokens``, default 4096 padded
-  positions of the larger of the two tensors, length-bucketed). HF gets a fixed batch size
-  chosen so that its *average* number of non-pad tokens per batch equals tformer's over one
-  epoch (epoch-average tformer tokens per batch / average tokens per example). By default HF
-  batches are random (its default ``train_sampling_strategy="random"``), so the extra padding it
-  pays is part of what is measured; ``--group-by-length`` gives HF
-  ``train_sampling_strategy="group_by_length"`` (``group_by_length=True`` of older versions;
-  transformers 5 groups by the *source* length, ``input_ids``). The padding fraction of the
-  timed batches is printed for both.
+  accumulation, one process, batches collated in the training process (no loader workers).
+- **Precision.** fp32, or bf16 autocast, on both sides (accelerate's ``mixed_precision``, which
+  both use). ``--precision auto`` applies tformer's rule (``resolve_precision``) to both.
+- **Tokens per batch.** tformer batches by a token budget (``train.max_tokens``, default 4096
+  padded positions of the larger of the two tensors; length-bucketed). HF gets a fixed batch
+  size such that its *average* non-pad tokens per batch equal tformer's over one epoch (tformer's
+  epoch-average tokens per batch / average tokens per example). Two HF variants run by default:
+  ``random`` batches (the Trainer's default sampler; the padding this costs is part of what is
+  measured) and ``group_by_length`` (``train_sampling_strategy="group_by_length"``, which replaced
+  ``group_by_length=True`` in transformers 5; it groups by the *source* length, ``input_ids``).
 
-How each side is timed (the same way, and the same code a user runs):
+How the sides are timed (each runs its real training entry point, in its own process):
 
 - tformer: ``tformer.training.train(config)`` itself, with ``train.log_every=1``,
-  ``train.max_steps = warmup + steps`` and ``train.eval_every`` beyond the end. The loop logs a
-  record per step to ``metrics.jsonl`` whose window runs from the end of the previous step's log
-  to the end of this step's (collation, forward, backward, clipping, optimizer and scheduler
-  step, token counting, logging): consecutive and gap-free. The time of step k is its
-  ``tokens / tokens_per_s``. The evaluation and checkpoint the loop always does at the last step
-  happen after that step's record, so they are outside the timing; so is set-up (loading,
-  tokenising, building the model). ``log_every=1`` adds one JSON line and four TensorBoard
-  scalars per step to the loop (well under 1% of a step here).
-- HF: ``Seq2SeqTrainer.train()`` with a callback that reads the clock at every
-  ``on_step_end`` (after the optimizer and scheduler step); the time of step k is the difference
-  of consecutive readings, which covers fetching and collating the batch, forward, loss, backward,
-  clipping and the optimizer step. Tokens are counted by a thin wrapper around
-  ``DataCollatorForSeq2Seq`` (batch k is the k-th one collated: no accumulation, no workers).
-- The first ``--warmup`` steps of each side are excluded; the next ``--steps`` are timed. The
-  figure is total tokens / total time over the timed steps.
+  ``train.max_steps = warmup + steps`` and ``train.eval_every`` beyond the end. The clock is read
+  when the loop writes a step's record to ``metrics.jsonl`` (``MetricsLogger.log`` is wrapped by
+  this script; the loop is unchanged), tokens are the loop's own counts (``tokens_seen``, checked
+  against the batches reproduced from the sampler). The evaluation and checkpoint the loop
+  always does after its last step are outside the timing; so is set-up.
+- HF: ``Seq2SeqTrainer.train()``; the clock is read in a callback's ``on_step_end`` (after the
+  optimizer and scheduler step); tokens are counted by a thin wrapper around
+  ``DataCollatorForSeq2Seq`` (batch k is the k-th collated: no accumulation, no workers).
+- **Lock-step.** The machine is shared, and its load moves by 2x within minutes; timing one side
+  after the other measured the load as much as the code. So the sides run *in turn, one step at
+  a time*: at the end of each step a side reports to this script and blocks until its next turn
+  (the turn order alternates every round). A step is timed from the moment its side is released
+  to the end of the step: the whole of the loop between two step ends (fetching and collating
+  the batch, forward, loss, backward, clipping, optimizer and scheduler step, logging), with only
+  one side computing at a time. Set-up and the first step of every side overlap and are never
+  timed; the first ``--warmup`` steps are excluded, the next ``--steps`` are timed, and the
+  figure is total tokens / total time over them.
 
-``--profile`` then runs the pieces of one training step of each side (the same functions
-``train()`` and ``Trainer.training_step`` call) under ``torch.profiler`` and prints where the
-time goes: the operators with the most self CPU time, and the time in a few named groups.
+``--profile`` then runs the pieces of one training step of each side (the functions ``train()``
+and ``Trainer.training_step`` use) under ``torch.profiler``: phases, operator groups and the
+operators with the most self CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +97,10 @@ from tformer.data import (  # noqa: E402
 )
 from tformer.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 LR, BETAS, EPS, WEIGHT_DECAY, WARMUP_LR = 5e-4, (0.9, 0.98), 1e-9, 0.01, 400
 LABEL_SMOOTHING, CLIP, DROPOUT = 0.1, 1.0, 0.1
+HF_SAMPLING = ("random", "group_by_length")
 
 
 @dataclass
@@ -101,7 +110,6 @@ class Measured:
     params: int
     step_tokens: list[int]  # non-pad source + target tokens of each timed step
     step_seconds: list[float]
-    step_cpu: list[float]  # this process's CPU seconds (all threads) of each timed step
     padded_positions: int  # source + target positions of the timed batches, padding included
     batch_desc: str
     notes: dict = field(default_factory=dict)
@@ -109,10 +117,6 @@ class Measured:
     @property
     def tokens_per_s(self) -> float:
         return sum(self.step_tokens) / sum(self.step_seconds)
-
-    @property
-    def tokens_per_cpu_s(self) -> float:
-        return sum(self.step_tokens) / sum(self.step_cpu)
 
     @property
     def positions_per_s(self) -> float:
@@ -132,9 +136,11 @@ class Prepared:
     train_path: Path
     val_path: Path
     tokenizer_dir: Path
-    tokenizer: object
     sources: list[list[int]]
     labels: list[list[int]]
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_dir)
 
 
 def prepare(workdir: Path, data_dir: Path) -> Prepared:
@@ -146,17 +152,17 @@ def prepare(workdir: Path, data_dir: Path) -> Prepared:
     )
     tokenizer_dir = workdir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)  # what train() will load from data.tokenizer
+    tokenizer = load_tokenizer(tokenizer_dir)  # as train() loads it from data.tokenizer
     encoded, _ = tokenize_examples(texts, tokenizer, 256, 128)  # tformer's default cut
     columns = encoded.to_dict()
-    # A few validation examples only: train() always evaluates at its last step (outside the
-    # timing), and a short evaluation keeps the benchmark short.
+    # A few validation examples only: train() always evaluates after its last step (untimed);
+    # a short evaluation keeps the benchmark short.
     val_path = workdir / "val_small.jsonl"
     with (data_dir / "val.jsonl").open(encoding="utf-8") as src, val_path.open("w") as dst:
         for _, line in zip(range(16), src):
             dst.write(line)
-    return Prepared(workdir, train_path, val_path, tokenizer_dir, tokenizer,
-                    columns["input_ids"], columns["labels"])
+    return Prepared(workdir, train_path, val_path, tokenizer_dir, columns["input_ids"],
+                    columns["labels"])
 
 
 def tformer_batches(prep: Prepared, max_tokens: int, seed: int) -> list[list[int]]:
@@ -170,6 +176,83 @@ def matched_batch_size(prep: Prepared, batches: list[list[int]]) -> tuple[int, f
     total = sum(len(x) + len(y) for x, y in zip(prep.sources, prep.labels))
     per_batch = total / len(batches)
     return max(1, round(per_batch / (total / len(prep.sources)))), per_batch
+
+
+# --- lock-step --------------------------------------------------------------------------------
+
+
+class Gate:
+    """A side's end of the lock-step: at the end of each step, read the clock, report, and wait
+    for the next turn. Step k is timed from the release after step k-1 to the end of step k."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self.ends, self.releases = conn, [], []
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.conn.send(("step", len(self.ends)))
+        self.conn.recv()  # "go" (next step) or "finish"
+        self.releases.append(time.perf_counter())
+
+    def step_seconds(self, warmup: int) -> list[float]:
+        return [self.ends[k] - self.releases[k - 1] for k in range(warmup, len(self.ends))]
+
+
+def _child(conn, side: str, kwargs: dict) -> None:
+    """Entry point of a side's process: run it behind a Gate, send back its figures."""
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    try:
+        run = run_tformer if side == "tformer" else run_hf
+        measured = run(gate=Gate(conn), **kwargs)
+        conn.send(("result", dataclasses.asdict(measured)))
+    except BaseException:  # report, never leave the parent waiting
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_lockstep(sides: list[tuple[str, dict]], total_steps: int) -> list[Measured]:
+    """Start every side in its own process; after their first step, release them one step at a
+    time, in turn (alternating the order every round); collect their figures."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no shared accelerate or torch state
+    conns, procs = [], []
+    for side, kwargs in sides:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child, args=(child, side, kwargs), daemon=True)
+        proc.start()
+        child.close()
+        conns.append(parent)
+        procs.append(proc)
+
+    def expect(conn, kind: str):
+        try:
+            message = conn.recv()
+        except EOFError:
+            raise RuntimeError("a benchmark process died (see its output above)") from None
+        if message[0] == "error":
+            raise RuntimeError(f"a benchmark process failed:\n{message[1]}")
+        if message[0] != kind:
+            raise RuntimeError(f"expected {kind!r} from a benchmark process, got {message!r}")
+        return message[1]
+
+    try:
+        for conn in conns:  # set-up and step 1 of every side, concurrently (never timed)
+            expect(conn, "step")
+        for step in range(2, total_steps + 1):
+            order = conns if step % 2 == 0 else conns[::-1]
+            for conn in order:
+                conn.send("go")
+                expect(conn, "step")
+        for conn in conns:
+            conn.send("finish")
+        results = [Measured(**expect(conn, "result")) for conn in conns]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+    return results
 
 
 # --- tformer ----------------------------------------------------------------------------------
@@ -190,23 +273,20 @@ def tformer_overrides(prep: Prepared, precision: str, total_steps: int, max_toke
     ]
 
 
-def run_tformer(prep: Prepared, precision: str, warmup: int, steps: int, max_tokens: int,
-                seed: int) -> Measured:
+def run_tformer(gate: Gate, prep: Prepared, precision: str, warmup: int, steps: int,
+                max_tokens: int, seed: int) -> Measured:
     import tformer.training.loop as loop
     from tformer.training import load_config, train
 
     out = prep.workdir / f"tformer-{precision}"
     config = load_config(None, tformer_overrides(prep, precision, warmup + steps, max_tokens,
                                                  seed, out))
-    # Only for the CPU-time cross-check: read the process CPU clock when the loop writes each
-    # step's record (the wall-clock figures come from metrics.jsonl, the loop's own).
-    cpu_marks: list[float] = []
     original_log = loop.MetricsLogger.log
 
-    def log(self, split, step, record):
+    def log(self, split, step, record):  # the loop writes one train record per step
         original_log(self, split, step, record)
         if split == "train":
-            cpu_marks.append(time.process_time())
+            gate.step_end()
 
     loop.MetricsLogger.log = log
     try:
@@ -218,25 +298,21 @@ def run_tformer(prep: Prepared, precision: str, warmup: int, steps: int, max_tok
     if [r["step"] for r in records] != list(range(1, warmup + steps + 1)):
         raise RuntimeError("expected one train record per step in metrics.jsonl")
     seen = [0] + [r["tokens_seen"] for r in records]
-    tokens = [seen[i + 1] - seen[i] for i in range(len(records))]
-    seconds = [tok / r["tokens_per_s"] for tok, r in zip(tokens, records)]
-    # The timed batches, reproduced (the loop takes epoch 0's batches in order on one process);
-    # their non-pad count must equal what the loop counted.
+    tokens = [seen[i + 1] - seen[i] for i in range(len(records))][warmup:]
+    # The timed batches, reproduced (one process takes epoch 0's batches in order); their
+    # non-pad count must be what the loop counted.
     batches = tformer_batches(prep, max_tokens, seed)[warmup:warmup + steps]
     real = sum(len(prep.sources[i]) + len(prep.labels[i]) for b in batches for i in b)
-    if real != sum(tokens[warmup:]):
+    if real != sum(tokens):
         raise RuntimeError(f"reproduced batches hold {real} tokens, the loop counted "
-                           f"{sum(tokens[warmup:])}")
-    padded = sum(len(b) * (max(len(prep.sources[i]) for i in b) + max(len(prep.labels[i])
-                                                                      for i in b))
-                 for b in batches)
+                           f"{sum(tokens)}")
+    padded = sum(len(b) * (max(len(prep.sources[i]) for i in b)
+                           + max(len(prep.labels[i]) for i in b)) for b in batches)
     sizes = [len(b) for b in batches]
-    model = result.model
     return Measured(
-        "tformer small + train()", precision, sum(p.numel() for p in model.parameters()),
-        tokens[warmup:], seconds[warmup:],
-        [b - a for a, b in zip(cpu_marks[warmup - 1:], cpu_marks[warmup:])], padded,
-        f"token budget {max_tokens} (batch {min(sizes)}-{max(sizes)})",
+        "tformer small, train()", precision,
+        sum(p.numel() for p in result.model.parameters()), tokens, gate.step_seconds(warmup),
+        padded, f"token budget {max_tokens} ({min(sizes)}-{max(sizes)} examples)",
         {"final_loss": records[-1]["loss"]},
     )
 
@@ -251,7 +327,8 @@ def t5_model(tokenizer, seed: int):
         vocab_size=len(tokenizer), d_model=256, d_kv=64, d_ff=1024, num_layers=4,
         num_decoder_layers=4, num_heads=4, feed_forward_proj="relu", dropout_rate=DROPOUT,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
@@ -262,7 +339,7 @@ class CountingCollator:
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.batches: list[tuple[int, int, int]] = []  # (non-pad tokens, padded positions, size)
+        self.batches: list[tuple[int, int, int]] = []  # (non-pad tokens, positions, size)
 
     def __call__(self, features):
         batch = self.inner(features)
@@ -272,8 +349,8 @@ class CountingCollator:
         return batch
 
 
-def run_hf(prep: Prepared, precision: str, warmup: int, steps: int, batch_size: int,
-           group_by_length: bool, seed: int) -> Measured:
+def run_hf(gate: Gate, prep: Prepared, precision: str, warmup: int, steps: int,
+           batch_size: int, sampling: str, seed: int) -> Measured:
     from datasets import Dataset
     from transformers import (
         DataCollatorForSeq2Seq,
@@ -283,44 +360,36 @@ def run_hf(prep: Prepared, precision: str, warmup: int, steps: int, batch_size: 
     )
 
     class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.cpu: list[float] = []
-
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-            self.cpu.append(time.process_time())
+            gate.step_end()
 
-    model = t5_model(prep.tokenizer, seed)
+    tokenizer = prep.tokenizer()
+    model = t5_model(tokenizer, seed)
     dataset = Dataset.from_dict({"input_ids": prep.sources, "labels": prep.labels})
-    collator = CountingCollator(DataCollatorForSeq2Seq(prep.tokenizer, model=model))
+    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, model=model))
     args = Seq2SeqTrainingArguments(
-        output_dir=str(prep.workdir / f"hf-{precision}"), max_steps=warmup + steps,
+        output_dir=str(prep.workdir / f"hf-{precision}-{sampling}"), max_steps=warmup + steps,
         per_device_train_batch_size=batch_size, learning_rate=LR, adam_beta1=BETAS[0],
         adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=WEIGHT_DECAY,
         lr_scheduler_type="inverse_sqrt", warmup_steps=WARMUP_LR,
         label_smoothing_factor=LABEL_SMOOTHING, max_grad_norm=CLIP, bf16=precision == "bf16",
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
-        logging_steps=warmup + steps, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy=sampling, logging_steps=warmup + steps, save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(), seed=seed,
     )
-    clock = Clock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset,
-                             data_collator=collator, processing_class=prep.tokenizer,
-                             callbacks=[clock])
+                             data_collator=collator, processing_class=tokenizer,
+                             callbacks=[Clock()])
     output = trainer.train()
-    if len(clock.ends) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} steps, saw {len(clock.ends)}")
+    if len(gate.ends) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} steps, saw {len(gate.ends)}")
     timed = collator.batches[warmup:warmup + steps]
-    seconds = [b - a for a, b in zip(clock.ends[warmup - 1:], clock.ends[warmup:])]
-    sampling = "length-grouped" if group_by_length else "random"
+    sizes = [t[2] for t in timed]
     return Measured(
-        "HF T5 + Seq2SeqTrainer", precision, sum(p.numel() for p in model.parameters()),
-        [t[0] for t in timed], seconds,
-        [b - a for a, b in zip(clock.cpu[warmup - 1:], clock.cpu[warmup:])],
-        sum(t[1] for t in timed),
-        f"fixed batch {batch_size}, {sampling}",
+        f"HF T5, Seq2SeqTrainer ({sampling})", precision,
+        sum(p.numel() for p in model.parameters()), [t[0] for t in timed],
+        gate.step_seconds(warmup), sum(t[1] for t in timed),
+        f"fixed batch {batch_size}" + ("" if len(set(sizes)) == 1 else f" ({sizes})"),
         {"final_loss": output.training_loss,
          "attn_implementation": model.config._attn_implementation},
     )
@@ -330,173 +399,241 @@ def run_hf(prep: Prepared, precision: str, warmup: int, steps: int, batch_size: 
 
 GROUPS = {
     # substrings of profiler event names -> a coarse group
-    "matmul (linear/bmm/mm)": ("addmm", "aten::mm", "aten::bmm", "matmul", "linear"),
+    "matmul (linear/mm/bmm)": ("addmm", "aten::mm", "aten::bmm", "matmul", "linear"),
     "attention kernel (sdpa)": ("scaled_dot_product", "_flash_attention", "_efficient_attention"),
-    "softmax / log_softmax / CE": ("softmax", "cross_entropy", "nll_loss", "_log_softmax"),
-    "dtype casts (to/copy_)": ("aten::to", "aten::_to_copy", "aten::copy_"),
-    "optimizer (AdamW)": ("Optimizer.step", "_foreach", "adamw"),
-    "grad clipping (norm)": ("clip_grad", "linalg_vector_norm", "aten::norm"),
-    "embedding": ("embedding",),
-    "dropout": ("dropout", "bernoulli"),
-    "layer norm / T5 rms norm": ("layer_norm", "aten::pow", "aten::rsqrt", "aten::mean"),
+    "softmax / cross-entropy": ("softmax", "cross_entropy", "nll_loss"),
+    "dropout (bernoulli_)": ("bernoulli",),
+    "layer norm": ("layer_norm",),
+    "dtype casts / copies": ("aten::to", "aten::_to_copy", "aten::copy_"),
+    "fill / zeros": ("aten::fill_", "aten::zero_"),
 }
 
 
-def profile_sides(prep: Prepared, precision: str, steps: int, batch_size: int, max_tokens: int,
-                  seed: int) -> None:
-    """One training step of each side under torch.profiler, on the same kind of batches the
-    timed run used: which operators take the time."""
-    from accelerate import Accelerator
-    from transformers import DataCollatorForSeq2Seq
+def _best_time(fn, reps: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)  # the least disturbed by other processes on a shared machine
+
+
+def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
+    """Where a training step's time goes, fp32, on one of the loop's batches: the pieces of the
+    step one by one, a few alternatives, the same batch through T5, and torch.profiler's
+    operator groups. Best of 3 repetitions (the machine is shared: read ratios, not digits)."""
+    import torch.nn.functional as F
     from transformers.trainer_pt_utils import LabelSmoother
 
     from tformer.training import load_config
-    from tformer.training.loop import (
-        build_optimizer,
-        collate_batch,
-        forward_loss,
-        resolve_precision,
-    )
+    from tformer.training.loop import build_optimizer, collate_batch, forward_loss
+    from tformer.training.schedule import lr_factor
     from tformer.training.setup import build_model
 
-    config = load_config(None, tformer_overrides(prep, precision, 10, max_tokens, seed,
-                                                 prep.workdir / "unused"))
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision, config), cpu=True)
-    tokens = (prep.sources, prep.labels)
-    batches = tformer_batches(prep, max_tokens, seed)
+    class Device:  # what collate_batch needs of the Accelerator
+        device = torch.device("cpu")
 
-    # tformer: the loop body of train(), with the loop's own functions
-    model = build_model(config, prep.tokenizer)
+    tokenizer = prep.tokenizer()
+    overrides = tformer_overrides(prep, "fp32", 10, max_tokens, seed, prep.workdir / "unused")
+    config = load_config(None, overrides)
+    model = build_model(config, tokenizer).train()
     optimizer = build_optimizer(model, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    collate = Seq2SeqCollator(prep.tokenizer.pad_token_id, prep.tokenizer.bos_token_id)
-    model.train()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, WARMUP_LR, "inverse_sqrt", 10, 0.0))
+    collate = Seq2SeqCollator(tokenizer.pad_token_id, tokenizer.bos_token_id)
+    tokens = (prep.sources, prep.labels)
+    indices = tformer_batches(prep, max_tokens, seed)[2]
+    batch = collate_batch(collate, tokens, indices, Device)
+    real = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+    print(f"\n## profile (fp32): one batch of the loop, source {tuple(batch['input_ids'].shape)}, "
+          f"target {tuple(batch['labels'].shape)}, {real} non-pad tokens")
 
-    def tformer_step(i: int) -> None:
-        with torch.profiler.record_function("## collate"):
-            batch = collate_batch(collate, tokens, batches[i], accelerator)
-        with torch.profiler.record_function("## forward+loss"):
-            loss = forward_loss(model, batch, LABEL_SMOOTHING)
-        with torch.profiler.record_function("## backward"):
-            accelerator.backward(loss)
-        with torch.profiler.record_function("## clip"):
-            accelerator.clip_grad_norm_(model.parameters(), CLIP)
-        with torch.profiler.record_function("## optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def forward_backward(m=model):
+        m.zero_grad(set_to_none=True)  # as the loop leaves them after each optimizer step
+        forward_loss(m, batch, LABEL_SMOOTHING).backward()
+
+    def full_step():
+        b = collate_batch(collate, tokens, indices, Device)
+        loss = forward_loss(model, b, LABEL_SMOOTHING)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
         loss.item()
 
-    # HF: what Trainer.training_step does for this configuration (autocast forward, the
-    # LabelSmoother on the logits, backward), then clipping and AdamW
-    t5 = t5_model(prep.tokenizer, seed)
-    hf_opt = torch.optim.AdamW(t5.parameters(), lr=LR, betas=BETAS, eps=EPS,
-                               weight_decay=WEIGHT_DECAY)
-    hf_acc = Accelerator(mixed_precision=resolve_precision(precision, config), cpu=True)
-    t5, hf_opt = hf_acc.prepare(t5, hf_opt)
-    t5.train()
-    hf_collate = DataCollatorForSeq2Seq(prep.tokenizer, model=hf_acc.unwrap_model(t5))
+    step = _best_time(full_step)
+    forward = _best_time(lambda: forward_loss(model, batch, LABEL_SMOOTHING))
+    fwd_bwd = _best_time(forward_backward)
+    forward_backward()  # leave gradients for the optimizer and clipping
+    rows = [
+        ("whole step (the loop body)", step),
+        ("  forward + loss", forward),
+        ("  forward + loss + backward", fwd_bwd),
+        ("  collate (Seq2SeqCollator)", _best_time(
+            lambda: collate_batch(collate, tokens, indices, Device))),
+        ("  clip_grad_norm_", _best_time(
+            lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))),
+        ("  AdamW step (default: per-tensor)", _best_time(optimizer.step)),
+        ("  LambdaLR step", _best_time(scheduler.step)),
+    ]
+    for options in (dict(foreach=True), dict(fused=True)):
+        alt = torch.optim.AdamW(build_optimizer(model, config).param_groups, lr=LR, betas=BETAS,
+                                eps=EPS, **options)
+        rows.append((f"  AdamW step {options}", _best_time(alt.step)))
+    # The output projection and the loss over the (B, T, V) logits, alone.
+    hidden = torch.randn(*batch["labels"].shape, model.config.d_model, requires_grad=True)
+    weight = model.get_input_embeddings().weight
+    labels = batch["labels"]
+
+    def head(smoothing: float = LABEL_SMOOTHING, keep=None):
+        h, y = (hidden, labels) if keep is None else (hidden[keep], labels[keep])
+        logits = F.linear(h, weight)
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                        ignore_index=-100, label_smoothing=smoothing).backward()
+
+    rows += [
+        ("  output projection + CE, fwd+bwd", _best_time(head)),
+        ("    same, non-pad positions only", _best_time(lambda: head(keep=labels != -100))),
+        ("    same, no label smoothing", _best_time(lambda: head(0.0))),
+    ]
+    no_dropout = build_model(load_config(None, [*overrides, "model.dropout=0.0"]),
+                             tokenizer).train()
+    rows.append(("  forward+backward with dropout 0 (vs 0.1 above)",
+                 _best_time(lambda: forward_backward(no_dropout))))
+    for name, seconds in rows:
+        print(f"  {name:<52} {seconds * 1000:8.1f} ms  {100 * seconds / step:5.1f}% of a step")
+    enc = sum(p.numel() for p in model.model.encoder.parameters())
+    dec = sum(p.numel() for p in model.model.decoder.parameters())
+    src_tokens = int(batch["attention_mask"].sum())
+    tgt_positions = batch["labels"].numel()
+    flops = 6 * (enc * batch["input_ids"].numel() + (dec + weight.numel()) * tgt_positions)
+    print(f"  matmul work of the step ~{flops / 1e9:.0f} GFLOP (6 x parameters x positions): "
+          f"{flops / step / 1e9:.0f} GFLOP/s achieved; a bare fp32 matmul runs at "
+          f"{matmul_gflops(torch.float32, 512):.0f} GFLOP/s now ({src_tokens} source tokens)")
+
+    # The same batch through both models: the implementations at equal shapes.
+    t5 = t5_model(tokenizer, seed).train()
     smoother = LabelSmoother(epsilon=LABEL_SMOOTHING)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(prep.sources), generator=gen).tolist()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
 
-    def hf_step(i: int) -> None:
-        with torch.profiler.record_function("## collate"):
-            rows = order[i * batch_size:(i + 1) * batch_size]
-            batch = hf_collate([{"input_ids": prep.sources[j], "labels": prep.labels[j]}
-                                for j in rows])
-            labels = batch.pop("labels")
-        with torch.profiler.record_function("## forward+loss"):
-            out = t5(**batch)
+    def t5_step(trainer_loss: bool):
+        t5.zero_grad(set_to_none=True)
+        out = t5(**inputs)
+        if trainer_loss:  # what Seq2SeqTrainer does with label_smoothing_factor > 0
             loss = smoother(out, labels)
-        with torch.profiler.record_function("## backward"):
-            hf_acc.backward(loss)
-        with torch.profiler.record_function("## clip"):
-            hf_acc.clip_grad_norm_(t5.parameters(), CLIP)
-        with torch.profiler.record_function("## optimizer"):
-            hf_opt.step()
-            hf_opt.zero_grad(set_to_none=True)
-        loss.item()
+        else:
+            loss = F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
+        loss.backward()
 
-    for name, step in (("tformer", tformer_step), ("HF T5", hf_step)):
-        for i in range(2):  # warm-up, not profiled
-            step(i)
-        start = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for i in range(2, 2 + steps):
-                step(i)
-        wall = time.perf_counter() - start
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        print(f"\n### profile: {name}, {precision}, {steps} steps, {wall:.2f} s wall "
-              f"(profiled), self CPU total {total / 1e6:.2f} s")
-        print("phases (CPU time incl. children):")
-        for e in sorted(events, key=lambda e: -e.cpu_time_total):
-            if e.key.startswith("## "):
-                print(f"  {e.key[3:]:<16} {e.cpu_time_total / 1e6:7.2f} s "
-                      f"{100 * e.cpu_time_total / total:5.1f}%")
-        print("groups (self CPU time):")
-        for group, needles in GROUPS.items():
-            t = sum(e.self_cpu_time_total for e in events
-                    if any(n in e.key for n in needles) and not e.key.startswith("## "))
-            print(f"  {group:<28} {t / 1e6:7.2f} s {100 * t / total:5.1f}%")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+    contenders = {
+        "tformer (forward_loss)": forward_backward,
+        "T5 + Trainer's LabelSmoother": lambda: t5_step(True),
+        "T5 + F.cross_entropy": lambda: t5_step(False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():
+        fn()
+    for rep in range(4):  # interleaved, order reversed every repetition
+        for name in (list(contenders) if rep % 2 == 0 else list(contenders)[::-1]):
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        t5.zero_grad(set_to_none=True)
+    print("  same batch, forward+backward (median of 4, interleaved):")
+    base = statistics.median(times["tformer (forward_loss)"])
+    for name, ts in times.items():
+        print(f"    {name:<34} {statistics.median(ts):6.2f} s  "
+              f"{statistics.median(ts) / base:4.2f}x tformer's time")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        full_step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print("  torch.profiler, one whole step, self CPU time by operator group:")
+    for group, needles in GROUPS.items():
+        t = sum(e.self_cpu_time_total for e in events if any(n in e.key for n in needles))
+        print(f"    {group:<28} {100 * t / total:5.1f}%")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40))
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
+    """A (n, n) @ (n, 4n) matmul's speed: whether this CPU has fast bf16 units (AMX or
+    AVX512-BF16) or emulates bf16, far slower than fp32 (AVX2 machines)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, 4 * n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n * n * 4 * n * reps / (time.perf_counter() - start) / 1e9
 
 
 # --- report -----------------------------------------------------------------------------------
 
 
-def print_table(rows: list[tuple[Measured, Measured]]) -> None:
-    print("\n| precision | model | params | batches | padding | tokens/s | positions/s "
-          "(pad incl.) | tokens/CPU-s | median s/step | loss at end |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for ours, peer in rows:
-        for m in (ours, peer):
-            print(f"| {m.precision} | {m.name} | {m.params / 1e6:.2f}M | {m.batch_desc} | "
-                  f"{100 * m.padding:.1f}% | {m.tokens_per_s:,.0f} | {m.positions_per_s:,.0f} | "
-                  f"{m.tokens_per_cpu_s:,.0f} | {statistics.median(m.step_seconds):.2f} | "
-                  f"{m.notes['final_loss']:.3f} |")
-    print("\n| precision | tformer tokens/s | HF tokens/s | ratio tformer/HF | "
-          "ratio per CPU-s | ratio per position (pad incl.) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for ours, peer in rows:
-        print(f"| {ours.precision} | {ours.tokens_per_s:,.0f} | {peer.tokens_per_s:,.0f} | "
-              f"**{ours.tokens_per_s / peer.tokens_per_s:.2f}x** | "
-              f"{ours.tokens_per_cpu_s / peer.tokens_per_cpu_s:.2f}x | "
-              f"{ours.positions_per_s / peer.positions_per_s:.2f}x |")
+def print_table(results: list[Measured]) -> None:
+    print("\n| precision | model, training | params | batches | padding | tokens/s "
+          "| positions/s (pad incl.) | median s/step | loss at end |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for m in results:
+        print(f"| {m.precision} | {m.name} | {m.params / 1e6:.2f}M | {m.batch_desc} | "
+              f"{100 * m.padding:.1f}% | {m.tokens_per_s:,.0f} | {m.positions_per_s:,.0f} | "
+              f"{statistics.median(m.step_seconds):.2f} | {m.notes['final_loss']:.3f} |")
+    print("\n| precision | peer | tformer tokens/s | peer tokens/s | **ratio tformer/peer** | "
+          "ratio per position (pad incl.) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for ours in (m for m in results if m.name.startswith("tformer")):
+        for peer in (m for m in results if m.precision == ours.precision and m is not ours
+                     and not m.name.startswith("tformer")):
+            print(f"| {ours.precision} | {peer.name} | {ours.tokens_per_s:,.0f} | "
+                  f"{peer.tokens_per_s:,.0f} | **{ours.tokens_per_s / peer.tokens_per_s:.2f}x** | "
+                  f"{ours.positions_per_s / peer.positions_per_s:.2f}x |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto", "both"], default="auto",
-                        help="auto = tformer's rule (resolve_precision); both = fp32 then bf16")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto", "both"], default="fp32",
+                        help="auto: tformer's rule (resolve_precision); both: fp32, then bf16")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tformer's train.max_tokens")
-    parser.add_argument("--group-by-length", action="store_true",
-                        help="HF train_sampling_strategy=group_by_length (default: random)")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 timed steps, 1 warm-up (~1.5 min on an idle 2-core CPU)")
+    parser.add_argument("--hf-sampling", choices=[*HF_SAMPLING, "both"], default="both",
+                        help="HF's train_sampling_strategy (both: one HF run with each)")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps after 1 warm-up")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step of each side with torch.profiler")
-    parser.add_argument("--data", type=Path, default=DATA, help="multi30k directory")
+                        help="also show where a step's time goes (fp32; ~2 min)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the --profile part, no throughput run")
+    parser.add_argument("--data", type=Path, default=DATA, help="the multi30k directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 3, 1
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1")
+        args.steps, args.warmup = 2, 1
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
 
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
+    # Inherited by the side processes. (The loop's own progress bar, on stderr, stays.)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the loop's progress bar
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
 
     datasets.disable_progress_bars()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"load average {os.getloadavg()[0]:.2f}")
+    from tformer.training import load_config
+    from tformer.training.loop import resolve_precision
 
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); matmul {fp32:.0f} GFLOP/s fp32, {bf16:.1f} "
+          f"bf16; load average {os.getloadavg()[0]:.2f}")
+    if args.precision in ("bf16", "both") and not torch.cuda.is_available() and bf16 < fp32 / 2:
+        print("warning: bf16 matmuls are emulated on this CPU (far slower than fp32); a bf16 "
+              "run will take a very long time")
     with tempfile.TemporaryDirectory(prefix="tformer-bench-") as tmp:
         start = time.perf_counter()
         prep = prepare(Path(tmp), args.data)
@@ -504,42 +641,37 @@ def main(argv: list[str] | None = None) -> None:
         batch_size, per_batch = matched_batch_size(prep, batches)
         epoch_padding = padding_fraction(batches, [len(x) for x in prep.sources],
                                          [len(y) for y in prep.labels])
-        print(f"data: {len(prep.sources)} training examples, vocabulary {len(prep.tokenizer)}; "
-              f"tformer: {len(batches)} batches/epoch, {per_batch:.0f} non-pad tokens/batch, "
-              f"padding {100 * epoch_padding:.1f}% over the epoch; HF batch size {batch_size} "
-              f"(same tokens/batch on average); set-up {time.perf_counter() - start:.0f} s")
-
-        from tformer.training import load_config
-        from tformer.training.loop import resolve_precision
+        print(f"data: {len(prep.sources)} training examples, vocabulary "
+              f"{len(prep.tokenizer())}; tformer: {len(batches)} batches/epoch, "
+              f"{per_batch:.0f} non-pad tokens/batch, padding {100 * epoch_padding:.1f}% over the "
+              f"epoch; HF: batch size {batch_size} (same tokens/batch on average)", flush=True)
+        if args.profile_only:
+            profile(prep, args.max_tokens, args.seed)
+            return
 
         precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
-        rows = []
-        for k, precision in enumerate(precisions):
+        sampling = HF_SAMPLING if args.hf_sampling == "both" else (args.hf_sampling,)
+        results: list[Measured] = []
+        for precision in precisions:
             if precision == "auto":
                 rule = resolve_precision("auto", load_config(None, ["model.size=small"]))
                 precision = {"no": "fp32"}.get(rule, rule)
-                print(f"auto precision -> {precision}")
-            measure = [
-                lambda p=precision: run_tformer(prep, p, args.warmup, args.steps,
-                                                args.max_tokens, args.seed),
-                lambda p=precision: run_hf(prep, p, args.warmup, args.steps, batch_size,
-                                           args.group_by_length, args.seed),
-            ]
-            if k % 2:  # alternate which side runs first, against drift in a shared machine
-                ours, peer = measure[0](), measure[1]()
-            else:
-                peer, ours = measure[1](), measure[0]()
-            print(f"{precision}: tformer {ours.tokens_per_s:,.0f} tok/s, "
-                  f"HF {peer.tokens_per_s:,.0f} tok/s "
-                  f"(HF attention: {peer.notes['attn_implementation']})", flush=True)
-            rows.append((ours, peer))
-        print_table(rows)
-        print(f"\ntimed: {args.steps} optimizer steps per side after {args.warmup} warm-up "
-              f"steps; tokens = non-pad source + target tokens; load average now "
+                print(f"auto precision (tformer's rule on this machine) -> {precision}")
+            common = dict(prep=prep, precision=precision, warmup=args.warmup, steps=args.steps,
+                          seed=args.seed)
+            sides = [("tformer", dict(common, max_tokens=args.max_tokens))]
+            sides += [("hf", dict(common, batch_size=batch_size, sampling=s)) for s in sampling]
+            measured = run_lockstep(sides, args.warmup + args.steps)
+            print(f"{precision}: " + ", ".join(f"{m.name} {m.tokens_per_s:,.0f} tok/s"
+                                                for m in measured)
+                  + f" (T5 attention: {measured[-1].notes['attn_implementation']})", flush=True)
+            results += measured
+        print_table(results)
+        print(f"\ntimed: {args.steps} optimizer steps per side after {args.warmup} untimed, the "
+              f"sides in lock-step; tokens = non-pad source + target tokens; load average now "
               f"{os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
         if args.profile:
-            profile_sides(prep, rows[-1][0].precision, 3, batch_size, args.max_tokens,
-                          args.seed)
+            profile(prep, args.max_tokens, args.seed)
 
 
 if __name__ == "__main__":
