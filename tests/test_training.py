@@ -180,3 +180,44 @@ def test_two_processes_ddp_replicas_identical_and_batches_differ(data_files, tmp
     assert len(b0) == len(b1) == 6
     flat0, flat1 = {i for b in b0 for i in b}, {i for b in b1 for i in b}
     assert not flat0 & flat1  # the two replicas trained on different examples
+
+
+def test_gradient_accumulation_steps_once_per_n_micro_batches(data_files, tmp_path, monkeypatch):
+    from tformer.training import loop
+
+    steps, micro = [], []
+    real_step, real_batches = torch.optim.AdamW.step, loop.micro_batches
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    def counting_batches(*args):
+        for indices in real_batches(*args):
+            micro.append(indices)
+            yield indices
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    monkeypatch.setattr(loop, "micro_batches", counting_batches)
+    config = load_config(None, overrides(data_files, tmp_path / "run", **{
+        "train.grad_accum": 3, "train.max_steps": 4, "train.eval_every": 4}))
+    result = train(config)
+    assert result.state.step == 4
+    assert len(micro) == 12 and len(steps) == 4  # 12 micro-batches, 4 optimizer steps
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["split"] == "train"]
+    # the schedule advances once per optimizer step: warmup 4 steps to 3e-3, then 1/sqrt
+    assert lrs == pytest.approx([1.5e-3, 2.25e-3, 3e-3, 3e-3 * (4 / 5) ** 0.5])
+
+
+def test_early_stopping_after_patience_without_improvement(data_files, tmp_path, monkeypatch):
+    from tformer.training import loop
+
+    values = iter([30.0, 20.0, 10.0, 5.0, 1.0])
+    monkeypatch.setattr(loop, "score", lambda name, p, r: next(values))
+    config = load_config(None, overrides(data_files, tmp_path / "run", **{
+        "train.max_steps": 40, "train.eval_every": 2, "train.early_stopping_patience": 2}))
+    result = train(config)
+    assert result.stopped_by == "early_stopping"
+    assert result.state.step == 6  # best at step 2; no better at 4 and 6
+    assert result.best_checkpoint.name == "step-0000002" and result.best_checkpoint.is_dir()
