@@ -24,7 +24,7 @@ demo: install
 	$(VENV)/bin/tformer demo recipes/demo.yaml
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache runs

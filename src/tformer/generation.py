@@ -57,9 +57,11 @@ def generate_texts(
     try:
         for start in starts:
             chunk = order[start : start + batch_size]
+            # max_source_length None = the tokenizer's model_max_length: BART's position table
+            # ends at 1024 (a longer input is an IndexError); tformer's own is unbounded.
             enc = tokenizer(
                 [texts[i] for i in chunk], return_tensors="pt", padding=True,
-                truncation=max_source_length is not None, max_length=max_source_length,
+                truncation=True, max_length=max_source_length,
             ).to(device)
             ids = model.generate(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **options
@@ -91,27 +93,41 @@ class Seq2Seq:
         return out[0] if single else out
 
 
-def load(path: str | Path, device: str | None = None) -> Seq2Seq:
-    """Load a checkpoint directory (own model or any Hugging Face seq2seq model) or a Hub
-    name, with its tokenizer. Weights only from safetensors; remote code never runs."""
+def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
+    """The one loader of seq2seq models: a checkpoint directory (own model, any Hugging Face
+    seq2seq model, or a LoRA checkpoint whose adapter is not merged yet) or a Hub name, offline
+    first (see `tformer.hub`). Remote code never runs. ``dtype`` "auto" keeps the checkpoint's
+    dtype; training asks for float32.
+
+    Weights are read from safetensors where the checkpoint has them (tformer's always do); an
+    older Hub checkpoint that only has ``pytorch_model.bin`` is read with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors.
+    """
     from transformers import AutoModelForSeq2SeqLM
 
     import tformer.hf  # noqa: F401  (registers model_type "tformer")
+    from tformer import lora
+    from tformer.hub import from_pretrained
+
+    local = Path(str(path_or_name)).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        adapter = local / lora.ADAPTER_DIR
+        if (adapter / "adapter_config.json").is_file():  # a LoRA checkpoint, not merged
+            base = load_model(lora.adapter_base(adapter), dtype)
+            log.info("merging the LoRA adapter of %s into %s", local, lora.adapter_base(adapter))
+            return lora.merge_adapter(base, adapter)
+        raise FileNotFoundError(f"{path_or_name}: not a model directory (no config.json)")
+    return from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
+                           trust_remote_code=False, dtype=dtype)
+
+
+def load(path: str | Path, device: str | None = None) -> Seq2Seq:
+    """Load a checkpoint directory (own model or any Hugging Face seq2seq model) or a Hub
+    name, with its tokenizer (see :func:`load_model`)."""
     from tformer.tokenization import load_tokenizer
 
     path = str(path)
-    local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False
-        )
-    except OSError as error:
-        raise FileNotFoundError(
-            f"could not load a model from {path!r}: {str(error).splitlines()[0]}. "
-            "Without a network, pass a local checkpoint directory."
-        ) from error
+    model = load_model(path)
     model.to(device).eval()
     return Seq2Seq(model, load_tokenizer(path), path)

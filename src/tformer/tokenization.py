@@ -24,7 +24,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from tokenizers import (
@@ -190,29 +189,13 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathL
 
 
 def load_tokenizer(path_or_name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory or a Hugging Face Hub name.
+    """Load a tokenizer from a local directory or a Hugging Face Hub name (offline first: the
+    local cache, then the Hub only if it answers; see `tformer.hub`). Remote code never runs.
 
     Raises:
-        FileNotFoundError: ``path_or_name`` looks like a local path and does not exist, or the
-            Hub cannot be reached for a name that is not a local directory.
+        FileNotFoundError: ``path_or_name`` looks like a local path and does not exist, or is a
+            Hub name that is not cached while the Hub cannot be reached.
     """
-    text = str(path_or_name)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"tokenizer path {text} is a file; give its directory")
-        return AutoTokenizer.from_pretrained(str(path))
-    if _looks_like_path(text):
-        raise FileNotFoundError(f"tokenizer directory {text} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(text)
-    except OSError as error:
-        raise FileNotFoundError(
-            f"no local tokenizer directory {text!r} and it could not be loaded from the "
-            f"Hugging Face Hub (offline?): {str(error).splitlines()[0]}"
-        ) from error
+    from tformer.hub import from_pretrained
 
-
-def _looks_like_path(text: str) -> bool:
-    # Hub names are "name" or "owner/name"; anything else with a separator is a local path.
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    return from_pretrained(AutoTokenizer, path_or_name, "tokenizer", trust_remote_code=False)

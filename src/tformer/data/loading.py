@@ -72,6 +72,7 @@ def load_examples(
     target_column: str = "target",
     prefix: str = "",
     max_examples: int | None = None,
+    hub_config: str | None = None,
 ) -> tuple[Dataset, LoadReport]:
     """Load examples as a dataset with exactly the string columns ``source`` and ``target``.
 
@@ -83,6 +84,8 @@ def load_examples(
         source_column, target_column: the fields holding the source and target texts.
         prefix: text prepended to every source (a task prefix such as ``"summarize: "``).
         max_examples: keep at most this many examples, the first ones in file order.
+        hub_config: the configuration of a Hub dataset that has several (e.g. ``"3.0.0"`` of
+            ``abisee/cnn_dailymail``); ignored for files.
 
     Returns:
         The dataset and a `LoadReport`. Records whose source or target is missing, null or
@@ -101,7 +104,7 @@ def load_examples(
         located = _read_file(path, (source_column, target_column))
     else:
         origin = f"{text} [{split or 'train'}]"
-        located = _read_hub(text, split or "train", (source_column, target_column))
+        located = _read_hub(text, split or "train", (source_column, target_column), hub_config)
     sources: list[str] = []
     targets: list[str] = []
     records = empty_source = empty_target = 0
@@ -275,9 +278,11 @@ def _read_parquet(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
     yield from _rows(table.select(list(columns)).to_pylist())
 
 
-def _read_hub(name: str, split: str, columns: tuple[str, str]) -> Iterator[_Located]:
+def _read_hub(name: str, split: str, columns: tuple[str, str],
+              config: str | None = None) -> Iterator[_Located]:
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        args = (name,) if config is None else (name, config)
+        dataset = datasets.load_dataset(*args, split=split)
     except Exception as error:  # offline, unknown name, unknown split: all one answer
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DataError(

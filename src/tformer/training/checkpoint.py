@@ -86,10 +86,12 @@ def save_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
-    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    # every file, those in subdirectories too (a LoRA run's adapter/), by relative path
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}
     marker = {"train_state": dataclasses.asdict(state), "files": sizes}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-    for p in tmp.iterdir():  # data on disk before the rename makes it visible
+    for p in [*files, tmp / MARKER]:  # data on disk before the rename makes it visible
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     if directory.exists():

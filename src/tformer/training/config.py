@@ -24,10 +24,17 @@ class ConfigError(ValueError):
 class ModelSection:
     """The own Transformer as a named size plus any field of
     :class:`tformer.model.TransformerConfig` (None = the size's value); or a pretrained
-    Hugging Face seq2seq checkpoint."""
+    Hugging Face seq2seq checkpoint, fine-tuned whole or through a LoRA adapter."""
 
     size: str = "small"
     pretrained: str | None = None  # Hub name or local directory of an AutoModelForSeq2SeqLM
+    # LoRA (pretrained models only): rank of the adapter; None = fine-tune every weight.
+    lora_r: int | None = None
+    lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05
+    # Linear modules to adapt; None = the attention query and value projections of the
+    # architecture (T5: [q, v]; BART, Marian, mBART, Pegasus: [q_proj, v_proj]).
+    lora_target_modules: tuple[str, ...] | None = None
     d_model: int | None = None
     n_heads: int | None = None
     n_encoder_layers: int | None = None
@@ -46,12 +53,38 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.pretrained is not None:
+            own = [f"model.{name}" for name in self._own_fields() if getattr(self, name) is not None]
+            if own:
+                raise ConfigError(
+                    f"{', '.join(own)} describe(s) the own Transformer; with model.pretrained "
+                    "the checkpoint's config.json decides the architecture"
+                )
+        if self.lora_r is not None:
+            if self.pretrained is None:
+                raise ConfigError("model.lora_r needs model.pretrained: LoRA adapts a pretrained "
+                                  "model (the own model is trained whole)")
+            if self.lora_r < 1:
+                raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"model.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_target_modules is not None and not all(self.lora_target_modules):
+            raise ConfigError("model.lora_target_modules must be non-empty module names, got "
+                              f"{list(self.lora_target_modules)!r}")
+
+    @classmethod
+    def _own_fields(cls) -> list[str]:
+        """The fields that size the own Transformer (None = the size's value)."""
+        other = ("size", "pretrained", "lora_r", "lora_alpha", "lora_dropout",
+                 "lora_target_modules")
+        return [f.name for f in dataclasses.fields(cls) if f.name not in other]
 
     def transformer_config(self, vocab_size: int, pad_token_id: int) -> TransformerConfig:
         chosen = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("size", "pretrained") and getattr(self, f.name) is not None
+            name: getattr(self, name) for name in self._own_fields()
+            if getattr(self, name) is not None
         }
         try:
             return config_for(self.size, vocab_size, pad_token_id=pad_token_id, **chosen)
@@ -65,6 +98,7 @@ class DataSection:
     of standard-library docstrings (no download)."""
 
     train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
+    hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
     validation: str | None = None
     test: str | None = None
     source_column: str = "source"
@@ -116,6 +150,9 @@ class TrainSection:
     save_every: int | None = None  # None = at every evaluation
     num_beams: int = 1  # generation during validation
     max_new_tokens: int = 64
+    # LoRA runs: at the end, write the adapter merged into the weights as a plain model
+    # directory in the best and last checkpoints (the adapter stays in CKPT/adapter/).
+    merge_lora: bool = True
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "max_tokens", "grad_accum", "log_every", "eval_every",
@@ -193,7 +230,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             if value in typing.get_args(option):
                 return value
         elif origin is tuple:
-            if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(option)):
+            args = typing.get_args(option)
+            if not isinstance(value, (list, tuple)):
+                continue
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+                if all(isinstance(v, args[0]) for v in value):
+                    return tuple(value)
+            elif len(value) == len(args) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
                 return tuple(float(v) for v in value)
         elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

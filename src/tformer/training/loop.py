@@ -22,6 +22,13 @@ from accelerate.utils import set_seed
 
 from tformer.data import Seq2SeqCollator, TokenBudgetBatchSampler, padding_fraction
 from tformer.generation import generate_texts
+from tformer.lora import (
+    ADAPTER_DIR,
+    LoraCheckpoint,
+    is_lora,
+    load_adapter_state,
+    merge_adapter,
+)
 from tformer.metrics import score
 from tformer.model import compute_loss
 from tformer.training.checkpoint import (
@@ -172,6 +179,9 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         logger.close()
     best = ckpt_dir / _step_name(state.best_step) if state.best_step else last_ckpt
     if accelerator.is_main_process:
+        if is_lora(accelerator.unwrap_model(model)) and t.merge_lora and stopped_by != "interrupted":
+            for path in {p for p in (best, last_ckpt) if p is not None}:
+                merge_lora_checkpoint(path, config, tokenizer)
         if "test" in data.texts and best is not None and stopped_by != "interrupted":
             evaluate_test(best, data, config, run_dir)
         _write_summary(run_dir, state, best, last_ckpt, stopped_by)
@@ -187,17 +197,33 @@ def train(config: Config, resume: bool = False) -> TrainResult:
 
 
 def resolve_precision(precision: str, config: Config) -> str:
-    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise); fp32 on CPU.
+    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise, but never for T5,
+    whose activations overflow fp16: fp32 then); fp32 on CPU.
 
     On this 2-core CPU, bf16 autocast made the own ``small`` model (d_model 256) about 4x
     *slower* per step than fp32 (68 s vs 17 s for 32×128+32×24 tokens, machine under load;
     measured with /tmp-style one-off timing, see docs/benchmarks.md), so CPU runs default
     to fp32; ask for ``train.precision=bf16`` to try it on a CPU with native bf16 units."""
+    if precision == "fp16" and _overflows_fp16(config):
+        log.warning("train.precision=fp16 with a T5-family model: T5's activations overflow "
+                    "fp16 (inf/NaN loss). Use train.precision=bf16 (or fp32).")
     if precision != "auto":
         return {"fp32": "no"}.get(precision, precision)
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if _overflows_fp16(config):
+            log.info("precision auto: no bf16 on this GPU, and T5 overflows fp16: fp32")
+            return "no"
+        return "fp16"
     return "no"
+
+
+def _overflows_fp16(config: Config) -> bool:
+    """T5-family checkpoints overflow fp16 (feed-forward activations beyond 65504)."""
+    from tformer.training.setup import pretrained_model_type
+
+    return pretrained_model_type(config) in ("t5", "mt5", "umt5", "longt5", "switch_transformers")
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -314,13 +340,12 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
 def evaluate_test(checkpoint: Path, data: RunData, config: Config, run_dir: Path) -> dict:
     """Score the best checkpoint on the whole test split: ``test_metrics.json`` and
     ``test_predictions.jsonl`` in the run directory."""
-    from transformers import AutoModelForSeq2SeqLM
-
+    from tformer.generation import load_model
     from tformer.metrics import all_metrics
     from tformer.tokenization import load_tokenizer
 
     t = config.train
-    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
+    model = load_model(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     test = data.texts["test"]
     predictions = generate_texts(
@@ -352,7 +377,10 @@ def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: Tr
         }
         if accelerator.scaler is not None:
             trainer_state["scaler"] = accelerator.scaler.state_dict()
-        save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, trainer_state, state)
+        to_save = accelerator.unwrap_model(model)
+        if is_lora(to_save):  # the adapter only, in CKPT/adapter (see tformer.lora)
+            to_save = LoraCheckpoint(to_save)
+        save_checkpoint(path, to_save, tokenizer, trainer_state, state)
         keep = {ckpt_dir / _step_name(state.best_step)} if state.best_step else set()
         prune_checkpoints(ckpt_dir, config.train.keep_last, keep)
     accelerator.wait_for_everyone()
@@ -363,19 +391,41 @@ def _restore(path: Path, accelerator, model, optimizer, scheduler) -> TrainState
     from safetensors.torch import load_file
 
     trainer_state, state = load_trainer_state(path)
-    weights = load_file(path / "model.safetensors")
     unwrapped = accelerator.unwrap_model(model)
-    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-    tied = {k for k in missing if "tgt_embed.token" in k or "lm_head" in k}
-    if set(missing) - tied or unexpected:
-        raise TrainingError(f"{path}: weights do not match the model "
-                            f"(missing {sorted(set(missing) - tied)}, unexpected {unexpected})")
+    if is_lora(unwrapped):
+        try:
+            load_adapter_state(unwrapped, load_file(path / ADAPTER_DIR / "adapter_model.safetensors"))
+        except (ValueError, FileNotFoundError) as error:
+            raise TrainingError(f"{path}: {error}") from error
+    else:
+        weights = load_file(path / "model.safetensors")
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+        # save_pretrained writes one copy of tied weights; the model's own table names the
+        # others (own model: tgt_embed; T5: encoder/decoder.embed_tokens and lm_head).
+        tied = set(getattr(unwrapped, "all_tied_weights_keys", None) or {})
+        if set(missing) - tied or unexpected:
+            raise TrainingError(f"{path}: weights do not match the model "
+                                f"(missing {sorted(set(missing) - tied)}, unexpected {unexpected})")
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     if accelerator.scaler is not None and "scaler" in trainer_state:
         accelerator.scaler.load_state_dict(trainer_state["scaler"])
     set_rng_state(trainer_state["rng"])
     return state
+
+
+def merge_lora_checkpoint(path: Path, config: Config, tokenizer) -> None:
+    """Rewrite a LoRA checkpoint with the adapter merged into a plain model directory at its
+    top (the adapter and training state stay, so the run can still be resumed from it)."""
+    import torch
+
+    from tformer.generation import load_model
+
+    trainer_state, state = load_trainer_state(path)
+    adapter = path / ADAPTER_DIR
+    merged = merge_adapter(load_model(config.model.pretrained, dtype=torch.float32), adapter)
+    save_checkpoint(path, LoraCheckpoint(adapter, merged), tokenizer, trainer_state, state)
+    log.info("merged the LoRA adapter into %s", path)
 
 
 def _resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:

@@ -16,7 +16,7 @@ from tformer.data import (
     tokenize_examples,
 )
 from tformer.tokenization import load_tokenizer, train_tokenizer
-from tformer.training.config import Config
+from tformer.training.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def load_texts(config: Config) -> tuple[DatasetDict, dict]:
         stats["corpus"] = "stdlib docstrings (embedded)"
     else:
         options = dict(source_column=d.source_column, target_column=d.target_column,
-                       prefix=d.prefix)
+                       prefix=d.prefix, hub_config=d.hub_config)
         splits = {}
         for split, path in (("train", d.train), ("validation", d.validation), ("test", d.test)):
             if path is None:
@@ -102,13 +102,36 @@ def tokenize_splits(config: Config, texts: DatasetDict, tokenizer) -> RunData:
 
 def build_model(config: Config, tokenizer):
     """The own Transformer sized by ``config.model`` (vocabulary from the tokenizer), or the
-    pretrained checkpoint ``model.pretrained``."""
-    from transformers import AutoModelForSeq2SeqLM
+    pretrained checkpoint ``model.pretrained``, with a LoRA adapter when ``model.lora_r`` is set.
 
+    Pretrained weights are loaded in float32 whatever dtype they were saved in: the optimizer
+    updates float32 master weights, and ``train.precision`` decides the compute dtype (bf16
+    autocast). Training weights stored in bf16 or fp16 would lose most small updates.
+    """
+    import torch
+
+    from tformer.generation import load_model
     from tformer.hf import TformerConfig, TformerForConditionalGeneration
 
-    if config.model.pretrained is not None:
-        return AutoModelForSeq2SeqLM.from_pretrained(config.model.pretrained)
+    m = config.model
+    if m.pretrained is not None:
+        model = load_model(m.pretrained, dtype=torch.float32)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ConfigError(
+                f"model.pretrained {m.pretrained!r}: its tokenizer has {len(tokenizer)} tokens but "
+                f"the model only {model.get_input_embeddings().num_embeddings} embeddings"
+            )
+        if m.lora_r is not None:
+            from tformer.lora import add_lora
+
+            local = Path(m.pretrained).expanduser()
+            base = str(local.resolve()) if local.is_dir() else m.pretrained
+            try:
+                model = add_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                                 target_modules=m.lora_target_modules, base=base)
+            except ValueError as error:
+                raise ConfigError(f"model.lora_target_modules: {error}") from error
+        return model
     core = config.model.transformer_config(len(tokenizer), tokenizer.pad_token_id)
     hf_config = TformerConfig.from_transformer_config(
         core,
@@ -118,3 +141,16 @@ def build_model(config: Config, tokenizer):
         label_smoothing=config.train.label_smoothing,
     )
     return TformerForConditionalGeneration(hf_config)
+
+
+def pretrained_model_type(config: Config) -> str | None:
+    """``model_type`` of ``model.pretrained`` (e.g. "t5", "bart"), read from its config;
+    None for the own model."""
+    if config.model.pretrained is None:
+        return None
+    from transformers import AutoConfig
+
+    from tformer.hub import from_pretrained
+
+    return from_pretrained(AutoConfig, config.model.pretrained, "model",
+                           trust_remote_code=False).model_type
