@@ -61,9 +61,17 @@ How the sides are timed (each runs its real training entry point, in its own pro
   timed; the first ``--warmup`` steps are excluded, the next ``--steps`` are timed, and the
   figure is total tokens / total time over them.
 
-``--profile`` then runs the pieces of one training step of each side (the functions ``train()``
-and ``Trainer.training_step`` use) under ``torch.profiler``: phases, operator groups and the
-operators with the most self CPU time.
+- ``--threads 1`` runs each side single-threaded. On a machine shared with other jobs it gives
+  steadier figures: two-thread OpenMP regions stall whenever another process holds one of the
+  two cores (small element-wise ops then take a scheduler time slice each).
+
+``--profile`` (after the table) or ``--profile-only`` shows where a step's time goes, in fp32, on
+one of the loop's batches: the pieces of the loop body timed one by one (the functions
+``train()`` uses: ``collate_batch``, ``forward_loss``, ``clip_grad_norm_``, AdamW, LambdaLR) with a
+few alternatives (AdamW ``foreach``/``fused``, the output projection and loss alone, on non-pad
+positions only, without label smoothing, dropout 0); the same batch through T5 with the
+Trainer's ``LabelSmoother`` and with ``F.cross_entropy`` (the implementations at equal shapes);
+and ``torch.profiler``'s self CPU time by operator group.
 """
 
 from __future__ import annotations
@@ -202,12 +210,17 @@ def _child(conn, side: str, kwargs: dict) -> None:
     """Entry point of a side's process: run it behind a Gate, send back its figures."""
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
+    if os.environ.get("OMP_NUM_THREADS"):  # --threads, set by the parent
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         run = run_tformer if side == "tformer" else run_hf
         measured = run(gate=Gate(conn), **kwargs)
         conn.send(("result", dataclasses.asdict(measured)))
     except BaseException:  # report, never leave the parent waiting
-        conn.send(("error", traceback.format_exc()))
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:  # the parent is gone (it stopped first)
+            pass
     finally:
         conn.close()
 
@@ -247,9 +260,11 @@ def run_lockstep(sides: list[tuple[str, dict]], total_steps: int) -> list[Measur
         for conn in conns:
             conn.send("finish")
         results = [Measured(**expect(conn, "result")) for conn in conns]
-    finally:
+    finally:  # on success the sides are finishing; on an error, closing wakes them (EOFError)
+        for conn in conns:
+            conn.close()
         for proc in procs:
-            proc.join(timeout=60)
+            proc.join(timeout=120)
             if proc.is_alive():
                 proc.terminate()
     return results
@@ -313,7 +328,7 @@ def run_tformer(gate: Gate, prep: Prepared, precision: str, warmup: int, steps: 
         "tformer small, train()", precision,
         sum(p.numel() for p in result.model.parameters()), tokens, gate.step_seconds(warmup),
         padded, f"token budget {max_tokens} ({min(sizes)}-{max(sizes)} examples)",
-        {"final_loss": records[-1]["loss"]},
+        {"mean_loss": statistics.mean(r["loss"] for r in records)},
     )
 
 
@@ -390,7 +405,7 @@ def run_hf(gate: Gate, prep: Prepared, precision: str, warmup: int, steps: int,
         sum(p.numel() for p in model.parameters()), [t[0] for t in timed],
         gate.step_seconds(warmup), sum(t[1] for t in timed),
         f"fixed batch {batch_size}" + ("" if len(set(sizes)) == 1 else f" ({sizes})"),
-        {"final_loss": output.training_loss,
+        {"mean_loss": output.training_loss,  # the Trainer's mean over all steps
          "attn_implementation": model.config._attn_implementation},
     )
 
@@ -543,11 +558,10 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
             times[name].append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
         t5.zero_grad(set_to_none=True)
-    print("  same batch, forward+backward (median of 4, interleaved):")
-    base = statistics.median(times["tformer (forward_loss)"])
+    print("  same batch, forward+backward (best of 4, interleaved):")
+    base = min(times["tformer (forward_loss)"])
     for name, ts in times.items():
-        print(f"    {name:<34} {statistics.median(ts):6.2f} s  "
-              f"{statistics.median(ts) / base:4.2f}x tformer's time")
+        print(f"    {name:<34} {min(ts):6.2f} s  {min(ts) / base:4.2f}x tformer's time")
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         full_step()
@@ -576,12 +590,12 @@ def matmul_gflops(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
 
 def print_table(results: list[Measured]) -> None:
     print("\n| precision | model, training | params | batches | padding | tokens/s "
-          "| positions/s (pad incl.) | median s/step | loss at end |")
+          "| positions/s (pad incl.) | median s/step | mean loss |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for m in results:
         print(f"| {m.precision} | {m.name} | {m.params / 1e6:.2f}M | {m.batch_desc} | "
               f"{100 * m.padding:.1f}% | {m.tokens_per_s:,.0f} | {m.positions_per_s:,.0f} | "
-              f"{statistics.median(m.step_seconds):.2f} | {m.notes['final_loss']:.3f} |")
+              f"{statistics.median(m.step_seconds):.2f} | {m.notes['mean_loss']:.3f} |")
     print("\n| precision | peer | tformer tokens/s | peer tokens/s | **ratio tformer/peer** | "
           "ratio per position (pad incl.) |")
     print("|---|---|---:|---:|---:|---:|")
@@ -609,6 +623,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the --profile part, no throughput run")
     parser.add_argument("--data", type=Path, default=DATA, help="the multi30k directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per side (default: torch's, = cores); 1 is steadier "
+                             "on a machine shared with other jobs")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
@@ -617,6 +634,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     # Inherited by the side processes. (The loop's own progress bar, on stderr, stays.)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

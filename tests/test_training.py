@@ -221,3 +221,23 @@ def test_early_stopping_after_patience_without_improvement(data_files, tmp_path,
     assert result.stopped_by == "early_stopping"
     assert result.state.step == 6  # best at step 2; no better at 4 and 6
     assert result.best_checkpoint.name == "step-0000002" and result.best_checkpoint.is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_equals_uninterrupted(data_files, tmp_path):
+    """Each process resumes with its own RNG and its share of the data: exact under DDP too."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, steps: int, *extra: str) -> None:
+        args = overrides(data_files, out, **{"train.max_steps": steps})
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", "29519", "-m", "tformer.cli", "train", *args, *extra],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    launch(tmp_path / "whole", 8)
+    launch(tmp_path / "parts", 4)
+    launch(tmp_path / "parts", 8, "--resume")
+    assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))

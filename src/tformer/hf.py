@@ -134,6 +134,7 @@ class TformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]  # FSDP auto-wrap / device maps
 
     def _init_weights(self, module) -> None:
         # build_transformer() already initialised every weight (tformer.model.init_weights);

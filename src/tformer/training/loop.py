@@ -83,7 +83,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     set_seed(t.seed)
 
     texts, stats = load_texts(config)
-    tokenizer = get_tokenizer(config, run_dir, texts["train"])
+    tokenizer = get_tokenizer(config, run_dir, texts["train"], accelerator.is_main_process)
     data = tokenize_splits(config, texts, tokenizer)
     data.stats.update(stats)
     model = build_model(config, tokenizer)
@@ -368,12 +368,18 @@ def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: Tr
                accelerator: Accelerator, config: Config, is_best: bool) -> Path:
     """Write a checkpoint (main process), keep the last N and the best."""
     path = ckpt_dir / _step_name(state.step)
+    # every process's RNG (dropout differs per process), so each resumes with its own
+    rngs = [rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object(rngs)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trainer_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs,  # one per process, by process index
         }
         if accelerator.scaler is not None:
             trainer_state["scaler"] = accelerator.scaler.state_dict()
@@ -410,7 +416,13 @@ def _restore(path: Path, accelerator, model, optimizer, scheduler) -> TrainState
     scheduler.load_state_dict(trainer_state["scheduler"])
     if accelerator.scaler is not None and "scaler" in trainer_state:
         accelerator.scaler.load_state_dict(trainer_state["scaler"])
-    set_rng_state(trainer_state["rng"])
+    rngs = trainer_state["rng"]
+    if len(rngs) != accelerator.num_processes:
+        raise TrainingError(
+            f"{path} was written by {len(rngs)} process(es); resume it with the same number "
+            f"(this run has {accelerator.num_processes})"
+        )
+    set_rng_state(rngs[accelerator.process_index])
     return state
 
 

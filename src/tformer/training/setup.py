@@ -63,7 +63,7 @@ def load_texts(config: Config) -> tuple[DatasetDict, dict]:
     return DatasetDict(splits), stats
 
 
-def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset):
+def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: bool = True):
     """The run's tokenizer: the pretrained model's, a given one, the one this run already
     trained (resume), or a new one trained on the training split (source and target)."""
     d = config.data
@@ -76,7 +76,8 @@ def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset):
         return load_tokenizer(saved)
     texts = (t for column in ("source", "target") for t in train_texts[column])
     tokenizer = train_tokenizer(texts, vocab_size=d.vocab_size, kind=d.tokenizer_kind)
-    tokenizer.save_pretrained(saved)
+    if is_main:  # every process trains the same (BPE is deterministic); one writes it
+        tokenizer.save_pretrained(saved)
     return tokenizer
 
 
