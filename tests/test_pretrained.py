@@ -342,6 +342,9 @@ def test_fp16_is_never_chosen_for_t5_and_asking_for_it_warns(t5_dir, bart_dir, c
 def test_uncached_hub_name_fails_at_once_with_a_one_line_message(dialogs, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path / "hf-home")  # an empty cache
+    # An unreachable Hub without leaving the machine: a closed port on loopback. The probe gets
+    # "connection refused" at once, as it gets a DNS failure on a machine with no network.
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
     name = "tformer-tests/no-such-model-3f9c"
     start = time.perf_counter()
     proc = subprocess.run(

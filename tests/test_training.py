@@ -94,7 +94,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(data_files, reference_run
         _wait_for_step(out, 9, proc)  # past the checkpoint of step 8
         proc.kill()
         proc.wait(timeout=60)
-        assert not list((out / "checkpoints").glob(".tmp-*")) or True  # a tmp dir is harmless
+        # whatever the kill interrupted, the newest complete checkpoint is a real one
+        assert int(latest_checkpoint(out / "checkpoints").name.split("-")[1]) >= 8
     # resume with the reference's length: the end state must equal the uninterrupted run
     resumed = _run_cli([*overrides(data_files, out), "--resume"])
     log = resumed.communicate(timeout=300)[0]
