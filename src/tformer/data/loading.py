@@ -22,6 +22,8 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 
+from tformer.hub import looks_like_path
+
 logger = logging.getLogger(__name__)
 
 #: The only columns of a loaded dataset.
@@ -147,14 +149,9 @@ def load_splits(
 
 
 def _looks_like_path(text: str) -> bool:
-    # Hub names are "name" or "owner/name"; anything else path-like is a missing local file,
-    # which deserves "file not found" rather than a Hub lookup.
-    return (
-        Path(text).suffix.lower() in _FORMATS
-        or text.startswith((".", "/", "~"))
-        or text.count("/") > 1
-        or "\\" in text
-    )
+    # A data-file extension, or tformer.hub's rule for what is not a Hub name: a missing local
+    # file deserves "file not found" rather than a Hub lookup.
+    return Path(text).suffix.lower() in _FORMATS or looks_like_path(text)
 
 
 def _text_field(origin: str, where: str, record: Mapping[str, Any], field: str) -> str | None:

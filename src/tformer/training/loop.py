@@ -200,10 +200,10 @@ def resolve_precision(precision: str, config: Config) -> str:
     """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise, but never for T5,
     whose activations overflow fp16: fp32 then); fp32 on CPU.
 
-    On this 2-core CPU, bf16 autocast made the own ``small`` model (d_model 256) about 4x
-    *slower* per step than fp32 (68 s vs 17 s for 32×128+32×24 tokens, machine under load;
-    measured with /tmp-style one-off timing, see docs/benchmarks.md), so CPU runs default
-    to fp32; ask for ``train.precision=bf16`` to try it on a CPU with native bf16 units."""
+    On this project's 2-core AVX2 CPU (no bf16 units) bf16 is emulated: matmuls ran at
+    1.2 GFLOP/s against 121-142 in fp32, and a training step of the ``small`` model was 4-5x
+    slower under autocast (docs/benchmarks.md, "Training throughput"). So CPU runs default
+    to fp32; ask for ``train.precision=bf16`` on a CPU with native bf16 units."""
     if precision == "fp16" and _overflows_fp16(config):
         log.warning("train.precision=fp16 with a T5-family model: T5's activations overflow "
                     "fp16 (inf/NaN loss). Use train.precision=bf16 (or fp32).")
