@@ -7,6 +7,12 @@ TORCH  ?= torch==2.13.0
 .PHONY: install test lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
+	# Headless Chromium + ChromeDriver for the browser tests, and a CJK font for attention
+	# maps of Chinese text (Debian packages; needs root, as in CI).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  && fc-list :lang=zh | grep -q . \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      chromium chromium-driver fonts-wqy-zenhei)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tformer.data import DataError
-from tformer.metrics import all_metrics, bleu, chrf, is_unsegmented, rouge
+from tformer.metrics import all_metrics, bleu, chrf, is_unsegmented, moses_bleu, rouge
 
 HYPS = ["The cat sat on the mat.", "A dog is running in the park today", "Hello world"]
 REFS = ["The cat is sitting on the mat.", "A dog runs in the park.", "Hello there world"]
@@ -48,6 +48,39 @@ def test_bleu_and_chrf_equal_the_sacrebleu_command_line(tmp_path):
         capture_output=True, text=True, check=True).stdout
     assert bleu(zh_h, zh_r, tokenize="zh")["bleu"] == pytest.approx(float(cli), abs=1e-5)
     assert "tok:13a" in bleu(HYPS, REFS)["bleu_signature"]
+
+
+DE_HYPS = ["Ein Mann fährt mit dem Fahrrad „schnell“ durch die Stadt.",
+           "Zwei Hunde spielen im Schnee, während es schneit!", "Eine Frau (mit Hut) lacht."]
+DE_REFS = ["Ein Mann fährt \"schnell\" mit seinem Fahrrad durch die Stadt.",
+           "Zwei Hunde spielen draußen im Schnee.", "Eine Frau mit einem Hut lacht laut."]
+
+
+def test_moses_bleu_equals_the_sacremoses_and_sacrebleu_command_lines(tmp_path):
+    """The published Multi30k measure, rebuilt from the tools' own command lines:
+    sacremoses normalize | sacremoses tokenize, then sacrebleu -tok none -lc."""
+    def prepare(lines: list[str], name: str) -> Path:
+        raw = tmp_path / f"{name}.txt"
+        raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out = subprocess.run(
+            [str(Path(sys.executable).with_name("sacremoses")), "-q", "-l", "de", "-j", "1",
+             "normalize", "tokenize"], stdin=raw.open(encoding="utf-8"),
+            capture_output=True, text=True, check=True).stdout
+        path = tmp_path / f"{name}.tok"
+        path.write_text(out, encoding="utf-8")
+        return path
+
+    hyp, ref = prepare(DE_HYPS, "hyp"), prepare(DE_REFS, "ref")
+    cli = subprocess.run(
+        [sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "-b",
+         "-w", "6", "-tok", "none", "-lc"], capture_output=True, text=True, check=True).stdout
+    ours = moses_bleu(DE_HYPS, DE_REFS, "de")
+    assert ours["bleu_moses_lc"] == pytest.approx(float(cli), abs=1e-5)
+    assert "tok:none" in ours["bleu_moses_lc_signature"]
+    # tokenised lowercased BLEU is not detokenised sacreBLEU: the two differ on these pairs
+    assert abs(ours["bleu_moses_lc"] - bleu(DE_HYPS, DE_REFS)["bleu"]) > 1
+    assert moses_bleu(DE_REFS, DE_REFS, "de")["bleu_moses_lc"] == pytest.approx(100)
+    assert "bleu_moses_lc" in all_metrics(DE_HYPS, DE_REFS, moses_lang="de")
 
 
 def test_rouge_known_values():

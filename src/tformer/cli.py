@@ -126,10 +126,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(
         generator, args.data, output_dir=args.output_dir, source_column=args.source_column,
         target_column=args.target_column, prefix=args.prefix, language=args.language,
+        moses_lang=args.moses,
         max_examples=args.max_examples, progress=True, **_generation_options(args),
     )
     shown = {k: v for k, v in metrics.items() if k != "generation"}
     print(json.dumps(shown, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tformer.training.average import average_checkpoints, last_checkpoints
+
+    paths = args.checkpoints
+    if len(paths) == 1 and (Path(paths[0]) / "checkpoints").is_dir():  # a run directory
+        paths = last_checkpoints(paths[0], args.last)
+    out = average_checkpoints(paths, args.output)
+    print(f"averaged {len(paths)} checkpoints -> {out}")
     return 0
 
 
@@ -159,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=_generate)
 
+    p = verbs.add_parser("average", help="average the weights of several checkpoints")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories, or one run directory "
+                   "(then its newest --last checkpoints)")
+    p.add_argument("--last", type=int, default=5, help="with a run directory: how many")
+    p.add_argument("--output", "-o", required=True, help="directory for the averaged model")
+    p.set_defaults(func=_average)
+
     p = verbs.add_parser("evaluate", help="score a model on a file with references")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet with source and target "
@@ -169,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="prepended to every source")
     p.add_argument("--language", default="auto", choices=["auto", "zh", "latin"],
                    help="zh: character ROUGE and sacreBLEU's zh tokenizer")
+    p.add_argument("--moses", metavar="LANG", default=None,
+                   help="also BLEU on lowercased, Moses-normalised and -tokenised text in "
+                   "language LANG (e.g. de): the measure of older MT papers")
     p.add_argument("--max-examples", type=int, default=None)
     _add_generation_flags(p)
     p.set_defaults(func=_evaluate)

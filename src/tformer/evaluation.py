@@ -23,12 +23,14 @@ def evaluate(
     target_column: str = "target",
     prefix: str = "",
     language: str = "auto",
+    moses_lang: str | None = None,
     max_examples: int | None = None,
     **generation,
 ) -> dict:
     """Score ``generator`` on ``data`` (JSONL/CSV/TSV/Parquet; the target field holds a
     reference string or a list of them). Writes ``metrics.json`` and ``predictions.jsonl``
-    into ``output_dir`` when given. ``generation``: options of ``Seq2Seq.generate``."""
+    into ``output_dir`` when given. ``moses_lang``: also BLEU on lowercased Moses-tokenised
+    text (:func:`tformer.metrics.moses_bleu`). ``generation``: options of ``Seq2Seq.generate``."""
     examples = load_eval_examples(data, source_column=source_column,
                                   target_column=target_column, prefix=prefix)
     ids, sources, references = examples.ids, examples.sources, examples.references
@@ -44,7 +46,7 @@ def evaluate(
         "references_per_example": max(len(r) for r in references),
         "generation": generation,
         "generation_seconds": round(seconds, 2),
-        **all_metrics(predictions, references, language),
+        **all_metrics(predictions, references, language, moses_lang),
     }
     if output_dir is not None:
         out = Path(output_dir)

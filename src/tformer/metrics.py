@@ -87,10 +87,40 @@ def chrf(predictions: Sequence[str], references: References) -> dict:
     return {"chrf": result.score, "chrf_signature": str(metric.get_signature())}
 
 
-def all_metrics(predictions: Sequence[str], references: References, language: str = "auto") -> dict:
+def moses_lowercase(texts: Sequence[str], lang: str) -> list[str]:
+    """Lowercase, Moses punctuation normalisation, Moses tokenisation (``sacremoses``, which
+    reproduces the Moses perl scripts): how older MT papers prepared text before BLEU."""
+    from sacremoses import MosesPunctNormalizer, MosesTokenizer
+
+    normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
+    return [
+        tokenizer.tokenize(normalizer.normalize(t.lower()), escape=False, return_str=True)
+        for t in texts
+    ]
+
+
+def moses_bleu(predictions: Sequence[str], references: References, lang: str) -> dict:
+    """BLEU on lowercased, punctuation-normalised, Moses-tokenised text: the measure of the
+    published small-Transformer Multi30k figures (fairseq's scorer and ``multi-bleu.perl`` on
+    tokenised text). Not comparable with detokenised sacreBLEU; reported beside it. The text
+    is prepared by :func:`moses_lowercase`, then scored by sacreBLEU with ``tokenize=none``."""
+    refs = _as_lists(references)
+    _check(predictions, refs)
+    prepared = [moses_lowercase(r, lang) for r in refs]
+    metric = sacrebleu.BLEU(tokenize="none")
+    result = metric.corpus_score(moses_lowercase(predictions, lang), _streams(prepared))
+    return {
+        "bleu_moses_lc": result.score,
+        "bleu_moses_lc_signature": f"lowercase+moses-normalize+moses-tokenize({lang})|"
+                                   f"{metric.get_signature()}",
+    }
+
+
+def all_metrics(predictions: Sequence[str], references: References, language: str = "auto",
+                moses_lang: str | None = None) -> dict:
     """ROUGE-1/2/L/Lsum, BLEU and chrF. ``language``: ``zh`` (character ROUGE, sacreBLEU's
     ``zh`` tokenizer), ``latin`` (word ROUGE with stemming, ``13a``), or ``auto`` (decided
-    from the references' script)."""
+    from the references' script). ``moses_lang`` (e.g. "de"): also :func:`moses_bleu`."""
     refs = _as_lists(references)
     if language == "auto":
         language = "zh" if is_unsegmented([r[0] for r in refs]) else "latin"
@@ -103,6 +133,7 @@ def all_metrics(predictions: Sequence[str], references: References, language: st
         **rouge(predictions, refs, chars=zh),
         **bleu(predictions, refs, tokenize="zh" if zh else "13a"),
         **chrf(predictions, refs),
+        **(moses_bleu(predictions, refs, moses_lang) if moses_lang else {}),
     }
 
 
