@@ -31,6 +31,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="longest output, in tokens (always passed to generate(); default 128)")
     g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
     g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--early-stopping", action="store_true", default=None, help="end a beam "
+                   "search once num_beams hypotheses are finished (what CTranslate2 always does)")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -48,10 +50,35 @@ def _generation_options(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     return dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.batch_size, max_source_length=args.max_source_length,
     )
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="auto", choices=["auto", "torch", "ctranslate2"],
+                   help="auto (default): CTranslate2 for a `tformer export` directory, else "
+                   "PyTorch; ctranslate2 converts any other checkpoint in memory")
+    g.add_argument("--compute-type", default=None, help="CTranslate2 only: int8, int8_float32, "
+                   "float16, float32, ... (default: the exported weights' type)")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    options = {"engine": args.engine}
+    if args.compute_type is not None:
+        options["compute_type"] = args.compute_type
+    return options
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tformer.ct2 import export
+
+    out = export(args.checkpoint, args.output, quantization=args.quantization, force=args.force)
+    print(f"exported to {out}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -60,9 +87,9 @@ def _generate(args: argparse.Namespace) -> int:
     from tformer.generation import load
 
     records = _read_inputs(args.input, args.field)
-    generator = load(args.checkpoint, device=args.device)
-    outputs = generator.generate([text for _, text in records], progress=True,
-                                 **_generation_options(args))
+    options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
+    generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    outputs = generator.generate([text for _, text in records], progress=True, **options)
     to_jsonl = args.output is not None and args.output.endswith((".jsonl", ".json"))
     lines = (
         json.dumps({"id": rid, "output": out}, ensure_ascii=False) if to_jsonl
@@ -122,12 +149,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from tformer.evaluation import evaluate
     from tformer.generation import load
 
-    generator = load(args.checkpoint, device=args.device)
+    options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
+    generator = load(args.checkpoint, device=args.device, **_engine_options(args))
     metrics = evaluate(
         generator, args.data, output_dir=args.output_dir, source_column=args.source_column,
         target_column=args.target_column, prefix=args.prefix, language=args.language,
         moses_lang=args.moses,
-        max_examples=args.max_examples, progress=True, **_generation_options(args),
+        max_examples=args.max_examples, progress=True, **options,
     )
     shown = {k: v for k, v in metrics.items() if k != "generation"}
     print(json.dumps(shown, indent=2, ensure_ascii=False))
@@ -147,7 +175,66 @@ def _average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    from tformer.visualization.export import write_attention
+
+    files = write_attention(args.checkpoint, args.text, args.target, args.output_dir,
+                            device=args.device, **_generation_options(args))
+    print(f"interactive view: {files[0]}")
+    print(f"{len(files) - 1} more files (maps as JSON, PNG heatmaps) in {files[0].parent}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tformer.visualization.report import write_report
+
+    print(f"report: {write_report(args.run_dir, device=args.device)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tformer.serving import ServeSettings, resolve_api_key, serve
+
+    names = ("host", "port", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
+             "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
+             "default_max_new_tokens", "max_beams", "timeout_s")
+    settings = ServeSettings(api_key=resolve_api_key(args.api_key),
+                             **{name: getattr(args, name) for name in names})
+    serve(args.checkpoint, settings, device=args.device, **_engine_options(args))
+    return 0
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from tformer.serving.settings import API_KEY_ENV, ServeSettings
+
+    S = ServeSettings  # noqa: N806  (its class attributes are the defaults)
+    p.add_argument("checkpoint", help="model directory with safetensors weights")
+    p.add_argument("--host", default=S.host, help=f"bind address (default {S.host}: this "
+                   "machine only; 0.0.0.0 exposes the model to the network)")
+    p.add_argument("--port", type=int, default=S.port, help=f"default {S.port}")
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
+                   f"KEY or X-API-Key) on every route but /healthz; default: ${API_KEY_ENV}")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    g = p.add_argument_group("batching and limits")
+    for flag, kind, help_ in [
+        ("max-batch-size", int, "most texts in one generate() call"),
+        ("max-wait-ms", float, "how long a batch waits for more requests"),
+        ("max-queue", int, "most texts waiting (more: 503)"),
+        ("max-inputs", int, "most texts in one request (more: 413)"),
+        ("max-input-chars", int, "longest text in characters (413)"),
+        ("max-input-tokens", int, "longest text in tokens (413)"),
+        ("max-new-tokens-cap", int, "largest max_new_tokens a request may ask (422)"),
+        ("default-max-new-tokens", int, "max_new_tokens of a request that does not say"),
+        ("max-beams", int, "largest num_beams (422)"),
+        ("timeout-s", float, "seconds a request may wait for its answer (504)"),
+    ]:
+        default = getattr(S, flag.replace("-", "_"))
+        g.add_argument(f"--{flag}", type=kind, default=default, help=f"{help_}; default {default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tformer.ct2 import QUANTIZATIONS  # no ctranslate2 import: a tuple of names
+
     parser = argparse.ArgumentParser(prog="tformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -171,7 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="source", help="JSONL field holding the text")
     p.add_argument("--output", "-o", default=None, help=".txt or .jsonl (with ids); default: stdout")
     _add_generation_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("export", help="write a checkpoint as a CTranslate2 model directory "
+                         "(see docs/inference.md)")
+    p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
+    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
+    p.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
+                   help="stored weight type: int8 for CPUs, float16 / int8_float16 for GPUs "
+                   "(default float32)")
+    p.add_argument("--output", "-o", default=None,
+                   help="directory to write (default: ./NAME-ct2-QUANTIZATION)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_export)
 
     p = verbs.add_parser("average", help="average the weights of several checkpoints")
     p.add_argument("checkpoints", nargs="+", help="checkpoint directories, or one run directory "
@@ -179,6 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=5, help="with a run directory: how many")
     p.add_argument("--output", "-o", required=True, help="directory for the averaged model")
     p.set_defaults(func=_average)
+
+    p = verbs.add_parser("attention", help="attention maps of one text: PNG heatmaps and an "
+                         "interactive HTML view")
+    p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
+    p.add_argument("text", help="the source text")
+    p.add_argument("--target", default=None, help="the target text (default: generate it)")
+    p.add_argument("--output-dir", "-o", default="attention", help="default: ./attention")
+    _add_generation_flags(p)
+    p.set_defaults(func=_attention)
+
+    p = verbs.add_parser("report", help="write RUN_DIR/report.html: config, data, curves, "
+                         "predictions, attention")
+    p.add_argument("run_dir", help="a training run directory (train.output_dir)")
+    p.add_argument("--device", default=None, help="for the attention maps (default: cuda if "
+                   "present)")
+    p.set_defaults(func=_report)
+
+    p = verbs.add_parser("serve", help="serve a model over HTTP: JSON API with dynamic "
+                         "batching, and a web page (see docs/serving.md)")
+    _add_serve_flags(p)
+    _add_engine_flags(p)
+    p.set_defaults(func=_serve)
 
     p = verbs.add_parser("evaluate", help="score a model on a file with references")
     p.add_argument("checkpoint")
@@ -195,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "language LANG (e.g. de): the measure of older MT papers")
     p.add_argument("--max-examples", type=int, default=None)
     _add_generation_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(func=_evaluate)
     return parser
 

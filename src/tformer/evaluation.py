@@ -6,16 +6,20 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tformer.data import load_eval_examples
 from tformer.generation import Seq2Seq
 from tformer.metrics import all_metrics
 
+if TYPE_CHECKING:
+    from tformer.ct2.engine import CT2Seq2Seq
+
 log = logging.getLogger(__name__)
 
 
 def evaluate(
-    generator: Seq2Seq,
+    generator: Seq2Seq | CT2Seq2Seq,
     data: str | Path,
     *,
     output_dir: str | Path | None = None,
@@ -41,6 +45,7 @@ def evaluate(
     seconds = time.perf_counter() - start
     metrics = {
         "model": generator.path,
+        "engine": getattr(generator, "engine", "torch"),
         "data": str(data),
         "examples": len(sources),
         "references_per_example": max(len(r) for r in references),

@@ -1,5 +1,7 @@
 """The one generation entry point, used by the CLI, evaluation, training's validation and the
-server. It always goes through Hugging Face ``generate()``: there is no second beam search."""
+server. It always goes through Hugging Face ``generate()``: there is no second beam search.
+(``tformer.load(..., engine="ctranslate2")`` swaps in CTranslate2's, behind the same interface:
+see `tformer.ct2`.)"""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from tformer.ct2.engine import CT2Seq2Seq
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +30,7 @@ def generate_texts(
     max_source_length: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    early_stopping: bool | None = None,
     no_repeat_ngram_size: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -35,6 +42,10 @@ def generate_texts(
 
     ``max_new_tokens`` is required: ``generate()``'s default length silently cuts outputs at
     20 tokens. Inputs are sorted by length so each batch pads little; the order is restored.
+    ``early_stopping=True`` ends a beam search once ``num_beams`` hypotheses are finished (as
+    CTranslate2, fairseq and Marian do); ``False`` keeps searching while Hugging Face's
+    heuristic says a running beam could still win; None (default) = the checkpoint's
+    generation config (False unless it says otherwise).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -49,6 +60,8 @@ def generate_texts(
     )
     if do_sample:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if num_beams > 1 and early_stopping is not None:  # generate() warns about it without beams
+        options.update(early_stopping=early_stopping)
     starts = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -81,12 +94,14 @@ class Seq2Seq:
     model: torch.nn.Module
     tokenizer: object
     path: str = ""
+    engine: ClassVar[str] = "torch"  # "ctranslate2" for tformer.ct2.engine.CT2Seq2Seq
 
     def generate(self, texts: Sequence[str] | str, *, max_new_tokens: int = 128,
                  **options) -> list[str] | str:
         """Generate for one text (returns a string) or many (returns a list, input order).
-        Options: see :func:`generate_texts` (num_beams, length_penalty, no_repeat_ngram_size,
-        do_sample, temperature, top_k, top_p, batch_size, max_source_length, progress)."""
+        Options: see :func:`generate_texts` (num_beams, length_penalty, early_stopping,
+        no_repeat_ngram_size, do_sample, temperature, top_k, top_p, batch_size,
+        max_source_length, progress)."""
         single = isinstance(texts, str)
         out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),
                              max_new_tokens=max_new_tokens, **options)
@@ -121,11 +136,33 @@ def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
                            trust_remote_code=False, dtype=dtype)
 
 
-def load(path: str | Path, device: str | None = None) -> Seq2Seq:
+#: Generation engines of :func:`load`: "auto" = CTranslate2 for a directory written by
+#: ``tformer export``, PyTorch for anything else.
+ENGINES = ("auto", "torch", "ctranslate2")
+
+
+def load(path: str | Path, device: str | None = None, engine: str = "auto",
+         **engine_options) -> Seq2Seq | CT2Seq2Seq:
     """Load a checkpoint directory (own model or any Hugging Face seq2seq model) or a Hub
-    name, with its tokenizer (see :func:`load_model`)."""
+    name, with its tokenizer (see :func:`load_model`).
+
+    ``engine="ctranslate2"`` returns a `tformer.ct2.engine.CT2Seq2Seq` (same ``generate``)
+    for an exported directory, or for a checkpoint converted in memory; ``engine_options``
+    go to `tformer.ct2.load_ct2` (``compute_type``, ``intra_threads``, ...)."""
+    from tformer import ct2
     from tformer.tokenization import load_tokenizer
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    exported = ct2.is_exported(path)
+    if engine == "ctranslate2" or (engine == "auto" and exported):
+        return ct2.load_ct2(path, device, **engine_options)
+    if exported:
+        raise ValueError(f"{path} is a CTranslate2 export (no PyTorch weights): use engine "
+                         f"'ctranslate2' or the checkpoint it came from, "
+                         f"{ct2.read_marker(path).get('source')}")
+    if engine_options:
+        raise ValueError(f"options {sorted(engine_options)} are for engine 'ctranslate2' only")
     path = str(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(path)

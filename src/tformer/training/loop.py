@@ -188,6 +188,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         from tformer.training.plots import plot_losses
 
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        _write_report(run_dir, accelerator.device)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, best, last_ckpt, state, stopped_by,
                        accelerator.unwrap_model(model), tokenizer)
@@ -480,6 +481,18 @@ def _broadcast(values: list, accelerator: Accelerator) -> list:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list(values)
+
+
+def _write_report(run_dir: Path, device: torch.device) -> None:
+    """``report.html`` (tformer.visualization.report); a failure is a warning, never the end of
+    the run: its checkpoints and metrics are already on disk."""
+    try:
+        from tformer.visualization.report import write_report
+
+        write_report(run_dir, device=str(device))
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not write the report of %s: %s: %s", run_dir, type(error).__name__,
+                    error)
 
 
 def _write_summary(run_dir: Path, state: TrainState, best, last, stopped_by: str) -> None:

@@ -1,0 +1,252 @@
+"""``tformer serve`` under load: dynamic batching against the same model served one request at a
+time, on loopback, with a bounded number of concurrent clients.
+
+    .venv/bin/python bench/serve_load.py runs/multi30k/checkpoints/step-0002393
+    .venv/bin/python bench/serve_load.py CHECKPOINT --clients 16 --requests 480 --max-new-tokens 32
+    .venv/bin/python bench/serve_load.py --quick     # no checkpoint: trains a tiny model first (~1 min)
+
+Two servers, each a ``tformer serve`` subprocess on 127.0.0.1 (the load generator runs in this
+process, with httpx's async client), on the same checkpoint and the same device:
+
+- **one at a time**: ``--max-batch-size 1``: every request is its own ``generate()`` call;
+- **dynamic batching**: ``--max-batch-size`` = the number of clients, ``--max-wait-ms`` as given.
+
+Scenarios, each after a warm-up of one request per client, taking turns in ``--rounds`` chunks
+(in alternating order, both servers up all along, so that a change in the machine's background
+load falls on all of them alike):
+
+1. one at a time, 1 client: the single-request latency (the reference for p50/p99);
+2. one at a time, N clients: the throughput of serving requests one by one;
+3. dynamic batching, N clients: the throughput and latency with batches;
+4. dynamic batching, 1 client: what the batching window costs when there is nothing to batch.
+
+Every request holds one input text (Multi30k validation sources by default, cycled in the same
+order in every scenario), greedy decoding, ``--max-new-tokens``. A client sends its next request
+as soon as it has the answer to the last (closed loop). Latency is measured by the client, from
+sending the request to reading the whole answer. The script checks that every request was
+answered 200 and that each text got the same output in every scenario (batched equals one at a
+time), and prints the ratios: throughput (3)/(2), goal >= 4; p99 (3)/(1), goal <= 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_INPUTS = ROOT.parent / "shared" / "data" / "multi30k" / "val.jsonl"
+
+
+@dataclass
+class Scenario:
+    name: str
+    clients: int
+    seconds: float
+    latencies_ms: list[float]
+    batch_sizes: list[int]
+    outputs: dict[str, str]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def pct(self, q: float) -> float:
+        data = sorted(self.latencies_ms)
+        return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A ``tformer serve`` subprocess on a free loopback port; stopped on exit."""
+
+    def __init__(self, checkpoint: str, batch: int, wait_ms: float, args: argparse.Namespace):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "tformer.cli", "serve", checkpoint,
+                   "--port", str(self.port), "--max-batch-size", str(batch),
+                   "--max-wait-ms", str(wait_ms), "--max-queue", "4096", "--timeout-s", "600",
+                   "--max-new-tokens-cap", str(max(args.max_new_tokens, 1))]
+        if args.device:
+            command += ["--device", args.device]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=self.log)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                sys.exit(f"the server exited:\n{self.log.read().decode(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.process.kill()
+        sys.exit("the server did not start within 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+async def drive(url: str, texts: list[str], clients: int, requests: int, max_new_tokens: int,
+                name: str, start: int = 0, warm_up: bool = False) -> Scenario:
+    """``requests`` requests (one text each, from ``texts[start]`` on, cycling) from
+    ``clients`` closed-loop clients."""
+    jobs = asyncio.Queue()
+    for i in range(start, start + requests):
+        jobs.put_nowait(texts[i % len(texts)])
+    latencies, batches, outputs, errors = [], [], {}, 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while not jobs.empty():
+            text = jobs.get_nowait()
+            started = time.perf_counter()
+            response = await c.post("/v1/generate", json={"inputs": [text],
+                                                           "max_new_tokens": max_new_tokens})
+            if response.status_code != 200:
+                errors += 1
+                continue
+            body = response.json()
+            latencies.append((time.perf_counter() - started) * 1000.0)
+            batches.append(body["batch_inputs"])
+            outputs[text] = body["outputs"][0]
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        if warm_up:
+            await asyncio.gather(*(c.post("/v1/generate", json={
+                "inputs": [texts[i % len(texts)]], "max_new_tokens": max_new_tokens})
+                for i in range(clients)))
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        seconds = time.perf_counter() - started
+    return Scenario(name, clients, seconds, latencies, batches, outputs, errors)
+
+
+def merge(parts: list[Scenario]) -> Scenario:
+    """One scenario from its interleaved chunks."""
+    outputs = {}
+    for part in parts:
+        outputs.update(part.outputs)
+    return Scenario(parts[0].name, parts[0].clients, sum(p.seconds for p in parts),
+                    [x for p in parts for x in p.latencies_ms],
+                    [x for p in parts for x in p.batch_sizes], outputs, sum(p.errors for p in parts))
+
+
+def read_texts(path: Path, limit: int) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["source"] for line in lines[:limit] if line.strip()]
+
+
+def train_tiny(data: Path, out: Path) -> str:
+    """No checkpoint given: a small model trained for a few hundred steps on Multi30k."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tformer.training import load_config, train
+
+    overrides = [f"data.train={data.with_name('train.jsonl')}", f"data.validation={data}",
+                 "data.max_train_examples=5000", "data.vocab_size=2000", "model.size=tiny",
+                 "train.max_steps=300", "train.eval_every=300", "train.max_tokens=2000",
+                 "train.warmup_steps=50", "train.lr=3e-3", "train.eval_max_examples=16",
+                 "train.max_new_tokens=16", f"train.output_dir={out}"]
+    result = train(load_config(None, overrides))
+    return str(result.best_checkpoint)
+
+
+def report(rows: list[Scenario]) -> None:
+    print(f"{'scenario':<34}{'clients':>8}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'mean batch':>11}{'errors':>7}")
+    print("-" * 96)
+    for s in rows:
+        print(f"{s.name:<34}{s.clients:>8}{len(s.latencies_ms):>9}{s.rps:>9.2f}{s.pct(50):>9.1f}"
+              f"{s.pct(99):>9.1f}{statistics.fmean(s.batch_sizes):>11.2f}{s.errors:>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", help="model directory (default: train a tiny one)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=320, help="per N-client scenario")
+    parser.add_argument("--single-requests", type=int, default=40, help="per 1-client scenario")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--inputs", type=Path, default=DEFAULT_INPUTS,
+                        help="JSONL with a 'source' field (default: Multi30k validation)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="chunks each scenario is split into, taking turns (default 4)")
+    parser.add_argument("--quick", action="store_true", help="64 / 8 requests: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.single_requests = 64, 8
+    texts = read_texts(args.inputs, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or train_tiny(args.inputs, Path(tmp) / "run")
+        print(f"checkpoint {checkpoint}; {len(texts)} distinct inputs from {args.inputs.name}; "
+              f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+              f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+        # Both servers run at once (the idle one costs nothing) and the scenarios take turns in
+        # --rounds chunks, in alternating order: a change of the machine's background load
+        # then falls on every scenario alike instead of on whichever ran at that moment.
+        with Server(checkpoint, 1, 0.0, args) as single, \
+                Server(checkpoint, args.clients, args.max_wait_ms, args) as batched:
+            plan = [("one at a time, 1 client", single, 1, args.single_requests),
+                    ("one at a time", single, args.clients, args.requests),
+                    ("dynamic batching", batched, args.clients, args.requests),
+                    ("dynamic batching, 1 client", batched, 1, args.single_requests)]
+            parts: dict[str, list[Scenario]] = {name: [] for name, *_ in plan}
+            for r in range(args.rounds):
+                for name, server, clients, total in (plan if r % 2 == 0 else plan[::-1]):
+                    n = total // args.rounds
+                    parts[name].append(asyncio.run(drive(
+                        server.url, texts, clients, n, args.max_new_tokens, name, start=r * n,
+                        warm_up=r == 0)))
+        rows = [merge(parts[name]) for name, *_ in plan]
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+    report(rows)
+    alone, serial, batched, batched_alone = rows
+    mismatched = sum(batched.outputs[t] != serial.outputs[t]
+                     for t in batched.outputs if t in serial.outputs)
+    print(f"\nthroughput, dynamic batching / one at a time ({args.clients} clients): "
+          f"{batched.rps / serial.rps:.2f}x   (goal >= 4)")
+    print(f"p99 latency, dynamic batching at {args.clients} clients / single request: "
+          f"{batched.pct(99) / alone.pct(99):.2f}x   (goal <= 2)")
+    print(f"p50 latency, same ratio: {batched.pct(50) / alone.pct(50):.2f}x; batching window "
+          f"at 1 client: p50 {batched_alone.pct(50) / alone.pct(50):.2f}x of one at a time")
+    print(f"outputs: {len(batched.outputs)} texts compared, {mismatched} differ between "
+          f"batched and one-at-a-time serving; errors: {sum(r.errors for r in rows)}")
+
+
+if __name__ == "__main__":
+    main()

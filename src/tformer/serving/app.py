@@ -1,0 +1,278 @@
+"""The app factory: ``create_app(seq2seq, settings=...)`` builds the FastAPI app around a model
+that is already loaded. Nothing is loaded at import time, and the app never loads a model.
+
+Routes (all but ``/healthz`` and the page's own files need the API key when one is set):
+
+- ``GET /`` and ``/static/*``: the web page (`tformer/serving/static/`);
+- ``GET /healthz``: liveness (the batcher's worker is running);
+- ``GET /v1/model``: what is loaded and the limits;
+- ``POST /v1/generate``: outputs for inputs, through the dynamic batcher;
+- ``POST /v1/attention``: attention maps of one input and its (given or generated) target;
+- ``GET /openapi.json``, ``GET /docs``: the OpenAPI schema and Swagger UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from importlib import resources
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tformer
+from tformer.serving import limits
+from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull
+from tformer.serving.limits import ApiError
+from tformer.serving.schemas import (
+    AttentionRequest,
+    AttentionResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    ModelInfo,
+    Timing,
+)
+from tformer.serving.security import PAGE_CSP, GuardMiddleware, key_dependency
+from tformer.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = resources.files("tformer.serving") / "static"
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
+
+
+def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
+    """A FastAPI app serving ``seq2seq`` (a `tformer.Seq2Seq`, or any object with the same
+    ``generate`` and ``tokenizer``). The batcher's worker starts with the first request and
+    stops when the app shuts down; ``app.state.batcher`` exposes its ``stats``."""
+    settings = settings or ServeSettings()
+    batcher = DynamicBatcher(seq2seq, max_batch_size=settings.max_batch_size,
+                             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+    counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
+    if has_attention(seq2seq):  # imported now, not on the first request (it takes ~1.5 s)
+        importlib.import_module("tformer.visualization.attention")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="tformer", version=tformer.__version__, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None,
+                  description="Generation and attention maps from a tformer checkpoint.")
+    app.state.batcher, app.state.settings, app.state.seq2seq = batcher, settings, seq2seq
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    _add_error_handlers(app)
+    guarded = [Depends(key_dependency(settings.api_key))] if settings.api_key else []
+    api = APIRouter(dependencies=guarded, responses=_ERRORS)
+
+    @app.get("/healthz", response_model=Health, tags=["service"],
+             responses={503: {"model": ErrorResponse}})
+    async def healthz() -> Health:
+        """Liveness: answers without a key; 503 when the model's worker has died."""
+        if not batcher.healthy:
+            raise ApiError(503, "worker_down", "the model's worker thread is not running")
+        return Health(status="ok")
+
+    @api.get("/v1/model", response_model=ModelInfo, tags=["model"])
+    async def model_info() -> ModelInfo:
+        """What is loaded: path, model type, size, device, and the server's limits."""
+        return _model_info(seq2seq, settings)
+
+    @api.post("/v1/generate", response_model=GenerateResponse, tags=["model"])
+    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+        """One output per input, in input order, decoded with the given options. Concurrent
+        requests with equal options share one batch."""
+        arrived = time.monotonic()
+        limits.check_texts(body.inputs, settings)
+        options = limits.resolve_options(body, settings)
+        read = limits.check_tokens(counter.count(body.inputs), body.max_source_length, settings)
+        try:
+            future = batcher.submit(body.inputs, options)
+        except QueueFull as error:
+            raise ApiError(503, "queue_full", str(error), limit="max_queue",
+                           value=settings.max_queue, headers={"Retry-After": "1"}) from None
+        except BatcherStopped as error:
+            raise ApiError(503, "shutting_down", str(error)) from None
+        result = await _answer(future, request, settings.timeout_s)
+        return GenerateResponse(
+            outputs=result.outputs, input_tokens=read, output_tokens=result.output_tokens,
+            batch_inputs=result.batch_inputs,
+            timing=Timing(queue_ms=result.queue_ms, generate_ms=result.generate_ms,
+                          total_ms=(time.monotonic() - arrived) * 1000.0),
+        )
+
+    @api.post("/v1/attention", response_model=AttentionResponse, response_model_exclude_none=True,
+              tags=["model"], responses={501: {"model": ErrorResponse}})
+    async def attention(body: AttentionRequest, request: Request) -> AttentionResponse:
+        """Encoder, decoder and cross-attention maps (per layer, per head) of one input and
+        its target; without a target, of the output generated with the options. 501 when the
+        loaded model cannot return attention weights (e.g. another inference engine)."""
+        if not has_attention(seq2seq):
+            raise ApiError(501, "attention_unavailable", f"the loaded model "
+                           f"({type(getattr(seq2seq, 'model', seq2seq)).__name__}) has no "
+                           "attention maps")
+        limits.check_texts([body.input], settings, "input")
+        options = limits.resolve_options(body, settings)
+        limits.check_tokens(counter.count([body.input]), body.max_source_length, settings, "input")
+        if body.target is not None:
+            limits.check_texts([body.target], settings, "target")
+            limits.check_tokens(counter.count([body.target]), None, settings, "target")
+        started = time.monotonic()
+        parts = set(body.include)
+        try:
+            future = batcher.call(lambda: _attention_json(seq2seq, body.input, body.target, options))
+        except BatcherStopped as error:
+            raise ApiError(503, "shutting_down", str(error)) from None
+        maps = await _answer(future, request, settings.timeout_s)
+        shown = {k: v for k, v in maps.items() if k not in ("encoder", "decoder", "cross")
+                 or k in parts}
+        return AttentionResponse(**shown, timing_ms=(time.monotonic() - started) * 1000.0)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs():
+        # Swagger UI's script and style come from a CDN: this page needs a network; the
+        # schema itself (/openapi.json) does not.
+        return get_swagger_ui_html(openapi_url="openapi.json", title="tformer API")
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(STATIC_DIR / "index.html"),
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    app.include_router(api)
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    return app
+
+
+def has_attention(seq2seq) -> bool:
+    """Whether attention maps can be drawn: a PyTorch model (own or Hugging Face) and a
+    tokenizer. Other engines (e.g. CTranslate2) do not return attention weights."""
+    import torch
+
+    model = getattr(seq2seq, "model", None)
+    return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
+
+
+def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> dict:
+    """Runs in the batcher's worker: the model is only ever used from that thread."""
+    from tformer.visualization.attention import attention_maps
+
+    options = dict(options)
+    max_new_tokens = options.pop("max_new_tokens")
+    max_source_length = options.pop("max_source_length")
+    try:
+        maps = attention_maps(seq2seq, source, target, max_new_tokens=max_new_tokens,
+                              max_source_length=max_source_length, **options)
+    except ValueError as error:  # the model returned no attention weights
+        raise ApiError(501, "attention_unavailable", str(error)) from None
+    return maps.to_json()
+
+
+async def _answer(future: asyncio.Future, request: Request, timeout_s: float):
+    """The future's result; 504 after ``timeout_s``. A client that disconnects first has its
+    future cancelled (the batcher then skips it) and gets no answer."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({future, gone}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if future in done:
+        try:
+            return future.result()
+        except BatcherStopped as error:
+            raise ApiError(503, "shutting_down", str(error)) from None
+    future.cancel()
+    if gone in done:
+        raise ApiError(499, "client_closed", "the client disconnected")
+    raise ApiError(504, "timeout", f"no answer within timeout_s ({timeout_s:g} s)",
+                   limit="timeout_s", value=timeout_s)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read by then, so the next ASGI
+    message can only be ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _model_info(seq2seq, settings: ServeSettings) -> ModelInfo:
+    import torch
+
+    model = getattr(seq2seq, "model", None)
+    config = getattr(model, "config", None)
+    first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    tokenizer = getattr(seq2seq, "tokenizer", None)
+    return ModelInfo(
+        path=str(getattr(seq2seq, "path", "")),
+        model_type=getattr(config, "model_type", None),
+        engine=str(getattr(seq2seq, "engine", "torch")),
+        model_class=type(model if model is not None else seq2seq).__name__,
+        parameters=sum(p.numel() for p in model.parameters()) if first is not None else None,
+        device=str(first.device) if first is not None else None,
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else None,
+        vocab_size=getattr(config, "vocab_size", None) or (len(tokenizer) if tokenizer else None),
+        attention=has_attention(seq2seq),
+        auth=settings.api_key is not None,
+        limits=settings.limits(),
+        version=tformer.__version__,
+    )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is ``{"error": {...}}`` JSON; malformed JSON is 400, a body that is not
+    JSON 415, a bad field 422."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
+                   for e in error.errors()]
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            return JSONResponse(ApiError(415, "unsupported_media_type", f"the body must be JSON "
+                                         f"(Content-Type: application/json), not {media}").body(),
+                                status_code=415)
+        if any(d["type"] == "json_invalid" for d in details):
+            body = ApiError(400, "invalid_json", "the request body is not valid JSON").body()
+            body["error"]["details"] = details
+            return JSONResponse(body, status_code=400)
+        where = "; ".join(f"{'.'.join(map(str, d['loc'][1:])) or 'body'}: {d['msg']}"
+                          for d in details)
+        body = ApiError(422, "invalid_request", where or "invalid request").body()
+        body["error"]["details"] = details
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(ApiError(error.status_code, code, str(error.detail)).body(),
+                            status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(ApiError(500, "internal_error", "internal error (see the server's "
+                                     "log)").body(), status_code=500)

@@ -1,0 +1,309 @@
+"""Dynamic batching: requests that arrive together share one ``generate()`` call.
+
+One worker thread owns the model: it is the only caller of ``seq2seq.generate`` and of anything
+else that runs the model (attention maps go through :meth:`DynamicBatcher.call`), so no two
+forward passes ever race on it. The event loop only queues jobs and awaits their futures.
+
+A round of the worker:
+
+1. take the oldest waiting job (block until there is one);
+2. gather more until the round holds ``max_batch_size`` texts or ``max_wait_ms`` have passed
+   since the round started. The window counts from the round's start, not from the first
+   job's arrival: with clients that send their next request as soon as they have an answer,
+   a window that had already expired for the jobs queued behind a running batch would run
+   them at once, without the clients just answered, and the clients would split into two
+   cohorts taking turns with half batches for good;
+3. drop the jobs whose future is already cancelled (client gone, timed out): they take no room;
+4. group the rest by generation options, in arrival order (texts decoded with different options
+   must never share a call), and run one ``generate()`` per group;
+5. hand each job its slice of the outputs through ``loop.call_soon_threadsafe``. A future
+   cancelled meanwhile is skipped: a client that leaves never breaks the batch for the others.
+
+A job that would overflow the round waits for the next one, first in line. A single request
+larger than ``max_batch_size`` runs alone, chunked by ``generate()`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More texts are waiting than ``max_queue`` allows."""
+
+
+class BatcherStopped(Exception):
+    """The worker is not running (server shutting down)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one job gets back from the worker."""
+
+    outputs: list[str]
+    output_tokens: list[int] | None
+    batch_inputs: int  # texts in the generate() call that produced these outputs
+    queue_ms: float
+    generate_ms: float
+
+
+@dataclass(eq=False)
+class _Job:
+    texts: list[str]
+    options: dict[str, Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    submitted: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.options.items()))
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _settle(item: _Job | _Call, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve an item's future from the worker thread; a future already done (cancelled by a
+    timeout or a disconnect) is left alone, and so is a loop that has closed."""
+
+    def settle() -> None:
+        if item.future.done():
+            return
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+
+    try:
+        item.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+class DynamicBatcher:
+    """Gathers concurrent generation requests into batches run by one worker thread.
+
+    Args:
+        seq2seq: anything with ``.generate(texts, max_new_tokens=..., batch_size=..., **options)
+            -> list[str]`` (`tformer.Seq2Seq`, or another engine with the same interface) and,
+            optionally, ``.tokenizer`` (used to count output tokens).
+        max_batch_size: most texts in one ``generate()`` call.
+        max_wait_ms: how long a round waits for more jobs once it has one (less when full).
+        max_queue: most texts waiting; :meth:`submit` raises `QueueFull` past it.
+    """
+
+    def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.seq2seq = seq2seq
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._queue: queue.Queue = queue.Queue()
+        self._carry: deque = deque()  # jobs that did not fit the last round; worker-only
+        self._lock = threading.Lock()
+        self._waiting = 0  # texts queued, not yet taken by a round
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        #: Counters for tests, benchmarks and logs (written by the worker only).
+        self.stats = {"rounds": 0, "generate_calls": 0, "texts": 0, "largest_batch": 0,
+                      "dropped": 0, "failed": 0}
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tformer-batcher",
+                                                daemon=True)
+                self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False once a started worker has ended (stopped, or died)."""
+        return self._thread is None or self._thread.is_alive()
+
+    def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
+        """Queue texts to generate with ``options`` (must include ``max_new_tokens``); the
+        returned future (of the running loop) resolves to a `BatchResult`. Cancel it to drop
+        the job."""
+        texts = list(texts)
+        self.start()
+        with self._lock:
+            if self._waiting + len(texts) > self.max_queue:
+                raise QueueFull(f"{self._waiting} texts are already waiting; the limit "
+                                f"max_queue is {self.max_queue}")
+            self._waiting += len(texts)
+        loop = asyncio.get_running_loop()
+        job = _Job(texts, dict(options), loop.create_future(), loop)
+        self._queue.put(job)
+        return job.future
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run ``fn()`` in the worker thread, between batches (for other uses of the model)."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        item = _Call(fn, loop.create_future(), loop)
+        self._queue.put(item)
+        return item.future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the round in progress, fail whatever still waits, and end the worker."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("the batcher's worker did not stop within %.0f s", timeout)
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            round_ = self._next_round()
+            if round_[0] is _STOP:
+                break
+            try:
+                if isinstance(round_[0], _Call):
+                    self._run_call(round_[0])
+                else:
+                    self._run_round(round_)
+            except Exception:  # a bug here must not kill the only worker
+                log.exception("batcher round failed")
+        for item in [*self._carry, *self._drain()]:
+            if item is not _STOP:
+                _settle(item, error=BatcherStopped("the server is shutting down"))
+
+    def _drain(self) -> list:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _take(self, timeout: float | None) -> Any:
+        """The next live item: a carried-over one first, else from the queue (None once
+        ``timeout`` has passed). Jobs cancelled while they waited are dropped here, so they
+        take no room in a batch."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._carry:
+                item = self._carry.popleft()
+            else:
+                try:
+                    if deadline is None:
+                        item = self._queue.get()
+                    else:
+                        left = deadline - time.monotonic()
+                        item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    return None
+            if not (isinstance(item, _Job) and item.future.cancelled()):
+                return item
+            self._drop([item])
+
+    def _drop(self, jobs: list[_Job]) -> None:
+        with self._lock:
+            self._waiting -= sum(len(job.texts) for job in jobs)
+        self.stats["dropped"] += len(jobs)
+
+    def _next_round(self) -> list:
+        first = self._take(None)
+        if not isinstance(first, _Job):
+            return [first]
+        round_, size = [first], len(first.texts)
+        deadline = time.monotonic() + self.max_wait_s
+        while size < self.max_batch_size:
+            item = self._take(deadline - time.monotonic())
+            if item is None:
+                break
+            if not isinstance(item, _Job) or size + len(item.texts) > self.max_batch_size:
+                self._carry.appendleft(item)  # next round starts with it
+                break
+            round_.append(item)
+            size += len(item.texts)
+        return round_
+
+    def _run_call(self, item: _Call) -> None:
+        if item.future.cancelled():
+            return
+        try:
+            _settle(item, item.fn())
+        except Exception as error:
+            _settle(item, error=error)
+
+    def _run_round(self, jobs: list[_Job]) -> None:
+        live = [job for job in jobs if not job.future.cancelled()]  # cancelled while gathering
+        self._drop([job for job in jobs if job.future.cancelled()])
+        with self._lock:
+            self._waiting -= sum(len(job.texts) for job in live)
+        self.stats["rounds"] += 1
+        groups: dict[tuple, list[_Job]] = {}
+        for job in live:
+            groups.setdefault(job.key, []).append(job)
+        for group in groups.values():
+            self._run_group(group)
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        texts = [text for job in jobs for text in job.texts]
+        options = dict(jobs[0].options)
+        started = time.monotonic()
+        try:
+            outputs = self.seq2seq.generate(texts, batch_size=self.max_batch_size, **options)
+            counts = self._count_tokens(outputs)
+        except Exception as error:
+            log.exception("generate() failed on a batch of %d texts", len(texts))
+            self.stats["failed"] += len(jobs)
+            for job in jobs:
+                _settle(job, error=error)
+            return
+        generate_ms = (time.monotonic() - started) * 1000.0
+        self.stats["generate_calls"] += 1
+        self.stats["texts"] += len(texts)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
+        log.debug("generated %d texts from %d requests in %.1f ms", len(texts), len(jobs),
+                  generate_ms)
+        start = 0
+        for job in jobs:
+            end = start + len(job.texts)
+            _settle(job, BatchResult(
+                outputs=list(outputs[start:end]),
+                output_tokens=None if counts is None else counts[start:end],
+                batch_inputs=len(texts),
+                queue_ms=(started - job.submitted) * 1000.0,
+                generate_ms=generate_ms,
+            ))
+            start = end
+
+    def _count_tokens(self, outputs: list[str]) -> list[int] | None:
+        # The worker thread is the only user of the model's tokenizer: Hugging Face fast
+        # tokenizers are not safe to call from two threads at once ("Already borrowed").
+        tokenizer = getattr(self.seq2seq, "tokenizer", None)
+        if tokenizer is None or not outputs:
+            return None
+        return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]

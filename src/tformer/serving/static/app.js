@@ -1,0 +1,179 @@
+// tformer's page: calls POST v1/generate, then POST v1/attention with the answer as target,
+// and draws the answer's cross-attention on a canvas. Plain JavaScript, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let maps = null; // the last /v1/attention answer
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function api(path, body) {
+  const init = body === undefined ? { headers: headers() }
+    : { method: "POST", headers: headers(), body: JSON.stringify(body) };
+  const response = await fetch(path, init);
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  if (!response.ok) {
+    const error = data && data.error ? data.error : { message: response.statusText };
+    const err = new Error(error.message || ("HTTP " + response.status));
+    err.status = response.status;
+    throw err;
+  }
+  return data;
+}
+
+function setState(state, message) {
+  document.body.dataset.state = state;
+  $("status").textContent = message || "";
+  $("generate").disabled = state === "busy";
+}
+
+function options() {
+  const number = (id) => Number($(id).value);
+  const opts = {
+    num_beams: Math.max(1, Math.round(number("num-beams"))),
+    max_new_tokens: Math.max(1, Math.round(number("max-new-tokens"))),
+    do_sample: $("do-sample").checked,
+  };
+  if (opts.do_sample) {
+    opts.temperature = number("temperature");
+    opts.top_k = Math.max(0, Math.round(number("top-k")));
+    opts.top_p = number("top-p");
+  }
+  return opts;
+}
+
+async function loadModelInfo() {
+  try {
+    const info = await api("v1/model");
+    const params = info.parameters ? (info.parameters / 1e6).toFixed(1) + "M parameters, " : "";
+    $("model-info").textContent = `${info.model_type || info.engine}, ${params}` +
+      `${info.device || ""} · ${info.path}`;
+    const limits = info.limits;
+    $("num-beams").max = limits.max_beams;
+    $("max-new-tokens").max = limits.max_new_tokens_cap;
+    $("max-new-tokens").value = Math.min(Number($("max-new-tokens").value), limits.max_new_tokens_cap);
+    $("text").maxLength = limits.max_input_chars;
+  } catch (err) {
+    $("model-info").textContent = err.status === 401
+      ? "This server needs an API key: enter it below." : "Model information unavailable: " + err.message;
+  }
+}
+
+async function run(event) {
+  event.preventDefault();
+  const text = $("text").value;
+  if (!text.trim()) { setState("error", "Type a text first."); return; }
+  setState("busy", "Generating…");
+  $("output").textContent = "";
+  $("meta").textContent = "";
+  clearHeatmap();
+  const opts = options();
+  let answer;
+  try {
+    answer = await api("v1/generate", Object.assign({ inputs: [text] }, opts));
+  } catch (err) {
+    setState("error", err.message);
+    return;
+  }
+  const output = answer.outputs[0];
+  $("output").textContent = output;
+  const outTokens = answer.output_tokens ? answer.output_tokens[0] : "?";
+  $("meta").textContent = `${answer.input_tokens[0]} input tokens, ${outTokens} output tokens, ` +
+    `${answer.timing.total_ms.toFixed(0)} ms (batch of ${answer.batch_inputs})`;
+  setState("busy", "Drawing attention…");
+  try {
+    maps = await api("v1/attention", {
+      input: text, target: output, include: ["cross"],
+      max_new_tokens: opts.max_new_tokens,
+    });
+  } catch (err) {
+    setState(err.status === 501 ? "done" : "error",
+      err.status === 501 ? "No attention maps for this model: " + err.message : err.message);
+    return;
+  }
+  fillSelectors();
+  draw();
+  setState("done", "Done.");
+}
+
+function fillSelectors() {
+  const fill = (select, labels, chosen) => {
+    select.replaceChildren(...labels.map((label, i) => new Option(label, String(i))));
+    select.value = String(chosen);
+  };
+  const layers = maps.cross.length, heads = layers ? maps.cross[0].length : 0; // (L, H, T, S)
+  fill($("layer"), Array.from({ length: layers }, (_, i) => "layer " + (i + 1)), layers - 1);
+  fill($("head"), ["mean of heads", ...Array.from({ length: heads }, (_, i) => "head " + (i + 1))], 0);
+}
+
+function matrix() {
+  const layer = maps.cross[Number($("layer").value)]; // (H, T, S)
+  const head = Number($("head").value);
+  if (head > 0) return layer[head - 1];
+  return layer[0].map((row, t) => row.map((_, s) =>
+    layer.reduce((sum, h) => sum + h[t][s], 0) / layer.length));
+}
+
+function clearHeatmap() {
+  const canvas = $("heatmap");
+  canvas.width = 0;
+  canvas.height = 0;
+  canvas.dataset.cells = "0";
+}
+
+function label(token) {
+  const shown = token.replace(/^[\u2581\u0120]/, "·");
+  return shown.length > 14 ? shown.slice(0, 13) + "…" : shown;
+}
+
+function draw() {
+  if (!maps || !maps.cross || !maps.cross.length) return;
+  const m = matrix();
+  const rows = m.length, cols = rows ? m[0].length : 0;
+  const canvas = $("heatmap"), ctx = canvas.getContext("2d");
+  const cell = 22, font = "12px system-ui, sans-serif";
+  ctx.font = font;
+  const width = (tokens) => Math.max(0, ...tokens.map((t) => ctx.measureText(label(t)).width));
+  const left = Math.ceil(width(maps.target_tokens)) + 10;
+  const top = Math.ceil(width(maps.source_tokens)) + 10;
+  canvas.width = left + cols * cell + 2;
+  canvas.height = top + rows * cell + 2;
+  ctx.font = font; // resizing a canvas resets its context
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const peak = Math.max(1e-9, ...m.flat());
+  for (let t = 0; t < rows; t++) {
+    for (let s = 0; s < cols; s++) {
+      const v = m[t][s] / peak; // 0 white .. 1 dark blue
+      ctx.fillStyle = `rgb(${Math.round(255 - 224 * v)}, ${Math.round(255 - 177 * v)}, ${Math.round(255 - 102 * v)})`;
+      ctx.fillRect(left + s * cell, top + t * cell, cell - 1, cell - 1);
+    }
+  }
+  ctx.fillStyle = "#1b1b1b";
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "right";
+  maps.target_tokens.slice(0, rows).forEach((tok, t) => ctx.fillText(label(tok), left - 5, top + t * cell + cell / 2));
+  maps.source_tokens.slice(0, cols).forEach((tok, s) => {
+    ctx.save();
+    ctx.translate(left + s * cell + cell / 2, top - 5);
+    ctx.rotate(-Math.PI / 2);
+    ctx.textAlign = "left";
+    ctx.fillText(label(tok), 0, 0);
+    ctx.restore();
+  });
+  canvas.dataset.cells = String(rows * cols);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("form").addEventListener("submit", run);
+  $("layer").addEventListener("change", draw);
+  $("head").addEventListener("change", draw);
+  $("api-key").addEventListener("change", loadModelInfo);
+  loadModelInfo();
+});

@@ -1,0 +1,239 @@
+"""Attention maps of one source/target pair, read from the model's explicit attention outputs.
+
+Every seq2seq model tformer loads (its own through ``tformer.hf``, or a Hugging Face T5, BART,
+Marian) returns, when called with ``output_attentions=True``, per layer tensors in the Hugging
+Face layout (B, H, Tq, Tk): ``encoder_attentions`` (B, H, S, S), ``decoder_attentions``
+(B, H, T, T) and ``cross_attentions`` (B, H, T, S). The maps here are exactly those tensors for
+one example, with the padding cut off, so any tool reading that layout reads them too.
+
+Teacher forcing, and what the target axis means: the target is tokenised as in training
+(``tokenizer(text_target=...)``, with its ``</s>``), giving labels y_1 ... y_T; the decoder
+reads ``[start, y_1, ..., y_{T-1}]`` (the training collator's shift) and position t predicts
+y_t. ``target_tokens`` labels each decoder position with the token **predicted** there: row t of
+a cross or decoder map is where the model looked while producing ``target_tokens[t]``.
+``decoder_input_tokens`` labels the same positions with the token **read** there (the start
+token, then the target shifted right): the key axis of decoder self-attention is best read with
+those (column j of position j holds what the decoder had read at j).
+
+Dimension names: B batch, H heads, S source length, T target length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tformer.data import Seq2SeqCollator
+from tformer.visualization.tokens import readable_tokens
+
+log = logging.getLogger(__name__)
+
+KINDS = ("cross", "encoder", "decoder")  # the three kinds of maps, in the order shown
+
+
+@dataclass
+class AttentionMaps:
+    """The attention of one example, per layer, heads first (all float32, rows sum to 1)."""
+
+    source_tokens: list[str]  # S readable labels (see tformer.visualization.tokens)
+    target_tokens: list[str]  # T labels: the token predicted at each decoder position
+    encoder: list[np.ndarray]  # per layer, (H, S, S)
+    decoder: list[np.ndarray]  # per layer, (H, T, T), causal
+    cross: list[np.ndarray]  # per layer, (H, T, S)
+    decoder_input_tokens: list[str] = field(default_factory=list)  # T labels: the token read
+
+    def kind(self, name: str) -> list[np.ndarray]:
+        """The per-layer maps of ``name``: "cross", "encoder" or "decoder"."""
+        if name not in KINDS:
+            raise ValueError(f"attention kind must be one of {KINDS}, got {name!r}")
+        return getattr(self, name)
+
+    def axes(self, name: str) -> tuple[list[str], list[str]]:
+        """(query labels, key labels) of the maps of kind ``name``: rows, then columns."""
+        keys_read = self.decoder_input_tokens or self.target_tokens
+        return {
+            "cross": (self.target_tokens, self.source_tokens),
+            "encoder": (self.source_tokens, self.source_tokens),
+            "decoder": (self.target_tokens, keys_read),
+        }[name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{kind: {"layers": L, "heads": H}} for the three kinds."""
+        return {name: {"layers": len(maps), "heads": int(maps[0].shape[0]) if maps else 0}
+                for name in KINDS for maps in [self.kind(name)]}
+
+    def to_json(self) -> dict:
+        """Plain lists, JSON-serialisable: "encoder", "decoder", "cross" as
+        [layer][head][query][key] (weights rounded to 4 decimals); "source_tokens",
+        "target_tokens", "decoder_input_tokens"; "layers" and "heads", ints: the most over the
+        three kinds (they agree for every model tformer loads; the lists' own lengths are
+        exact), and "counts": {kind: {"layers", "heads"}}."""
+
+        def plain(maps: list[np.ndarray]) -> list:
+            return [np.round(m.astype(np.float64), 4).tolist() for m in maps]
+
+        counts = self.counts()
+        return {
+            "source_tokens": list(self.source_tokens),
+            "target_tokens": list(self.target_tokens),
+            "decoder_input_tokens": list(self.decoder_input_tokens),
+            "encoder": plain(self.encoder),
+            "decoder": plain(self.decoder),
+            "cross": plain(self.cross),
+            "layers": max(c["layers"] for c in counts.values()),
+            "heads": max(c["heads"] for c in counts.values()),
+            "counts": counts,
+        }
+
+
+def attention_maps(
+    seq2seq,
+    source: str,
+    target: str | None = None,
+    *,
+    max_new_tokens: int = 64,
+    max_source_length: int | None = None,
+    **generation_options,
+) -> AttentionMaps:
+    """The attention maps of ``seq2seq`` (a :class:`tformer.generation.Seq2Seq`) on ``source``.
+
+    With ``target`` None the target is generated first, through ``seq2seq.generate`` (the one
+    generation path; ``max_new_tokens`` and ``generation_options`` such as ``num_beams`` go
+    there). Then one teacher-forced forward pass with ``output_attentions=True`` gives the maps
+    (see the module docstring for what the target axis means).
+    """
+    targets = None if target is None else [target]
+    return attention_maps_batch(seq2seq, [source], targets, max_new_tokens=max_new_tokens,
+                                max_source_length=max_source_length, **generation_options)[0]
+
+
+def attention_maps_batch(
+    seq2seq,
+    sources: Sequence[str],
+    targets: Sequence[str] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    max_source_length: int | None = None,
+    **generation_options,
+) -> list[AttentionMaps]:
+    """:func:`attention_maps` for several examples at once (one padded forward pass); each
+    result has its own lengths, the padding cut off.
+
+    A generated target is read back from its text, and text does not always give back the
+    same tokens (an untrained model's stray bytes come back as several tokens each): the
+    target is then cut to ``max_new_tokens`` tokens and its ``</s>``, what generation allowed.
+    """
+    if not sources:
+        raise ValueError("sources: need at least one text")
+    if not isinstance(getattr(seq2seq, "model", None), torch.nn.Module):
+        raise ValueError(f"attention maps need a PyTorch model; this one runs on "
+                         f"{getattr(seq2seq, 'engine', type(seq2seq).__name__)}")
+    max_target_length = None
+    if targets is None:
+        generated = seq2seq.generate(list(sources), max_new_tokens=max_new_tokens,
+                                     max_source_length=max_source_length, **generation_options)
+        targets, max_target_length = list(generated), max_new_tokens + 1
+    elif len(targets) != len(sources):
+        raise ValueError(f"targets: {len(targets)} texts for {len(sources)} sources")
+    model, tokenizer = seq2seq.model, seq2seq.tokenizer
+    batch = encode_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
+    weights = teacher_forced_attentions(model, batch)
+    maps = []
+    for b in range(len(sources)):
+        s = int(batch["attention_mask"][b].sum())
+        t = int((batch["labels"][b] != -100).sum())
+        source_ids = batch["input_ids"][b, :s].tolist()
+        label_ids = batch["labels"][b, :t].tolist()
+        read_ids = batch["decoder_input_ids"][b, :t].tolist()
+        maps.append(AttentionMaps(
+            source_tokens=readable_tokens(tokenizer, source_ids),
+            target_tokens=readable_tokens(tokenizer, label_ids),
+            encoder=[_numpy(w[b, :, :s, :s]) for w in weights["encoder"]],
+            decoder=[_numpy(w[b, :, :t, :t]) for w in weights["decoder"]],
+            cross=[_numpy(w[b, :, :t, :s]) for w in weights["cross"]],
+            decoder_input_tokens=readable_tokens(tokenizer, read_ids),
+        ))
+    return maps
+
+
+def encode_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[str],
+                 max_source_length: int | None = None,
+                 max_target_length: int | None = None) -> dict[str, Tensor]:
+    """Tokenise pairs as training does and collate them (right padding, labels shifted behind
+    the decoder start token): input_ids, attention_mask (B, S); labels, decoder_input_ids (B, T).
+    Sources are truncated as :func:`tformer.generation.generate_texts` truncates them; targets
+    longer than ``max_target_length`` keep their first tokens and their last (``</s>``)."""
+    # as generate_texts: max_length None = the tokenizer's model_max_length, if it has one
+    source_ids = tokenizer(list(sources), truncation=True,
+                           max_length=max_source_length)["input_ids"]
+    label_ids = tokenizer(text_target=list(targets))["input_ids"]
+    if max_target_length is not None:
+        label_ids = [ids if len(ids) <= max_target_length
+                     else ids[: max_target_length - 1] + ids[-1:] for ids in label_ids]
+    collate = Seq2SeqCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+    return collate([{"input_ids": x, "labels": y} for x, y in zip(source_ids, label_ids)])
+
+
+@torch.inference_mode()
+def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+    """One forward pass with ``output_attentions=True``: {"encoder": per layer (B, H, S, S),
+    "decoder": (B, H, T, T), "cross": (B, H, T, S)}, float32 on the CPU, padding included (a
+    padded source position gets weight 0 in every row)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _eager_attention(model):
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                decoder_input_ids=batch["decoder_input_ids"].to(device),
+                output_attentions=True, use_cache=False, return_dict=True,
+            )
+    finally:
+        model.train(was_training)
+    result = {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions,
+              "cross": out.cross_attentions}
+    for name, layers in result.items():
+        if not layers or any(w is None for w in layers):
+            raise ValueError(
+                f"{type(model).__name__} returned no {name} attentions with "
+                "output_attentions=True; this model cannot give attention maps"
+            )
+    return {name: [w.detach().float().cpu() for w in layers] for name, layers in result.items()}
+
+
+@contextlib.contextmanager
+def _eager_attention(model) -> Iterator[None]:
+    """Run a Hugging Face model with its "eager" attention for the duration.
+
+    Hugging Face's sdpa and flash kernels never form the (Tq, Tk) weight matrix, so under them
+    ``output_attentions=True`` only logs a warning and the attentions come back None (BART
+    loads with sdpa by default). The eager implementation computes the same outputs and
+    returns the weights; the previous implementation is restored afterwards, so generation
+    keeps the fast kernel. tformer's own model returns its weights from its math path
+    whatever this setting says, so it is left alone.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = (getattr(config, "model_type", None) != "tformer"
+              and current not in (None, "eager") and hasattr(model, "set_attn_implementation"))
+    if switch:
+        log.debug("switching %s from %s to eager attention for the maps",
+                  type(model).__name__, current)
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(current)
+
+
+def _numpy(weights: Tensor) -> np.ndarray:
+    return weights.numpy().astype(np.float32, copy=True)

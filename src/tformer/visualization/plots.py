@@ -1,0 +1,185 @@
+"""Attention maps as PNG heatmaps (matplotlib, Agg backend: files only, no display).
+
+For each kind of attention (cross, encoder self, decoder self) two pictures:
+
+- ``{kind}_heads.png``: one panel per layer (rows) and head (columns);
+- ``{kind}_mean.png``: one panel per layer, the average over its heads.
+
+Rows of a panel are queries, columns keys (see :meth:`AttentionMaps.axes`); token labels are on
+the left of the first column and below the last row. The colour scale is fixed to [0, 1] in
+every panel, so panels compare.
+
+Size: a figure is laid out in pixels at :data:`DPI`, so its PNG has exactly the size
+:func:`figure_size_px` gives: every token takes ``cell`` pixels (:data:`CELL_PX` for one
+panel, :data:`GRID_CELL_PX` in grids) and fixed margins hold the labels, titles and the colour
+bar. One more source token widens each panel by ``cell`` pixels. A figure that would exceed
+:data:`MAX_PX` in either direction gets a smaller cell (the PNG stays drawable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tformer.visualization.attention import KINDS, AttentionMaps
+from tformer.visualization.fonts import font_families
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+CELL_PX = 20  # pixels per token, single-panel figures
+GRID_CELL_PX = 12  # pixels per token, layer x head grids
+LEFT_PX, BOTTOM_PX = 100, 100  # room for token labels (10 characters, then …)
+TOP_PX, RIGHT_PX = 36, 70  # figure title; colour bar and its ticks
+GAP_PX, PANEL_TITLE_PX = 10, 16  # between panels; "layer 1 · head 2" above a panel
+MAX_PX = 30_000  # Agg draws at most 2**16 pixels a side; stay well below
+MAX_LABEL_CHARS = 10
+TITLES = {
+    "cross": "cross-attention: target token predicted (rows) × source token (columns)",
+    "encoder": "encoder self-attention: source token (rows) × source token (columns)",
+    "decoder": "decoder self-attention: token predicted (rows) × token read (columns)",
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel layout of a figure of ``rows`` × ``cols`` panels of n_query × n_key tokens."""
+
+    rows: int
+    cols: int
+    n_query: int
+    n_key: int
+    cell: int
+
+    @property
+    def panel_px(self) -> tuple[int, int]:
+        return self.cell * self.n_key, self.cell * self.n_query
+
+    @property
+    def size_px(self) -> tuple[int, int]:
+        pw, ph = self.panel_px
+        width = LEFT_PX + self.cols * pw + (self.cols - 1) * GAP_PX + RIGHT_PX
+        height = TOP_PX + self.rows * (PANEL_TITLE_PX + ph) + (self.rows - 1) * GAP_PX + BOTTOM_PX
+        return width, height
+
+    def panel_rect(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Matplotlib axes rectangle (left, bottom, width, height as fractions) of a panel."""
+        width, height = self.size_px
+        pw, ph = self.panel_px
+        x = LEFT_PX + col * (pw + GAP_PX)
+        y_top = TOP_PX + row * (PANEL_TITLE_PX + ph + GAP_PX) + PANEL_TITLE_PX
+        return x / width, 1 - (y_top + ph) / height, pw / width, ph / height
+
+
+def figure_size_px(n_query: int, n_key: int, rows: int = 1, cols: int = 1,
+                   cell: int | None = None) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG of a figure of ``rows`` × ``cols`` panels, each
+    ``n_query`` × ``n_key`` tokens: margins + ``cell`` pixels per token (``cell`` defaults to
+    :data:`CELL_PX` for one panel, :data:`GRID_CELL_PX` for several)."""
+    return _grid(rows, cols, n_query, n_key, cell).size_px
+
+
+def _grid(rows: int, cols: int, n_query: int, n_key: int, cell: int | None) -> Grid:
+    if min(rows, cols, n_query, n_key) < 1:
+        raise ValueError(f"a figure needs at least one panel and one token per axis, got "
+                         f"rows={rows}, cols={cols}, n_query={n_query}, n_key={n_key}")
+    cell = cell or (CELL_PX if rows * cols == 1 else GRID_CELL_PX)
+    grid = Grid(rows, cols, n_query, n_key, cell)
+    while max(grid.size_px) > MAX_PX and grid.cell > 2:
+        grid = Grid(rows, cols, n_query, n_key, grid.cell - 1)
+    if grid.cell != cell:
+        log.info("attention figure too large at %d px per token; drawn at %d", cell, grid.cell)
+    return grid
+
+
+def plot_panels(panels: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
+                titles: list[list[str]], title: str, path: Path, cell: int | None = None) -> Path:
+    """Draw ``panels[r][c]`` (each (Tq, Tk), values in [0, 1]) as heatmaps in one PNG; token
+    labels on the first column and last row. Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(panels), len(panels[0])
+    n_query, n_key = panels[0][0].shape
+    if (len(row_labels), len(col_labels)) != (n_query, n_key):
+        raise ValueError(f"labels: {len(row_labels)} row and {len(col_labels)} column labels for "
+                         f"maps of shape {(n_query, n_key)}")
+    grid = _grid(rows, cols, n_query, n_key, cell)
+    width, height = grid.size_px
+    font_size = max(4.0, min(8.0, grid.cell * 0.5))  # points; 72 points = DPI pixels
+    with plt.rc_context({"font.family": font_families(), "font.size": font_size}), \
+            _quiet_single_weight_fonts():
+        fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        image = None
+        for r in range(rows):
+            for c in range(cols):
+                ax = fig.add_axes(grid.panel_rect(r, c))
+                image = ax.imshow(panels[r][c], vmin=0.0, vmax=1.0, cmap="viridis",
+                                  aspect="auto", interpolation="nearest")
+                ax.set_title(titles[r][c], fontsize=font_size, pad=2)
+                # labels on the outer panels only: tick objects are most of the drawing time
+                if c == 0:
+                    ax.set_yticks(range(n_query), _short(row_labels))
+                else:
+                    ax.set_yticks([])
+                if r == rows - 1:
+                    ax.set_xticks(range(n_key), _short(col_labels), rotation=90)
+                else:
+                    ax.set_xticks([])
+                ax.tick_params(length=0, pad=1)
+        bar = fig.add_axes(((width - RIGHT_PX + 14) / width, BOTTOM_PX / height, 12 / width,
+                            (height - TOP_PX - BOTTOM_PX) / height))
+        fig.colorbar(image, cax=bar, ticks=[0, 0.25, 0.5, 0.75, 1])
+        fig.text(LEFT_PX / width, 1 - 8 / height, title, va="top", fontsize=9)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+    return path
+
+
+def write_attention_pngs(maps: AttentionMaps, out_dir: Path | str) -> list[Path]:
+    """``{kind}_heads.png`` and ``{kind}_mean.png`` for the three kinds, in ``out_dir``."""
+    out_dir = Path(out_dir)
+    written = []
+    for kind in KINDS:
+        layers = maps.kind(kind)
+        rows, cols = maps.axes(kind)
+        heads = [[layer[h] for h in range(layer.shape[0])] for layer in layers]
+        titles = [[f"layer {i + 1} · head {h + 1}" for h in range(len(row))]
+                  for i, row in enumerate(heads)]
+        written.append(plot_panels(heads, rows, cols, titles, TITLES[kind],
+                                   out_dir / f"{kind}_heads.png"))
+        means = [[layer.mean(axis=0) for layer in layers]]
+        mean_titles = [[f"layer {i + 1} · mean of heads" for i in range(len(layers))]]
+        written.append(plot_panels(means, rows, cols, mean_titles, TITLES[kind],
+                                   out_dir / f"{kind}_mean.png"))
+    return written
+
+
+class _SingleWeightFilter(logging.Filter):
+    """Drops matplotlib's "Failed to find font weight normal for <family>, now using 500":
+    WenQuanYi Zen Hei ships one weight (500), which is the face wanted anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("findfont: Failed to find font weight")
+
+
+@contextlib.contextmanager
+def _quiet_single_weight_fonts() -> Iterator[None]:
+    logger, quiet = logging.getLogger("matplotlib.font_manager"), _SingleWeightFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _short(labels: list[str]) -> list[str]:
+    return [s if len(s) <= MAX_LABEL_CHARS else s[: MAX_LABEL_CHARS - 1] + "…" for s in labels]

@@ -1,0 +1,535 @@
+"""tformer serve: the HTTP API against `Seq2Seq.generate` and the attention maps, every limit,
+the API key, dynamic batching (batched equals one at a time, options never mixed), a bounded
+load test and disconnecting clients on a real uvicorn server, and schemathesis on the schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+
+import tformer
+from tformer.serving import ServerThread, ServeSettings, create_app, require_safetensors
+from tformer.serving.app import STATIC_DIR
+from tformer.serving.settings import resolve_api_key
+
+from .serving_helpers import StubSeq2Seq, served_checkpoint, source_texts
+
+NEW = 8  # max_new_tokens in these tests: the model is tiny, outputs are short
+
+
+@pytest.fixture(scope="module")
+def model_dir(reference_run, tmp_path_factory) -> Path:
+    return served_checkpoint(reference_run, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def seq2seq(model_dir) -> tformer.Seq2Seq:
+    return tformer.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def texts(data_files) -> list[str]:
+    return source_texts(data_files)
+
+
+def client(seq2seq, **overrides) -> TestClient:
+    return TestClient(create_app(seq2seq, settings=ServeSettings(**overrides)))
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    return response.json()["error"]
+
+
+# -- the happy path ------------------------------------------------------------------------
+
+
+def test_generate_equals_seq2seq_generate_with_counts(seq2seq, texts):
+    with client(seq2seq) as c:
+        greedy = c.post("/v1/generate", json={"inputs": texts[:3], "max_new_tokens": NEW})
+        beam = c.post("/v1/generate", json={"inputs": texts[3:5], "max_new_tokens": NEW,
+                                            "num_beams": 3, "length_penalty": 0.5})
+    assert greedy.status_code == 200, greedy.text
+    body = greedy.json()
+    assert body["outputs"] == seq2seq.generate(texts[:3], max_new_tokens=NEW)
+    assert len(set(body["outputs"])) > 1  # the model's outputs differ: a mix-up would show
+    tokenizer = seq2seq.tokenizer
+    assert body["input_tokens"] == [len(tokenizer(t)["input_ids"]) for t in texts[:3]]
+    assert body["output_tokens"] == [len(tokenizer(o, add_special_tokens=False)["input_ids"])
+                                     for o in body["outputs"]]
+    timing = body["timing"]
+    assert 0 <= timing["queue_ms"] <= timing["total_ms"] and timing["generate_ms"] > 0
+    assert body["batch_inputs"] == 3
+    assert beam.json()["outputs"] == seq2seq.generate(texts[3:5], max_new_tokens=NEW, num_beams=3,
+                                                      length_penalty=0.5)
+
+
+def test_model_info_and_healthz(seq2seq, model_dir):
+    settings = ServeSettings(max_beams=3, max_input_chars=100)
+    with TestClient(create_app(seq2seq, settings=settings)) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        info = c.get("/v1/model").json()
+    assert info["path"] == str(model_dir)
+    assert info["model_type"] == "tformer"
+    assert (info["engine"], info["model_class"]) == ("torch", "TformerForConditionalGeneration")
+    assert info["parameters"] == sum(p.numel() for p in seq2seq.model.parameters())
+    assert (info["device"], info["dtype"], info["attention"], info["auth"]) == (
+        "cpu", "float32", True, False)
+    assert info["limits"]["max_beams"] == 3 and info["limits"]["max_input_chars"] == 100
+    assert info["limits"] == settings.limits() and "api_key" not in info["limits"]
+
+
+def test_attention_equals_the_visualization_maps(seq2seq, texts):
+    from tformer.visualization.attention import attention_maps
+
+    with client(seq2seq) as c:
+        given = c.post("/v1/attention", json={"input": texts[0], "target": "Ein Hund.",
+                                              "include": ["cross"]})
+        generated = c.post("/v1/attention", json={"input": texts[1], "max_new_tokens": NEW})
+    assert given.status_code == 200, given.text
+    expected = attention_maps(seq2seq, texts[0], "Ein Hund.").to_json()
+    body = given.json()
+    assert body["cross"] == expected["cross"]
+    assert body["source_tokens"] == expected["source_tokens"]
+    assert body["target_tokens"] == expected["target_tokens"]
+    assert "encoder" not in body and "decoder" not in body
+    maps = generated.json()
+    reference = attention_maps(seq2seq, texts[1], max_new_tokens=NEW).to_json()
+    for kind in ("encoder", "decoder", "cross"):
+        assert maps[kind] == reference[kind]
+    config = seq2seq.model.config
+    assert (maps["layers"], maps["heads"]) == (config.n_decoder_layers, config.n_heads)
+    assert len(maps["cross"]) == config.n_decoder_layers and len(maps["cross"][0]) == config.n_heads
+
+
+def test_page_and_its_files_are_local(seq2seq):
+    with client(seq2seq) as c:
+        page = c.get("/")
+        script = c.get("/static/app.js")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'id="generate"' in page.text and 'id="heatmap"' in page.text
+    assert script.status_code == 200 and "v1/attention" in script.text
+    for path in Path(str(STATIC_DIR)).iterdir():  # no CDN, nothing fetched from elsewhere
+        text = path.read_text(encoding="utf-8").replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path.name
+
+
+# -- limits, validation and errors ---------------------------------------------------------
+
+LIMITS = dict(max_inputs=3, max_input_chars=80, max_input_tokens=20, max_new_tokens_cap=10,
+              max_beams=2, max_queue=8)
+
+
+@pytest.mark.parametrize("body, status, limit, value", [
+    ({"inputs": ["a", "b", "c", "d"]}, 413, "max_inputs", 3),
+    ({"inputs": ["ok", "x" * 81]}, 413, "max_input_chars", 80),
+    ({"inputs": ["a b c d e f g h i j k l m n o p q r s t u v"]}, 413, "max_input_tokens", 20),
+    ({"inputs": ["a"], "max_new_tokens": 11}, 422, "max_new_tokens_cap", 10),
+    ({"inputs": ["a"], "num_beams": 3}, 422, "max_beams", 2),
+])
+def test_limits_are_answered_with_the_limit_named(seq2seq, body, status, limit, value):
+    with client(seq2seq, **LIMITS) as c:
+        error = error_of(c.post("/v1/generate", json=body), status)
+    assert (error["limit"], error["value"]) == (limit, value)
+    assert limit in error["message"]
+
+
+def test_limits_on_attention_and_the_edges(seq2seq):
+    long = "a b c d e f g h i j k l m n o p q r s t u v"
+    with client(seq2seq, **LIMITS) as c:
+        at_caps = c.post("/v1/generate", json={"inputs": ["a", "b", "c"], "max_new_tokens": 10,
+                                               "num_beams": 2})
+        truncated = c.post("/v1/generate", json={"inputs": [long], "max_source_length": 20,
+                                                 "max_new_tokens": 2})
+        target = c.post("/v1/attention", json={"input": "a", "target": long})
+        beams = c.post("/v1/attention", json={"input": "a", "num_beams": 3})
+    assert at_caps.status_code == 200, at_caps.text
+    assert truncated.status_code == 200 and truncated.json()["input_tokens"] == [20]
+    assert error_of(target, 413)["limit"] == "max_input_tokens"
+    assert error_of(beams, 422)["limit"] == "max_beams"
+
+
+def test_body_size_limit(seq2seq):
+    settings = ServeSettings(max_inputs=1, max_input_chars=10)
+    with TestClient(create_app(seq2seq, settings=settings)) as c:
+        error = error_of(c.post("/v1/generate", content=b'{"inputs": ["' + b"x" * 200_000 + b'"]}',
+                                headers={"content-type": "application/json"}), 413)
+    assert (error["limit"], error["value"]) == ("max_body_bytes", settings.max_body_bytes)
+
+
+@pytest.mark.parametrize("content, status, where", [
+    (b'{"inputs": ["a"', 400, None),
+    (b"[1, 2]", 422, None),
+    (b'{"inputs": []}', 422, "inputs"),
+    (b'{"texts": ["a"]}', 422, "inputs"),
+    (b'{"inputs": ["a"], "num_beams": "4"}', 422, "num_beams"),
+    (b'{"inputs": ["a"], "beams": 4}', 422, "beams"),
+    (b'{"inputs": ["a"], "top_p": 0}', 422, "top_p"),
+    (b'{"inputs": ["a"], "max_new_tokens": 0}', 422, "max_new_tokens"),
+    (b'{"inputs": ["\\ud800"]}', 422, "inputs"),
+])
+def test_malformed_requests_get_json_errors(seq2seq, content, status, where):
+    with client(seq2seq) as c:
+        error = error_of(c.post("/v1/generate", content=content,
+                                headers={"content-type": "application/json"}), status)
+    assert error["code"] == ("invalid_json" if status == 400 else "invalid_request")
+    if where:
+        assert where in error["message"]
+
+
+def test_wrong_route_method_or_media_type_are_json_errors(seq2seq):
+    with client(seq2seq) as c:
+        form = c.post("/v1/generate", content=b'{"inputs": ["a"]}',
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+        assert error_of(form, 415)["code"] == "unsupported_media_type"
+        assert error_of(c.get("/v2/nothing"), 404)["code"] == "not_found"
+        assert error_of(c.get("/v1/generate"), 405)["code"] == "method_not_allowed"
+
+
+# -- the API key ---------------------------------------------------------------------------
+
+
+def test_api_key_guards_every_route_but_healthz_and_the_page(seq2seq):
+    key = "s3cret-key"
+    request = {"inputs": ["A dog."], "max_new_tokens": 2}
+    with client(seq2seq, api_key=key) as c:
+        for path in ("/healthz", "/", "/static/app.js", "/static/style.css"):
+            assert c.get(path).status_code == 200, path
+        for method, path in [("GET", "/v1/model"), ("POST", "/v1/generate"),
+                             ("POST", "/v1/attention"), ("GET", "/openapi.json"), ("GET", "/docs")]:
+            body = request if path == "/v1/generate" else {"input": "a"}
+            kwargs = {"json": body} if method == "POST" else {}
+            for headers in ({}, {"Authorization": f"Bearer {key}x"}, {"X-API-Key": key[:-1]},
+                            {"Authorization": key}):
+                response = c.request(method, path, headers=headers, **kwargs)
+                assert error_of(response, 401)["code"] == "unauthorized", (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+            for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
+                assert c.request(method, path, headers=headers, **kwargs).status_code == 200
+        schema = c.get("/openapi.json", headers={"X-API-Key": key}).json()
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+
+
+def test_no_key_means_open_and_the_environment_supplies_one(seq2seq, monkeypatch):
+    with client(seq2seq) as c:
+        assert c.get("/v1/model").json()["auth"] is False
+    monkeypatch.setenv("TFORMER_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env" and resolve_api_key("flag") == "flag"
+    monkeypatch.setenv("TFORMER_API_KEY", "")
+    assert resolve_api_key(None) is None
+
+
+def test_settings_are_validated_and_bind_loopback():
+    assert ServeSettings().host == "127.0.0.1" and ServeSettings().loopback
+    assert not ServeSettings(host="0.0.0.0").loopback
+    for field, value in [("max_beams", 0), ("max_batch_size", -1), ("timeout_s", 0),
+                         ("api_key", " "), ("max_queue", 1)]:
+        with pytest.raises(ValueError, match=field):
+            ServeSettings(**{field: value})
+
+
+def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypatch, texts):
+    """``tformer serve``: flags and $TFORMER_API_KEY reach the app, uvicorn gets 127.0.0.1."""
+    import uvicorn
+
+    from tformer.cli import main
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.update(app=app, **kwargs))
+    monkeypatch.setenv("TFORMER_API_KEY", "env-key")
+    assert main(["serve", str(model_dir), "--max-beams", "3", "--device", "cpu"]) == 0
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8000)
+    with TestClient(ran["app"]) as c:
+        assert c.get("/v1/model").status_code == 401
+        info = c.get("/v1/model", headers={"X-API-Key": "env-key"}).json()
+        answer = c.post("/v1/generate", headers={"X-API-Key": "env-key"},
+                        json={"inputs": texts[:2], "max_new_tokens": NEW}).json()
+    assert info["path"] == str(model_dir) and info["limits"]["max_beams"] == 3
+    reference = tformer.load(model_dir, device="cpu")
+    assert answer["outputs"] == reference.generate(texts[:2], max_new_tokens=NEW)
+
+
+def test_only_safetensors_checkpoints_are_served(reference_run, tmp_path):
+    from tformer.cli import main
+
+    newest = sorted((reference_run / "checkpoints").glob("step-*"))[-1]
+    require_safetensors(newest)  # a trained checkpoint passes
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((newest / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        require_safetensors(pickled)
+    assert main(["serve", str(pickled)]) == 2  # one line, exit 2, nothing loaded
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+
+
+# -- batching ------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_a_batch_and_equal_one_at_a_time(seq2seq, texts):
+    """14 concurrent requests, 10 greedy and 4 with beam search: one round, two generate()
+    calls (options never mixed), and every output equal to generating its text alone."""
+    app = create_app(seq2seq, settings=ServeSettings(max_wait_ms=1500, max_batch_size=16))
+    greedy, beam = texts[:10], texts[10:14]
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            calls = [c.post("/v1/generate", json={"inputs": [t], "max_new_tokens": NEW})
+                     for t in greedy]
+            calls += [c.post("/v1/generate", json={"inputs": [t], "max_new_tokens": NEW,
+                                                   "num_beams": 2}) for t in beam]
+            return await asyncio.gather(*calls)
+
+    try:
+        responses = asyncio.run(main())
+    finally:
+        app.state.batcher.stop()
+    bodies = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert [b["batch_inputs"] for b in bodies] == [10] * 10 + [4] * 4
+    assert [b["outputs"][0] for b in bodies[:10]] == [
+        seq2seq.generate(t, max_new_tokens=NEW) for t in greedy]
+    assert [b["outputs"][0] for b in bodies[10:]] == [
+        seq2seq.generate(t, max_new_tokens=NEW, num_beams=2) for t in beam]
+    assert app.state.batcher.stats["generate_calls"] == 2
+
+
+def test_batcher_rounds_keep_arrival_order_and_size():
+    """max_batch_size 4: a job that does not fit waits, first in line, for the next round; one
+    larger than a batch runs alone; a cancelled job takes no room."""
+    from tformer.serving.batching import DynamicBatcher
+
+    stub = StubSeq2Seq(block=("hold",))
+    batcher = DynamicBatcher(stub, max_batch_size=4, max_wait_ms=300, max_queue=100)
+    options = {"max_new_tokens": 4}
+
+    async def main():
+        held = batcher.submit(["hold"], options)
+        while not stub.calls:  # the worker is busy: what follows queues up behind it
+            await asyncio.sleep(0.01)
+        a = batcher.submit(["a1", "a2", "a3"], options)
+        gone = batcher.submit(["x"], options)
+        gone.cancel()
+        c = batcher.submit(["c1"], options)
+        b = batcher.submit(["b1", "b2", "b3"], options)
+        big = batcher.submit([f"d{i}" for i in range(6)], options)
+        stub.release.set()
+        await held
+        return [(await f).outputs for f in (a, b, c, big)]
+
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert stub.calls == [["hold"], ["a1", "a2", "a3", "c1"], ["b1", "b2", "b3"],
+                          [f"d{i}" for i in range(6)]]
+    assert outputs == [["A1", "A2", "A3"], ["B1", "B2", "B3"], ["C1"], [f"D{i}" for i in range(6)]]
+    assert batcher.stats["dropped"] == 1 and batcher.stats["largest_batch"] == 6
+
+
+def test_a_timed_out_request_gets_504_and_the_worker_goes_on():
+    stub = StubSeq2Seq(block=("slow",))
+    with TestClient(create_app(stub, settings=ServeSettings(timeout_s=0.4))) as c:
+        started = time.monotonic()
+        error = error_of(c.post("/v1/generate", json={"inputs": ["slow"]}), 504)
+        assert time.monotonic() - started < 3
+        assert (error["limit"], error["value"]) == ("timeout_s", 0.4)
+        stub.release.set()  # the timed-out batch now finishes; its answer has nowhere to go
+        after = c.post("/v1/generate", json={"inputs": ["fast"]})
+        assert after.status_code == 200 and after.json()["outputs"] == ["FAST"]
+        assert after.json()["output_tokens"] is None  # no tokenizer
+        assert c.get("/healthz").status_code == 200
+    assert stub.calls == [["slow"], ["fast"]]
+
+
+def test_a_full_queue_is_answered_503():
+    stub = StubSeq2Seq(block=("hold",))
+    app = create_app(stub, settings=ServeSettings(max_queue=4, max_inputs=4, max_wait_ms=0))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            held = asyncio.ensure_future(c.post("/v1/generate", json={"inputs": ["hold"]}))
+            while not stub.calls:  # the worker is busy with "hold"
+                await asyncio.sleep(0.01)
+            waiting = asyncio.ensure_future(c.post("/v1/generate", json={"inputs": list("abcd")}))
+            await asyncio.sleep(0.2)
+            refused = await c.post("/v1/generate", json={"inputs": ["e"]})
+            stub.release.set()
+            return refused, await held, await waiting
+
+    try:
+        refused, held, waiting = asyncio.run(main())
+    finally:
+        app.state.batcher.stop()
+    error = error_of(refused, 503)
+    assert (error["limit"], error["value"]) == ("max_queue", 4)
+    assert refused.headers["retry-after"] == "1"
+    assert held.json()["outputs"] == ["HOLD"] and waiting.json()["outputs"] == list("ABCD")
+
+
+def test_attention_is_501_for_an_engine_without_maps():
+    with TestClient(create_app(StubSeq2Seq())) as c:
+        error = error_of(c.post("/v1/attention", json={"input": "a"}), 501)
+        assert error["code"] == "attention_unavailable"
+        assert c.get("/v1/model").json()["attention"] is False
+
+
+def test_another_engine_is_served_through_the_same_interface(model_dir, texts):
+    """The CTranslate2 engine (``tformer.load(..., engine="ctranslate2")``): batched answers
+    equal its own generate(); no attention maps (501)."""
+    pytest.importorskip("ctranslate2")
+    engine = tformer.load(model_dir, device="cpu", engine="ctranslate2")
+    with TestClient(create_app(engine)) as c:
+        answer = c.post("/v1/generate", json={"inputs": texts[:4], "max_new_tokens": NEW})
+        info = c.get("/v1/model").json()
+        maps = c.post("/v1/attention", json={"input": texts[0]})
+    assert answer.json()["outputs"] == engine.generate(texts[:4], max_new_tokens=NEW)
+    assert (info["engine"], info["attention"], info["parameters"]) == ("ctranslate2", False, None)
+    assert error_of(maps, 501)["code"] == "attention_unavailable"
+
+
+# -- a real server on loopback -------------------------------------------------------------
+
+
+def test_load_200_requests_from_16_clients(seq2seq, texts):
+    """A real uvicorn server: every request answered, no errors, batches actually formed, and
+    every output equal to generating its text alone."""
+    expected = {t: seq2seq.generate(t, max_new_tokens=NEW) for t in texts}
+    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=20))
+    jobs = [texts[i % len(texts)] for i in range(200)]
+
+    async def drive(url: str) -> list[httpx.Response]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for text in jobs:
+            queue.put_nowait(text)
+        answers: list = []
+
+        async def client_loop(c: httpx.AsyncClient) -> None:
+            while not queue.empty():
+                text = queue.get_nowait()
+                r = await c.post("/v1/generate", json={"inputs": [text], "max_new_tokens": NEW})
+                answers.append((text, r))
+
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            await asyncio.gather(*(client_loop(c) for _ in range(16)))
+        return answers
+
+    with ServerThread(app) as server:
+        started = time.monotonic()
+        answers = asyncio.run(drive(server.url))
+        seconds = time.monotonic() - started
+    stats = app.state.batcher.stats
+    assert len(answers) == 200
+    bad = [(t, r.status_code, r.text) for t, r in answers if r.status_code != 200]
+    assert bad == []
+    assert all(r.json()["outputs"] == [expected[t]] for t, r in answers)
+    assert stats["texts"] == 200 and stats["failed"] == 0
+    assert stats["largest_batch"] > 1 and stats["generate_calls"] < 200, stats
+    print(f"200 requests in {seconds:.1f} s, {stats}")
+
+
+def _send_and_leave(url: str, body: dict) -> None:
+    """A raw HTTP client that sends a full request and disconnects without reading."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+
+
+def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts):
+    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=600))
+    stayers = texts[:6]
+
+    async def main(url: str):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            calls = [c.post("/v1/generate", json={"inputs": [t], "max_new_tokens": NEW})
+                     for t in stayers]
+
+            async def impatient():  # gives up after 50 ms, inside the batching window
+                with pytest.raises(httpx.TimeoutException):
+                    await c.post("/v1/generate", json={"inputs": [texts[7]], "max_new_tokens": NEW},
+                                 timeout=0.05)
+
+            leaver = asyncio.to_thread(_send_and_leave, url,
+                                       {"inputs": [texts[8]], "max_new_tokens": NEW})
+            results = await asyncio.gather(*calls, impatient(), leaver)
+            after = await c.post("/v1/generate", json={"inputs": [texts[9]], "max_new_tokens": NEW})
+            return results[: len(stayers)], after
+
+    with ServerThread(app) as server:
+        answers, after = asyncio.run(main(server.url))
+    assert [r.status_code for r in answers] == [200] * len(stayers)
+    assert [r.json()["outputs"][0] for r in answers] == [
+        seq2seq.generate(t, max_new_tokens=NEW) for t in stayers]
+    assert after.status_code == 200
+    stats = app.state.batcher.stats
+    # The leavers' texts were never generated: their jobs were dropped before the round ran
+    # (or, for a client gone before its body was read, never queued).
+    assert stats["texts"] == len(stayers) + 1 and stats["failed"] == 0, stats
+    assert 1 <= stats["dropped"] <= 2, stats
+
+
+# -- schemathesis --------------------------------------------------------------------------
+
+
+def test_schemathesis_finds_no_server_error(seq2seq):
+    """Every operation of the OpenAPI schema, with valid and invalid data (a few derandomized
+    examples each, so it stays bounded and repeatable): no 5xx, and every answer conforms to
+    the schema (documented status, content type, body)."""
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    small = ServeSettings(max_inputs=4, max_input_chars=200, max_input_tokens=64,
+                          max_new_tokens_cap=6, max_beams=2)
+    app = create_app(seq2seq, settings=small)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    statuses: dict[str, set[int]] = {}
+    try:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            modes = [GenerationMode.POSITIVE]
+            if operation.method.upper() == "POST":  # a GET without parameters has no invalid form
+                modes.append(GenerationMode.NEGATIVE)
+            for mode in modes:
+                seen = statuses.setdefault(operation.label, set())
+                _fuzz(operation.as_strategy(generation_mode=mode), checks, seen)
+    finally:
+        app.state.batcher.stop()
+    assert set(statuses) == {"GET /healthz", "GET /v1/model", "POST /v1/generate",
+                             "POST /v1/attention"}
+    assert 200 in statuses["POST /v1/generate"] and 422 in statuses["POST /v1/generate"]
+
+
+def _fuzz(strategy, checks: list, seen: set[int]) -> None:
+    """Run ``checks`` on a few derandomized cases drawn from ``strategy``."""
+
+    @given(case=strategy)
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case) -> None:
+        seen.add(case.call_and_validate(checks=checks).status_code)
+
+    check()
