@@ -24,6 +24,11 @@ float32 outputs are then identical across paths), length penalty 1, the same sou
 (Multi30k test2016, first ``--examples``), ``torch.set_num_threads`` = CTranslate2's
 ``intra_threads`` = ``--threads``.
 
+**One process per path.** Each path runs in its own worker process, and only one computes at a
+time. In one process, torch's and CTranslate2's thread pools fight for the cores: measured on
+this 2-core machine with 2 threads each, CTranslate2 float32 greedy at batch 1 fell from 1,330 to
+140 tokens/s once torch had generated in the same process (1 thread each: no effect).
+
 **Tokens per second** = output tokens (each path's own outputs, re-tokenized without special
 tokens) / wall time of ``generate`` over all the sentences, tokenization and decoding included.
 The machine may be shared, so each configuration runs ``--rounds`` rounds, each timing every path
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -71,30 +77,46 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def run_path(name: str, engines: dict, texts: list[str], batch_size: int,
-             options: dict) -> tuple[float, list[str]]:
-    """(seconds, outputs) of one path over ``texts``."""
-    start = time.perf_counter()
-    if name == "HF generate":
-        seq2seq = engines["tformer torch"]
-        out = hf_generate(seq2seq.model, seq2seq.tokenizer, texts, batch_size, **options)
+def worker(conn, name: str, model_dir: str, threads: int) -> None:
+    """One path in its own process: load, then answer (texts, batch_size, options) requests
+    with (seconds, outputs, output tokens) until sent None."""
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    if name.startswith("CT2"):
+        seq2seq = tformer.load(model_dir, device="cpu", intra_threads=threads)
     else:
-        out = engines[name].generate(texts, batch_size=batch_size, **options)
-    return time.perf_counter() - start, out
+        seq2seq = tformer.load(model_dir, device="cpu")
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        texts, batch_size, options = request
+        start = time.perf_counter()
+        if name == "HF generate":
+            out = hf_generate(seq2seq.model, seq2seq.tokenizer, texts, batch_size, **options)
+        else:
+            out = seq2seq.generate(texts, batch_size=batch_size, **options)
+        seconds = time.perf_counter() - start
+        conn.send((seconds, out, count_tokens(seq2seq.tokenizer, out)))
 
 
-def speed(engines: dict, texts: list[str], batch_size: int, options: dict,
+def run_path(workers: dict, name: str, texts: list[str], batch_size: int,
+             options: dict) -> tuple[float, list[str], int]:
+    """(seconds, outputs, output tokens) of one path over ``texts``, in its worker."""
+    workers[name].send((texts, batch_size, options))
+    return workers[name].recv()
+
+
+def speed(workers: dict, texts: list[str], batch_size: int, options: dict,
           rounds: int) -> dict[str, dict]:
-    tokenizer = engines["tformer torch"].tokenizer
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     tokens: dict[str, int] = {}
     outputs: dict[str, list[str]] = {}
     for r in range(rounds):
         order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]  # rotate who goes first
         for name in order:
-            seconds, out = run_path(name, engines, texts, batch_size, options)
+            seconds, outputs[name], tokens[name] = run_path(workers, name, texts, batch_size,
+                                                            options)
             times[name].append(seconds)
-            tokens[name], outputs[name] = count_tokens(tokenizer, out), out
     result = {}
     for name in PATHS:
         rates = [tokens[name] / t for t in times[name]]
@@ -107,11 +129,11 @@ def speed(engines: dict, texts: list[str], batch_size: int, options: dict,
     return result
 
 
-def bleu(engines: dict, sources: list[str], references: list[list[str]],
+def bleu(workers: dict, sources: list[str], references: list[list[str]],
          options: dict) -> dict[str, dict]:
     scores = {}
     for name in ("CT2 float32", "CT2 int8"):
-        predictions = engines[name].generate(sources, batch_size=32, **options)
+        _, predictions, _ = run_path(workers, name, sources, 32, options)
         m = all_metrics(predictions, references, "auto", "de")
         scores[name] = {"bleu": m["bleu"], "bleu_moses_lc": m["bleu_moses_lc"]}
     return scores
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         args.examples, args.rounds, args.bleu_examples = 16, 1, 64
 
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # "forgot to detokenize?" per call
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     records = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines()
@@ -142,10 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     sources = [r["source"] for r in records]
 
     with tempfile.TemporaryDirectory(prefix="generate-speed-") as tmp:
-        engines = {"tformer torch": tformer.load(args.checkpoint, device="cpu")}
+        model_dirs = {"HF generate": args.checkpoint, "tformer torch": args.checkpoint}
         for name, quantization in (("CT2 float32", "float32"), ("CT2 int8", "int8")):
             out = ct2.export(args.checkpoint, Path(tmp) / quantization, quantization=quantization)
-            engines[name] = tformer.load(out, device="cpu", intra_threads=args.threads)
+            model_dirs[name] = str(out)
+        context = multiprocessing.get_context("spawn")
+        workers, processes = {}, []
+        for name in PATHS:
+            here, there = context.Pipe()
+            process = context.Process(target=worker, args=(there, name, model_dirs[name],
+                                                           args.threads), daemon=True)
+            process.start()
+            workers[name] = here
+            processes.append(process)
+        for name in PATHS:
+            assert workers[name].recv() == "ready", name
 
         print(f"checkpoint {args.checkpoint}; {args.threads} threads; torch "
               f"{torch.__version__}; ctranslate2 {ct2.require_ctranslate2().__version__}; "
@@ -160,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             options = dict(options, max_new_tokens=args.max_new_tokens)
             for batch_size in (1, 32):
                 n = args.examples or (64 if batch_size == 1 else 256)
-                result = speed(engines, sources[:n], batch_size, options, args.rounds)
+                result = speed(workers, sources[:n], batch_size, options, args.rounds)
                 figures["speed"][f"{decoding}, batch {batch_size}"] = result
                 for name, r in result.items():
                     print(f"{decoding:8} {batch_size:>5} {name:14} {r['tokens_per_s']:>9.0f} "
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nBLEU on {args.data.name}[:{n}], batch 32 (sacreBLEU 13a / Moses-lc):")
         for decoding, options in (("greedy", {}), ("beam 4", dict(num_beams=4,
                                                                   early_stopping=True))):
-            scores = bleu(engines, sources[:n], refs[:n],
+            scores = bleu(workers, sources[:n], refs[:n],
                           dict(options, max_new_tokens=args.max_new_tokens))
             figures["bleu"][decoding] = scores
             f32, q = scores["CT2 float32"], scores["CT2 int8"]
@@ -179,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"int8 {q['bleu']:.2f} / {q['bleu_moses_lc']:.2f}   "
                   f"int8 - float32 {q['bleu'] - f32['bleu']:+.2f} / "
                   f"{q['bleu_moses_lc'] - f32['bleu_moses_lc']:+.2f}")
+        for name in PATHS:
+            workers[name].send(None)
+        for process in processes:
+            process.join()
 
     goal = [figures["speed"][f"{d}, batch 32"]["CT2 int8"]["ratio"] for d in ("greedy", "beam 4")]
     print(f"\ngoal: CT2 int8 >= 3x HF generate at batch 32: greedy {goal[0]:.2f}x, "
