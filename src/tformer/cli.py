@@ -64,12 +64,17 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    "PyTorch; ctranslate2 converts any other checkpoint in memory")
     g.add_argument("--compute-type", default=None, help="CTranslate2 only: int8, int8_float32, "
                    "float16, float32, ... (default: the exported weights' type)")
+    g.add_argument("--ct2-threads", type=int, default=None, help="CTranslate2 only: threads per "
+                   "batch (intra_threads; default: CTranslate2's choice). See docs/inference.md "
+                   "for int8 on small CPUs")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
     options = {"engine": args.engine}
     if args.compute_type is not None:
         options["compute_type"] = args.compute_type
+    if args.ct2_threads is not None:
+        options["intra_threads"] = args.ct2_threads
     return options
 
 

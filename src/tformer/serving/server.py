@@ -63,12 +63,10 @@ def serve(checkpoint: str | Path, settings: ServeSettings, *, device: str | None
     uvicorn until interrupted. Refuses checkpoints without safetensors weights."""
     import uvicorn
 
-    from tformer.ct2 import is_exported
     from tformer.generation import load
     from tformer.serving.app import create_app
 
-    if not is_exported(checkpoint):  # a CTranslate2 export's model.bin is not a pickle
-        require_safetensors(checkpoint)
+    require_safetensors(checkpoint)  # passes a CTranslate2 export (its model.bin is no pickle)
     seq2seq = load(checkpoint, device=device, **load_options)
     if not settings.loopback and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address can "
