@@ -1,5 +1,5 @@
-"""``tformer serve`` under load: dynamic batching against the same model served one request at a
-time, on loopback, with a bounded number of concurrent clients.
+"""``tformer serve`` under load: batching against the same model served one request at a time,
+on loopback, with a bounded number of concurrent clients.
 
     .venv/bin/python bench/serve_load.py runs/multi30k/checkpoints/step-0002393
     .venv/bin/python bench/serve_load.py CHECKPOINT --clients 16 --requests 480 --max-new-tokens 32
@@ -9,7 +9,10 @@ Two servers, each a ``tformer serve`` subprocess on 127.0.0.1 (the load generato
 process, with httpx's async client), on the same checkpoint and the same device:
 
 - **one at a time**: ``--max-batch-size 1``: every request is its own ``generate()`` call;
-- **dynamic batching**: ``--max-batch-size`` = the number of clients, ``--max-wait-ms`` as given.
+- **batching**: ``--max-batch-size`` = the number of clients, ``--max-wait-ms`` as given.
+
+Both use ``--batching`` (auto: continuous for tformer's own model, else dynamic), so the only
+difference between them is the batch size.
 
 Scenarios, each after a warm-up of one request per client, taking turns in ``--rounds`` chunks
 (in alternating order, both servers up all along, so that a change in the machine's background
@@ -17,8 +20,8 @@ load falls on all of them alike):
 
 1. one at a time, 1 client: the single-request latency (the reference for p50/p99);
 2. one at a time, N clients: the throughput of serving requests one by one;
-3. dynamic batching, N clients: the throughput and latency with batches;
-4. dynamic batching, 1 client: what the batching window costs when there is nothing to batch.
+3. batching, N clients: the throughput and latency with batches;
+4. batching, 1 client: what batching costs when there is nothing to batch.
 
 Every request holds one input text (Multi30k validation sources by default, cycled in the same
 order in every scenario), greedy decoding, ``--max-new-tokens``. A client sends its next request
@@ -84,7 +87,8 @@ class Server:
         command = [sys.executable, "-m", "tformer.cli", "serve", checkpoint,
                    "--port", str(self.port), "--max-batch-size", str(batch),
                    "--max-wait-ms", str(wait_ms), "--max-queue", "4096", "--timeout-s", "600",
-                   "--max-new-tokens-cap", str(max(args.max_new_tokens, 1))]
+                   "--max-new-tokens-cap", str(max(args.max_new_tokens, 1)),
+                   "--batching", args.batching]
         if args.device:
             command += ["--device", args.device]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -201,6 +205,10 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--inputs", type=Path, default=DEFAULT_INPUTS,
                         help="JSONL with a 'source' field (default: Multi30k validation)")
+    parser.add_argument("--batching", default="auto", choices=("auto", "continuous", "dynamic"),
+                        help="batching of both servers (the one-at-a-time one has batch size "
+                        "1, so it runs the same code path); auto = continuous for tformer's "
+                        "own model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--rounds", type=int, default=4,
@@ -223,8 +231,8 @@ def main() -> None:
                 Server(checkpoint, args.clients, args.max_wait_ms, args) as batched:
             plan = [("one at a time, 1 client", single, 1, args.single_requests),
                     ("one at a time", single, args.clients, args.requests),
-                    ("dynamic batching", batched, args.clients, args.requests),
-                    ("dynamic batching, 1 client", batched, 1, args.single_requests)]
+                    ("batching", batched, args.clients, args.requests),
+                    ("batching, 1 client", batched, 1, args.single_requests)]
             parts: dict[str, list[Scenario]] = {name: [] for name, *_ in plan}
             for r in range(args.rounds):
                 for name, server, clients, total in (plan if r % 2 == 0 else plan[::-1]):
@@ -238,9 +246,10 @@ def main() -> None:
     alone, serial, batched, batched_alone = rows
     mismatched = sum(batched.outputs[t] != serial.outputs[t]
                      for t in batched.outputs if t in serial.outputs)
-    print(f"\nthroughput, dynamic batching / one at a time ({args.clients} clients): "
+    print(f"\nbatching {args.batching}; throughput, batching / one at a time ({args.clients} "
+          "clients): "
           f"{batched.rps / serial.rps:.2f}x   (goal >= 4)")
-    print(f"p99 latency, dynamic batching at {args.clients} clients / single request: "
+    print(f"p99 latency, batching at {args.clients} clients / single request: "
           f"{batched.pct(99) / alone.pct(99):.2f}x   (goal <= 2)")
     print(f"p50 latency, same ratio: {batched.pct(50) / alone.pct(50):.2f}x; batching window "
           f"at 1 client: p50 {batched_alone.pct(50) / alone.pct(50):.2f}x of one at a time")

@@ -32,7 +32,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("optim.lr=1", r"unknown section.*optim"),
         ("train.lr=fast", r"train\.lr expects"),
         ("train.max_steps=0", r"train\.max_steps must be >= 1"),
-        ("train.schedule=linear", r"train\.schedule expects .*cosine"),
+        ("train.schedule=exponential", r"train\.schedule expects .*cosine"),
         ("model.size=huge", r"model\.size must be one of"),
         ("model.d_model=30", r"d_model \(30\) must be divisible"),
         ("data.vocab_size=0", r"data\.vocab_size"),
@@ -75,3 +75,28 @@ def test_schedules():
     assert lr_factor(99, 10, "cosine", 100, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(54, 10, "cosine", 100) == pytest.approx(0.5, abs=0.02)
     assert lr_factor(500, 10, "constant", 100) == 1.0
+
+
+def test_linear_schedule_and_time_horizon():
+    # linear: halfway between warmup end and the horizon is half the peak; the end is the floor
+    assert lr_factor(54, 10, "linear", 100) == pytest.approx(0.5, abs=0.012)
+    assert lr_factor(99, 10, "linear", 100, min_ratio=0.1) == pytest.approx(0.1)
+    # a time horizon replaces the step one: the step count no longer matters after warmup
+    for step in (20, 500, 5000):
+        assert lr_factor(step, 10, "linear", 100, progress=0.25) == pytest.approx(0.75)
+        assert lr_factor(step, 10, "cosine", 100, progress=0.5) == pytest.approx(0.5)
+    assert lr_factor(3, 10, "linear", 100, progress=0.0) == pytest.approx(0.4)  # warmup ramp
+    assert lr_factor(50, 10, "linear", 100, progress=1.7) == 0.0  # past the budget: the floor
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.decay_over=time", "train.schedule=linear"], r"needs train\.max_minutes"),
+        (["train.decay_over=time", "train.max_minutes=5"], r"cosine or linear, got 'inverse_sqrt'"),
+        (["train.decay_over=hours"], r"train\.decay_over"),
+    ],
+)
+def test_time_horizon_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

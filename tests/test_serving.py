@@ -87,7 +87,8 @@ def test_model_info_and_healthz(seq2seq, model_dir):
     assert (info["device"], info["dtype"], info["attention"], info["auth"]) == (
         "cpu", "float32", True, False)
     assert info["limits"]["max_beams"] == 3 and info["limits"]["max_input_chars"] == 100
-    assert info["limits"] == settings.limits() and "api_key" not in info["limits"]
+    assert info["limits"] == {**settings.limits(), "batching": "continuous"}  # auto, resolved
+    assert "api_key" not in info["limits"]
 
 
 def test_attention_equals_the_visualization_maps(seq2seq, texts):
@@ -282,7 +283,8 @@ def test_only_safetensors_checkpoints_are_served(reference_run, tmp_path):
 def test_concurrent_requests_share_a_batch_and_equal_one_at_a_time(seq2seq, texts):
     """14 concurrent requests, 10 greedy and 4 with beam search: one round, two generate()
     calls (options never mixed), and every output equal to generating its text alone."""
-    app = create_app(seq2seq, settings=ServeSettings(max_wait_ms=1500, max_batch_size=16))
+    app = create_app(seq2seq, settings=ServeSettings(max_wait_ms=1500, max_batch_size=16,
+                                                     batching="dynamic"))
     greedy, beam = texts[:10], texts[10:14]
 
     async def main():
@@ -339,6 +341,84 @@ def test_batcher_rounds_keep_arrival_order_and_size():
                           [f"d{i}" for i in range(6)]]
     assert outputs == [["A1", "A2", "A3"], ["B1", "B2", "B3"], ["C1"], [f"D{i}" for i in range(6)]]
     assert batcher.stats["dropped"] == 1 and batcher.stats["largest_batch"] == 6
+
+
+GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "length_penalty": 1.0,
+          "max_source_length": 512}
+
+
+def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq, texts):
+    """Requests arriving while others decode join the running batch (4 rows at most), each with
+    its own max_new_tokens, and leave as soon as they are done: every output equals generating
+    its text alone; a 3-text request waits for room and is answered whole; a beam-search
+    request in between goes through generate()."""
+    from tformer.serving.continuous import ContinuousBatcher
+
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=4, max_wait_ms=0, max_queue=100)
+    lengths = [NEW, 2, 5, NEW, 1, 3, NEW, 4, 6, 2, NEW, 5]
+
+    async def main():
+        futures = []
+        for i, (text, n) in enumerate(zip(texts, lengths)):
+            futures.append(batcher.submit([text], {**GREEDY, "max_new_tokens": n}))
+            await asyncio.sleep(0.003 * (i % 3))
+            if i == 6:
+                beam = batcher.submit([texts[0]], {**GREEDY, "max_new_tokens": NEW,
+                                                   "num_beams": 2})
+        futures.append(batcher.submit(texts[12:15], {**GREEDY, "max_new_tokens": NEW}))
+        return [await f for f in futures], await beam
+
+    try:
+        results, beam = asyncio.run(main())
+    finally:
+        batcher.stop()
+    singles = [r.outputs[0] for r in results[:-1]]
+    assert singles == [seq2seq.generate(t, max_new_tokens=n) for t, n in zip(texts, lengths)]
+    assert results[-1].outputs == [seq2seq.generate(t, max_new_tokens=NEW) for t in texts[12:15]]
+    assert len(set(singles)) > 3  # different outputs: a row mix-up would show
+    assert beam.outputs == [seq2seq.generate(texts[0], max_new_tokens=NEW, num_beams=2)]
+    stats = batcher.stats
+    assert stats["largest_batch"] == 4 and stats["generate_calls"] == 1, stats
+    assert stats["texts"] == 16 and stats["steps"] < stats["row_steps"], stats  # 12 + 3 + beam
+    assert max(r.batch_inputs for r in results) == 4
+
+
+def test_continuous_batching_drops_a_cancelled_request_and_goes_on(seq2seq, texts):
+    from tformer.serving.continuous import ContinuousBatcher
+
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+    options = {**GREEDY, "max_new_tokens": NEW}
+
+    async def main():
+        futures = [batcher.submit([t], options) for t in texts[:5]]
+        futures[2].cancel()  # its client left: gone from the queue or the running batch
+        kept = [await f for i, f in enumerate(futures) if i != 2]
+        after = await batcher.submit([texts[5]], options)
+        return kept, after
+
+    try:
+        kept, after = asyncio.run(main())
+    finally:
+        batcher.stop()
+    expected = [seq2seq.generate(t, max_new_tokens=NEW) for t in texts[:6]]
+    assert [r.outputs[0] for r in kept] == expected[:2] + expected[3:5]
+    assert after.outputs == [expected[5]]
+    assert batcher.stats["dropped"] == 1 and batcher.stats["texts"] == 5, batcher.stats
+
+
+def test_batching_mode_is_chosen_shown_and_validated(seq2seq):
+    from tformer.serving.continuous import ContinuousBatcher
+
+    with client(seq2seq) as c:  # auto: continuous for the own model
+        assert c.get("/v1/model").json()["limits"]["batching"] == "continuous"
+    with client(StubSeq2Seq()) as c:  # another engine: dynamic
+        assert c.get("/v1/model").json()["limits"]["batching"] == "dynamic"
+    with client(seq2seq, batching="dynamic") as c:
+        assert c.get("/v1/model").json()["limits"]["batching"] == "dynamic"
+    with pytest.raises(ValueError, match="own Transformer"):
+        ContinuousBatcher(StubSeq2Seq(), max_batch_size=4, max_wait_ms=0, max_queue=10)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        ServeSettings(batching="greedy")
 
 
 def test_a_timed_out_request_gets_504_and_the_worker_goes_on():
@@ -406,11 +486,13 @@ def test_another_engine_is_served_through_the_same_interface(model_dir, texts):
 # -- a real server on loopback -------------------------------------------------------------
 
 
-def test_load_200_requests_from_16_clients(seq2seq, texts):
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_load_200_requests_from_16_clients(seq2seq, texts, batching):
     """A real uvicorn server: every request answered, no errors, batches actually formed, and
     every output equal to generating its text alone."""
     expected = {t: seq2seq.generate(t, max_new_tokens=NEW) for t in texts}
-    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=20))
+    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=20,
+                                                     batching=batching))
     jobs = [texts[i % len(texts)] for i in range(200)]
 
     async def drive(url: str) -> list[httpx.Response]:
@@ -440,7 +522,11 @@ def test_load_200_requests_from_16_clients(seq2seq, texts):
     assert bad == []
     assert all(r.json()["outputs"] == [expected[t]] for t, r in answers)
     assert stats["texts"] == 200 and stats["failed"] == 0
-    assert stats["largest_batch"] > 1 and stats["generate_calls"] < 200, stats
+    assert stats["largest_batch"] > 1, stats
+    if batching == "dynamic":
+        assert 0 < stats["generate_calls"] < 200, stats
+    else:  # every request decoded step by step in the running batch, none by generate()
+        assert stats["generate_calls"] == 0 and 0 < stats["steps"] < stats["row_steps"], stats
     print(f"200 requests in {seconds:.1f} s, {stats}")
 
 
@@ -454,7 +540,8 @@ def _send_and_leave(url: str, body: dict) -> None:
 
 
 def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts):
-    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=600))
+    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=600,
+                                                     batching="dynamic"))
     stayers = texts[:6]
 
     async def main(url: str):

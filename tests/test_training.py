@@ -242,3 +242,19 @@ def test_two_processes_resumed_equals_uninterrupted(data_files, tmp_path):
     launch(tmp_path / "parts", 4)
     launch(tmp_path / "parts", 8, "--resume")
     assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))
+
+
+def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path):
+    """``decay_over: time``: the run stops on its wall-clock budget with the learning rate at
+    the bottom of its linear decay, having fallen monotonically after warmup."""
+    config = load_config(None, overrides(data_files, tmp_path / "run", **{
+        "train.max_steps": 100000, "train.max_minutes": 0.12, "train.schedule": "linear",
+        "train.decay_over": "time", "train.warmup_steps": 2, "train.log_every": 1,
+        "train.eval_every": 100000, "train.lr": 1e-3}))
+    result = train(config)
+    assert result.stopped_by == "time_limit"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["split"] == "train"][2:]
+    assert len(lrs) > 5
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] > 0.5e-3 and lrs[-1] < 0.05e-3

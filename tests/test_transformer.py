@@ -1,5 +1,7 @@
 """Invariances of the whole model, incremental decoding, config validation and learning."""
 
+import copy
+
 import pytest
 import torch
 
@@ -89,6 +91,44 @@ def test_cache_with_several_new_positions_at_once():
     first = m.project(m.decode(tgt[:, :3], memory, None, cache).hidden)
     rest = m.project(m.decode(tgt[:, 3:], memory, None, cache).hidden)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+@torch.no_grad()
+def test_rows_of_different_ages_decode_as_if_alone(overrides):
+    """Continuous batching's step: two rows whose histories differ in length share one cache,
+    the shorter left-padded with garbage that ``target_mask`` hides, each at its own position
+    (``positions``); every row's output equals decoding it alone, without a cache."""
+    m = tiny(**overrides)
+    srcs = [torch.randint(4, V, (1, n)) for n in (6, 4)]
+    tgts = [torch.randint(4, V, (1, n)) for n in (5, 3)]  # histories of 4 and 2, then one step
+    caches = []
+    for src, tgt in zip(srcs, tgts):
+        cache = KVCache()
+        m.decode(tgt[:, :-1], m.encode(src).hidden, None, cache)
+        caches.append(cache)
+    batched = KVCache()
+    for layer, (k0, v0) in caches[0].self_kv.items():
+        k1, v1 = caches[1].self_kv[layer]
+        junk = torch.randn(1, k1.size(1), 2, k1.size(3)) * 100  # the shorter row's padding
+        batched.self_kv[layer] = (torch.cat([k0, torch.cat([junk, k1], 2)]),
+                                  torch.cat([v0, torch.cat([junk, v1], 2)]))
+        (c0, d0), (c1, d1) = caches[0].cross_kv[layer], caches[1].cross_kv[layer]
+        pad = (0, 0, 0, c0.size(2) - c1.size(2))  # sources of 6 and 4 positions
+        batched.cross_kv[layer] = (torch.cat([c0, torch.nn.functional.pad(c1, pad)]),
+                                   torch.cat([d0, torch.nn.functional.pad(d1, pad)]))
+    source_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    target_mask = torch.tensor([[True] * 5, [False] * 2 + [True] * 3])
+    memory = torch.zeros(2, 6, m.config.d_model)  # unused: the cross keys are cached
+    step = torch.cat([tgts[0][:, -1:], tgts[1][:, -1:]])
+    out = m.project(m.decode(step, memory, source_mask, copy.deepcopy(batched),
+                             positions=torch.tensor([4, 2]), target_mask=target_mask).hidden)[:, 0]
+    for i, (src, tgt) in enumerate(zip(srcs, tgts)):
+        torch.testing.assert_close(out[i], m(src, tgt).logits[0, -1], atol=1e-5, rtol=1e-5)
+    # Without the mask the junk leaks in: the mask is what makes the invariance hold.
+    unmasked = m.project(m.decode(step, memory, source_mask, batched,
+                                  positions=torch.tensor([4, 2])).hidden)
+    assert not torch.allclose(unmasked[1, 0], out[1], atol=1e-3)
 
 
 def test_attention_maps_are_distributions_and_zero_on_padding():

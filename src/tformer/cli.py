@@ -200,7 +200,7 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tformer.serving import ServeSettings, resolve_api_key, serve
 
-    names = ("host", "port", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
+    names = ("host", "port", "batching", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
              "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
              "default_max_new_tokens", "max_beams", "timeout_s")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
@@ -210,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    from tformer.serving.settings import API_KEY_ENV, ServeSettings
+    from tformer.serving.settings import API_KEY_ENV, BATCHING, ServeSettings
 
     S = ServeSettings  # noqa: N806  (its class attributes are the defaults)
     p.add_argument("checkpoint", help="model directory with safetensors weights")
@@ -221,9 +221,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    f"KEY or X-API-Key) on every route but /healthz; default: ${API_KEY_ENV}")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     g = p.add_argument_group("batching and limits")
+    g.add_argument("--batching", choices=BATCHING, default=S.batching,
+                   help="continuous: requests join the running batch at every step (greedy, "
+                   "tformer's own model); dynamic: one generate() per batch of requests; "
+                   f"default {S.batching} (continuous where it applies)")
     for flag, kind, help_ in [
-        ("max-batch-size", int, "most texts in one generate() call"),
-        ("max-wait-ms", float, "how long a batch waits for more requests"),
+        ("max-batch-size", int, "most texts decoded together"),
+        ("max-wait-ms", float, "how long a dynamic batch waits for more requests"),
         ("max-queue", int, "most texts waiting (more: 503)"),
         ("max-inputs", int, "most texts in one request (more: 413)"),
         ("max-input-chars", int, "longest text in characters (413)"),

@@ -110,6 +110,15 @@ class MultiHeadAttention(nn.Module):
         b, t, d = x.shape
         return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
 
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of ``memory`` (B, Tk, D) -> 2 × (B, H, Tk, Dh): what a
+        decoder computes once per source and then reads from its cache."""
+        d = memory.size(-1)
+        w_kv = self.in_proj.weight[d:]
+        b_kv = None if self.in_proj.bias is None else self.in_proj.bias[d:]
+        k, v = F.linear(memory, w_kv, b_kv).split(d, dim=-1)  # 2 × (B, Tk, D)
+        return self._split_heads(k), self._split_heads(v)
+
     def forward(
         self,
         x: Tensor,
@@ -134,10 +143,7 @@ class MultiHeadAttention(nn.Module):
         else:
             cached = cache.get_cross(self.layer) if cache is not None else None
             if cached is None:
-                w_kv = self.in_proj.weight[d:]
-                b_kv = None if self.in_proj.bias is None else self.in_proj.bias[d:]
-                k, v = F.linear(memory, w_kv, b_kv).split(d, dim=-1)  # 2 × (B, Tk, D)
-                k, v = self._split_heads(k), self._split_heads(v)
+                k, v = self.memory_kv(memory)
                 if cache is not None:
                     cache.set_cross(self.layer, k, v)
             else:

@@ -46,18 +46,19 @@ class FeedForward(nn.Module):
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(pos / 10000^(2i/D)) (section 3.5).
 
-    positions: (T,) integer positions -> (T, D). Each pair of dimensions is a rotation at its own
-    frequency, so PE(pos + k) is a linear function of PE(pos): relative offsets are easy to read.
-    Computed on demand (T × D sines are cheap) so any length works.
+    positions: integer positions of any shape, e.g. (T,) -> (T, D) or (B, T) -> (B, T, D). Each
+    pair of dimensions is a rotation at its own frequency, so PE(pos + k) is a linear function of
+    PE(pos): relative offsets are easy to read. Computed on demand (T × D sines are cheap) so any
+    length works.
     """
     inv_freq = torch.exp(
         torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
         * (-math.log(10000.0) / d_model)
     )  # (D/2,)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    pe = torch.zeros(positions.numel(), d_model, device=positions.device)
-    pe[:, 0::2] = torch.sin(angles)
-    pe[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    pe = torch.zeros(*positions.shape, d_model, device=positions.device)
+    pe[..., 0::2] = torch.sin(angles)
+    pe[..., 1::2] = torch.cos(angles[..., : d_model // 2])
     return pe
 
 
@@ -81,19 +82,27 @@ class Embeddings(nn.Module):
         self.scale = math.sqrt(d_model) if scale else 1.0
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:  # (B, T) -> (B, T, D)
-        positions = torch.arange(offset, offset + ids.size(1), device=ids.device)  # (T,)
+    def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:  # (B, T) -> (B, T, D)
+        """``offset``: position of ``ids[:, 0]``, one int for the batch or a (B,) tensor, one per
+        row (rows whose histories differ in length, as in continuous batching)."""
+        steps = torch.arange(ids.size(1), device=ids.device)
+        if isinstance(offset, Tensor):
+            positions = offset.to(ids.device)[:, None] + steps  # (B, T)
+            last = int(positions.max()) if positions.numel() else 0
+        else:
+            positions = (offset + steps)[None]  # (1, T)
+            last = offset + ids.size(1) - 1
         x = self.token(ids) * self.scale
         if self.learned is not None:
-            if offset + ids.size(1) > self.max_positions:
+            if last >= self.max_positions:
                 raise ValueError(
-                    f"sequence of length {offset + ids.size(1)} exceeds max_positions="
+                    f"sequence of length {last + 1} exceeds max_positions="
                     f"{self.max_positions} of the learned position table"
                 )
             pos = self.learned(positions)
         else:
             pos = sinusoidal_positions(positions, x.size(-1)).to(x.dtype)
-        return self.dropout(x + pos[None])
+        return self.dropout(x + pos)
 
 
 class EncoderLayerOutput(NamedTuple):
@@ -156,9 +165,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, memory: Tensor, memory_mask: Tensor | None,
         cache: DecoderCache | None = None, need_weights: bool = False,
+        self_mask: Tensor | None = None,
     ) -> DecoderLayerOutput:
+        """``self_mask`` (B, 1, 1, T_past + T), True at real keys: rows whose cached histories are
+        left-padded to a common length (continuous batching); the causal mask still applies."""
+
         def self_block(h: Tensor) -> tuple[Tensor, Tensor | None]:
-            return self.self_attn(h, is_causal=True, cache=cache, need_weights=need_weights)
+            return self.self_attn(h, mask=self_mask, is_causal=True, cache=cache,
+                                  need_weights=need_weights)
 
         def cross_block(h: Tensor) -> tuple[Tensor, Tensor | None]:
             return self.cross_attn(

@@ -92,11 +92,11 @@ class Decoder(nn.Module):
 
     def forward(
         self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, cache=None,
-        need_weights: bool = False,
+        need_weights: bool = False, self_mask: Tensor | None = None,
     ) -> DecoderOutput:
         self_w, cross_w = [], []
         for layer in self.layers:
-            x, ws, wc = layer(x, memory, memory_mask, cache, need_weights)
+            x, ws, wc = layer(x, memory, memory_mask, cache, need_weights, self_mask)
             self_w.append(ws)
             cross_w.append(wc)
         if self.norm is not None:
@@ -131,17 +131,25 @@ class Transformer(nn.Module):
 
     def decode(
         self, decoder_input_ids: Tensor, memory: Tensor, source_mask: Tensor | None = None,
-        cache=None, need_weights: bool = False,
+        cache=None, need_weights: bool = False, *, positions: Tensor | None = None,
+        target_mask: Tensor | None = None,
     ) -> DecoderOutput:
         """Decode target prefixes against the encoder output ``memory`` (B, S, D).
 
         With a :class:`~tformer.model.attention.DecoderCache`, ``decoder_input_ids`` holds only
         the new positions; earlier ones are read from the cache.
+
+        Rows whose histories differ in length (continuous batching: `tformer.serving.
+        continuous`) keep them left-padded in the cache and pass ``positions`` (B,), the
+        position of each row's first new token, and ``target_mask`` (B, T_past + T), True at
+        real keys. Without them every row is at the cache's length.
         """
-        offset = cache.seq_length() if cache is not None else 0
+        offset = positions if positions is not None else (
+            cache.seq_length() if cache is not None else 0)
         x = self.tgt_embed(decoder_input_ids, offset=offset)  # (B, T, D)
         mask = None if source_mask is None else padding_mask(source_mask)
-        return self.decoder(x, memory, mask, cache, need_weights)
+        self_mask = None if target_mask is None else padding_mask(target_mask)
+        return self.decoder(x, memory, mask, cache, need_weights, self_mask)
 
     def project(self, hidden: Tensor) -> Tensor:  # (..., D) -> (..., V)
         if self.lm_head is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import time
@@ -51,13 +52,26 @@ STATIC_DIR = resources.files("tformer.serving") / "static"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
 
 
+def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher:
+    """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
+    model (`tformer.serving.continuous`), dynamic for anything else."""
+    from tformer.serving.continuous import ContinuousBatcher, supports_continuous
+
+    kind = settings.batching
+    if kind == "auto":
+        kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
+    cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
+    return cls(seq2seq, max_batch_size=settings.max_batch_size,
+               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+
+
 def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
     """A FastAPI app serving ``seq2seq`` (a `tformer.Seq2Seq`, or any object with the same
     ``generate`` and ``tokenizer``). The batcher's worker starts with the first request and
     stops when the app shuts down; ``app.state.batcher`` exposes its ``stats``."""
     settings = settings or ServeSettings()
-    batcher = DynamicBatcher(seq2seq, max_batch_size=settings.max_batch_size,
-                             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+    batcher = make_batcher(seq2seq, settings)
+    settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
     if has_attention(seq2seq):  # imported now, not on the first request (it takes ~1.5 s)
         importlib.import_module("tformer.visualization.attention")

@@ -110,6 +110,8 @@ class DynamicBatcher:
         max_queue: most texts waiting; :meth:`submit` raises `QueueFull` past it.
     """
 
+    mode = "dynamic"  # ServeSettings.batching
+
     def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -66,8 +66,9 @@ class GenerateResponse(BaseModel):
     output_tokens: list[int] | None = Field(
         description="tokens of each output, re-encoded without special tokens (None when the "
         "model has no tokenizer)")
-    batch_inputs: int = Field(description="texts in the generate() call that answered this "
-                              "request (> the request's own when batched with others)")
+    batch_inputs: int = Field(description="texts decoded together with this request's (its "
+                              "generate() call; with continuous batching, the most texts that "
+                              "shared one of its steps); > its own when batched with others")
     timing: Timing
 
 
@@ -120,7 +121,8 @@ class ModelInfo(BaseModel):
     vocab_size: int | None
     attention: bool = Field(description="whether /v1/attention can answer")
     auth: bool = Field(description="whether an API key is required")
-    limits: dict[str, int | float]
+    limits: dict[str, int | float | str] = Field(
+        description="the server's settings: limits, and batching (continuous or dynamic)")
     version: str
 
 

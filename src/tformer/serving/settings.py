@@ -9,6 +9,9 @@ import ipaddress
 import os
 from dataclasses import asdict, dataclass
 
+#: Batching modes (see ``ServeSettings.batching``).
+BATCHING = ("auto", "continuous", "dynamic")
+
 #: Environment variable read for the API key when ``--api-key`` is not given.
 API_KEY_ENV = "TFORMER_API_KEY"
 
@@ -21,8 +24,13 @@ class ServeSettings:
         host, port: where uvicorn binds; loopback unless told otherwise.
         api_key: required on every route but ``/healthz`` and the web page's own files when
             set (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``); None = no key.
-        max_batch_size: most texts in one ``generate()`` call of the dynamic batcher.
-        max_wait_ms: how long a batch, once it has a request, waits for more (unless full).
+        batching: ``continuous`` (requests join and leave the running batch at every decoding
+            step: `tformer.serving.continuous`; greedy requests to tformer's own model),
+            ``dynamic`` (one ``generate()`` per batch of requests that arrived together:
+            `tformer.serving.batching`), or ``auto`` (continuous where it applies).
+        max_batch_size: most texts decoded together.
+        max_wait_ms: how long a dynamic batch, once it has a request, waits for more (unless
+            full); a continuous batch takes requests at every step and never waits.
         max_queue: most texts waiting for the model; more is answered 503.
         max_inputs: most texts in one request (413).
         max_input_chars: longest text, in characters (413).
@@ -37,6 +45,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    batching: str = "auto"
     max_batch_size: int = 16
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -56,6 +65,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got "
+                             f"{self.batching!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not 0 <= self.max_wait_ms <= 10_000:

@@ -135,9 +135,11 @@ class TrainSection:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.98)  # the paper's β2 = 0.98 (section 5.3)
     adam_eps: float = 1e-9
-    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "inverse_sqrt"
+    # horizon of the cosine/linear decay: max_steps, or the max_minutes wall-clock budget
+    decay_over: Literal["steps", "time"] = "steps"
     warmup_steps: int = 400
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.0  # cosine/linear floor as a fraction of lr
     label_smoothing: float = 0.1
     clip_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -169,7 +171,8 @@ class TrainSection:
                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
             )
         choices = {
-            "schedule": ("inverse_sqrt", "cosine", "constant"),
+            "schedule": ("inverse_sqrt", "cosine", "linear", "constant"),
+            "decay_over": ("steps", "time"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "metric": ("rougeL", "rouge1", "bleu", "chrf"),
         }
@@ -177,6 +180,14 @@ class TrainSection:
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"train.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.decay_over == "time":
+            if self.max_minutes is None:
+                raise ConfigError("train.decay_over: time needs train.max_minutes (the horizon)")
+            if self.schedule not in ("cosine", "linear"):
+                raise ConfigError(
+                    "train.decay_over: time applies to train.schedule cosine or linear, "
+                    f"got {self.schedule!r}"
                 )
 
 

@@ -88,8 +88,10 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     data.stats.update(stats)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config)
+    clock = _RunClock()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.schedule, t.max_steps, t.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.schedule, t.max_steps, t.min_lr_ratio,
+                                       progress=_time_progress(clock, t))
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     sampler = TokenBudgetBatchSampler(
@@ -115,7 +117,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
-    started = time.perf_counter()
+    clock.window = window
     model.train()
     try:
         while state.step < t.max_steps:
@@ -138,6 +140,9 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                     f"checkpoint is {last_ckpt or 'none (no checkpoint written yet)'}. "
                     "Try a lower train.lr, train.precision=fp32 or train.clip_grad_norm=1.0."
                 )
+            if t.decay_over == "time":
+                clock.progress = _broadcast([clock.seconds() / (60 * t.max_minutes)],
+                                            accelerator)[0]
             scheduler.step()
             state.step += 1
             window.add(loss_value)
@@ -148,7 +153,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
             out_of_time = t.max_minutes is not None and _broadcast(
-                [time.perf_counter() - started > 60 * t.max_minutes], accelerator)[0]
+                [clock.seconds() > 60 * t.max_minutes], accelerator)[0]
             evaluated = state.step % t.eval_every == 0 or state.step == t.max_steps or out_of_time
             if evaluated:
                 improved = maybe_evaluate(model, tokenizer, data, config, state, accelerator,
@@ -499,6 +504,30 @@ def _write_summary(run_dir: Path, state: TrainState, best, last, stopped_by: str
     summary = {"state": asdict(state), "best_checkpoint": str(best) if best else None,
                "last_checkpoint": str(last) if last else None, "stopped_by": stopped_by}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class _RunClock:
+    """Wall-clock seconds spent in the training loop, evaluations included, summed over resumes
+    (``TrainState.elapsed_seconds`` travels in the checkpoint): the clock of ``max_minutes`` and
+    of a schedule that decays over time."""
+
+    def __init__(self) -> None:
+        self.window: _Window | None = None
+        self.progress = 0.0  # fraction of the time budget, as of the last optimizer step
+
+    def seconds(self) -> float:
+        if self.window is None:
+            return 0.0
+        return self.window.state.elapsed_seconds + time.perf_counter() - self.window.start
+
+
+def _time_progress(clock: _RunClock, t) -> float | None:
+    """Fraction of the time budget spent, for ``decay_over: time``; None otherwise. It is read
+    once per step (``clock.progress``, set from process 0's clock under DDP) so that every
+    replica applies the same learning rate."""
+    if t.decay_over != "time":
+        return None
+    return clock.progress
 
 
 class _Window:
