@@ -62,6 +62,7 @@ class Scenario:
     batch_sizes: list[int]
     outputs: dict[str, str]
     errors: int
+    output_tokens: list[int]
 
     @property
     def rps(self) -> float:
@@ -128,7 +129,7 @@ async def drive(url: str, texts: list[str], clients: int, requests: int, max_new
     jobs = asyncio.Queue()
     for i in range(start, start + requests):
         jobs.put_nowait(texts[i % len(texts)])
-    latencies, batches, outputs, errors = [], [], {}, 0
+    latencies, batches, outputs, errors, lengths = [], [], {}, 0, []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client(c: httpx.AsyncClient) -> None:
@@ -145,6 +146,7 @@ async def drive(url: str, texts: list[str], clients: int, requests: int, max_new
             latencies.append((time.perf_counter() - started) * 1000.0)
             batches.append(body["batch_inputs"])
             outputs[text] = body["outputs"][0]
+            lengths.append((body["output_tokens"] or [0])[0])
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         if warm_up:
@@ -154,7 +156,7 @@ async def drive(url: str, texts: list[str], clients: int, requests: int, max_new
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         seconds = time.perf_counter() - started
-    return Scenario(name, clients, seconds, latencies, batches, outputs, errors)
+    return Scenario(name, clients, seconds, latencies, batches, outputs, errors, lengths)
 
 
 def merge(parts: list[Scenario]) -> Scenario:
@@ -164,7 +166,8 @@ def merge(parts: list[Scenario]) -> Scenario:
         outputs.update(part.outputs)
     return Scenario(parts[0].name, parts[0].clients, sum(p.seconds for p in parts),
                     [x for p in parts for x in p.latencies_ms],
-                    [x for p in parts for x in p.batch_sizes], outputs, sum(p.errors for p in parts))
+                    [x for p in parts for x in p.batch_sizes], outputs, sum(p.errors for p in parts),
+                    [x for p in parts for x in p.output_tokens])
 
 
 def read_texts(path: Path, limit: int) -> list[str]:
@@ -186,13 +189,40 @@ def train_tiny(data: Path, out: Path) -> str:
     return str(result.best_checkpoint)
 
 
+def random_checkpoint(source: str, size: str, out: Path) -> str:
+    """A model of ``size`` (``tformer.model.SIZES``, e.g. base: d_model 512, 6+6 layers) with
+    ``source``'s tokenizer and freshly initialised weights (seed 0), for timing a model of that
+    size. Its outputs mean nothing, and with no trained end-of-sequence they mostly run to
+    ``max_new_tokens``."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    import tformer
+    from tformer.hf import TformerConfig, TformerForConditionalGeneration
+    from tformer.model import config_for
+
+    trained = tformer.load(source, device="cpu")
+    old = trained.model.config
+    core = config_for(size, old.vocab_size, pad_token_id=old.pad_token_id)
+    torch.manual_seed(0)
+    model = TformerForConditionalGeneration(TformerConfig.from_transformer_config(
+        core, bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+        decoder_start_token_id=old.decoder_start_token_id))
+    model.save_pretrained(out)
+    trained.tokenizer.save_pretrained(out)
+    print(f"random-init {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, tokenizer of {source}")
+    return str(out)
+
+
 def report(rows: list[Scenario]) -> None:
     print(f"{'scenario':<34}{'clients':>8}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'mean batch':>11}{'errors':>7}")
-    print("-" * 96)
+          f"{'mean batch':>11}{'out tok':>8}{'errors':>7}")
+    print("-" * 104)
     for s in rows:
         print(f"{s.name:<34}{s.clients:>8}{len(s.latencies_ms):>9}{s.rps:>9.2f}{s.pct(50):>9.1f}"
-              f"{s.pct(99):>9.1f}{statistics.fmean(s.batch_sizes):>11.2f}{s.errors:>7}")
+              f"{s.pct(99):>9.1f}{statistics.fmean(s.batch_sizes):>11.2f}"
+              f"{statistics.fmean(s.output_tokens):>8.1f}{s.errors:>7}")
 
 
 def main() -> None:
@@ -209,6 +239,9 @@ def main() -> None:
                         help="batching of both servers (the one-at-a-time one has batch size "
                         "1, so it runs the same code path); auto = continuous for tformer's "
                         "own model")
+    parser.add_argument("--random-init", metavar="SIZE", default=None,
+                        help="serve a freshly initialised model of this size (tiny, small, "
+                        "base) with the checkpoint's tokenizer instead of its weights")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--rounds", type=int, default=4,
@@ -220,6 +253,8 @@ def main() -> None:
     texts = read_texts(args.inputs, 256)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or train_tiny(args.inputs, Path(tmp) / "run")
+        if args.random_init:
+            checkpoint = random_checkpoint(checkpoint, args.random_init, Path(tmp) / "random")
         print(f"checkpoint {checkpoint}; {len(texts)} distinct inputs from {args.inputs.name}; "
               f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "

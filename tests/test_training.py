@@ -244,17 +244,69 @@ def test_two_processes_resumed_equals_uninterrupted(data_files, tmp_path):
     assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))
 
 
-def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path):
-    """``decay_over: time``: the run stops on its wall-clock budget with the learning rate at
-    the bottom of its linear decay, having fallen monotonically after warmup."""
+class _TrainingTime:
+    """A clock for the training loop that moves only when it takes a training batch: 10 s per
+    batch, so time budgets and time-based schedules are exact, whatever the machine's speed."""
+
+    def __init__(self, monkeypatch) -> None:
+        from tformer.training import loop
+
+        self.now = 0.0
+        real = loop.micro_batches
+
+        def batches(*args):
+            for indices in real(*args):
+                self.now += 10.0
+                yield indices
+
+        monkeypatch.setattr(loop, "micro_batches", batches)
+        monkeypatch.setattr(loop, "time", self)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _train_lrs(run: Path) -> list[float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in records if r["split"] == "train"]
+
+
+def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path, monkeypatch):
+    """``decay_over: time``: the linear decay follows the clock (10 s per step here), and the
+    run stops on its 60 s budget at step 7, its rate at the floor."""
+    from tformer.training.schedule import lr_factor
+
+    _TrainingTime(monkeypatch)
     config = load_config(None, overrides(data_files, tmp_path / "run", **{
-        "train.max_steps": 100000, "train.max_minutes": 0.12, "train.schedule": "linear",
+        "train.max_steps": 100000, "train.max_minutes": 1.0, "train.schedule": "linear",
         "train.decay_over": "time", "train.warmup_steps": 2, "train.log_every": 1,
         "train.eval_every": 100000, "train.lr": 1e-3}))
     result = train(config)
-    assert result.stopped_by == "time_limit"
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in records if r["split"] == "train"][2:]
-    assert len(lrs) > 5
-    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
-    assert lrs[0] > 0.5e-3 and lrs[-1] < 0.05e-3
+    assert (result.stopped_by, result.state.step) == ("time_limit", 7)
+    expected = [1e-3 * lr_factor(k, 2, "linear", 100000, progress=10 * k / 60) for k in range(1, 8)]
+    assert _train_lrs(tmp_path / "run") == pytest.approx(expected)
+    assert expected[-1] == 0.0 and expected[1] == pytest.approx(1e-3 * (1 - 20 / 60))
+
+
+def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypatch):
+    """``max_minutes`` and the time-based schedule count across resumes: a run stopped at step
+    4 (of its 90 s budget, with an evaluation there) and resumed stops at the same step 10 as
+    the uninterrupted one, with the same rates and the same weights."""
+    clock = _TrainingTime(monkeypatch)
+    budget = {"train.max_minutes": 1.5, "train.schedule": "linear", "train.decay_over": "time",
+              "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 100000,
+              "train.save_every": 2}
+    whole = train(load_config(None, overrides(data_files, tmp_path / "whole", **{
+        "train.max_steps": 100000, **budget})))
+    clock.now = 0.0
+    parts_args = overrides(data_files, tmp_path / "parts", **{"train.max_steps": 4, **budget})
+    assert train(load_config(None, parts_args)).stopped_by == "max_steps"
+    clock.now = 1000.0  # time between the two processes does not count
+    resumed_args = overrides(data_files, tmp_path / "parts", **{"train.max_steps": 100000,
+                                                                 **budget})
+    resumed = train(load_config(None, resumed_args), resume=True)
+    assert (whole.stopped_by, whole.state.step) == ("time_limit", 10)
+    assert (resumed.stopped_by, resumed.state.step) == ("time_limit", 10)
+    assert resumed.state.elapsed_seconds == whole.state.elapsed_seconds == 100.0
+    assert _train_lrs(tmp_path / "parts") == pytest.approx(_train_lrs(tmp_path / "whole"))
+    assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))

@@ -152,14 +152,16 @@ class DynamicBatcher:
         the job."""
         texts = list(texts)
         self.start()
-        with self._lock:
+        loop = asyncio.get_running_loop()
+        job = _Job(texts, dict(options), loop.create_future(), loop)
+        with self._lock:  # under the lock: never queued behind stop()'s last call
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
             if self._waiting + len(texts) > self.max_queue:
                 raise QueueFull(f"{self._waiting} texts are already waiting; the limit "
                                 f"max_queue is {self.max_queue}")
             self._waiting += len(texts)
-        loop = asyncio.get_running_loop()
-        job = _Job(texts, dict(options), loop.create_future(), loop)
-        self._queue.put(job)
+            self._queue.put(job)
         return job.future
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
@@ -167,7 +169,10 @@ class DynamicBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         item = _Call(fn, loop.create_future(), loop)
-        self._queue.put(item)
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
+            self._queue.put(item)
         return item.future
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -175,9 +180,10 @@ class DynamicBatcher:
         with self._lock:
             self._stopping = True
             thread = self._thread
+            if thread is not None:
+                self._queue.put(_STOP)  # after every job queued before the flag was set
         if thread is None:
             return
-        self._queue.put(_STOP)
         thread.join(timeout)
         if thread.is_alive():
             log.warning("the batcher's worker did not stop within %.0f s", timeout)

@@ -46,12 +46,27 @@ from tformer.serving.batching import (
 log = logging.getLogger(__name__)
 
 
+#: Generation-config settings under which ``generate()``'s greedy search is plain argmax
+#: (no logits processor): this path does nothing else, so anything else goes to ``generate()``.
+_PLAIN = {"repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_tokens": (None, 0),
+          "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+          "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+          "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+          "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+          "encoder_repetition_penalty": (None, 1.0)}
+
+
 def supports_continuous(seq2seq) -> bool:
-    """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives)."""
+    """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives)
+    whose generation config asks for nothing but plain greedy search."""
     from tformer.hf import TformerForConditionalGeneration
 
-    return getattr(seq2seq, "engine", None) == "torch" and isinstance(
-        getattr(seq2seq, "model", None), TformerForConditionalGeneration)
+    model = getattr(seq2seq, "model", None)
+    if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
+            model, TformerForConditionalGeneration):
+        return False
+    generation = model.generation_config
+    return all(getattr(generation, name, None) in plain for name, plain in _PLAIN.items())
 
 
 def is_greedy(options: dict) -> bool:
@@ -198,58 +213,84 @@ class _Rows:
 class ContinuousBatcher(DynamicBatcher):
     """`DynamicBatcher`'s interface (``submit``, ``call``, ``stop``, ``stats``) with per-step
     scheduling for greedy requests to the own Transformer; see the module's docstring.
-    ``max_wait_ms`` applies to the whole-batch path only: a greedy request joins the running
-    batch at the next step, without waiting for company."""
+    A greedy request joins the running batch at the next step, without waiting for company;
+    ``max_wait_ms`` applies to whole-batch jobs (beam search, sampling) when nothing decodes.
+    ``stop()`` takes no newcomers and finishes the rows in flight."""
 
     mode = "continuous"
 
     def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if not supports_continuous(seq2seq):
-            raise ValueError("continuous batching drives tformer's own Transformer; this model "
-                             f"is {type(getattr(seq2seq, 'model', seq2seq)).__name__}")
+            raise ValueError("continuous batching drives tformer's own Transformer with plain "
+                             "greedy search; this model is "
+                             f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or its "
+                             "generation config adds logits processors)")
         super().__init__(seq2seq, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue)
-        config = seq2seq.model.config
-        self.transformer = seq2seq.model.model
-        self.start_id, self.eos_id = config.decoder_start_token_id, config.eos_token_id
-        self.pad_id = config.pad_token_id
-        self.stats.update(steps=0, row_steps=0)
+        model = seq2seq.model.eval()  # no dropout, whatever state it was handed over in
+        generation = model.generation_config
+        self.transformer = model.model
+        self.start_id = (generation.decoder_start_token_id
+                         if generation.decoder_start_token_id is not None
+                         else model.config.decoder_start_token_id)
+        eos = generation.eos_token_id if generation.eos_token_id is not None else (
+            model.config.eos_token_id)
+        self.eos_ids = set(eos) if isinstance(eos, list | tuple) else {eos}
+        self.pad_id = model.config.pad_token_id
+        embeddings = self.transformer.tgt_embed
+        self.max_positions = embeddings.max_positions if embeddings.learned is not None else None
+        #: steps: decoder steps; row_steps: rows decoded over all steps; joined: rows admitted
+        #: while others were decoding.
+        self.stats.update(steps=0, row_steps=0, joined=0)
 
     def _continuous(self, job: _Job) -> bool:
-        return is_greedy(job.options) and len(job.texts) <= self.max_batch_size
+        """Greedy, fits a batch, and (learned positions) fits the position table: a request
+        that fails must fail alone, so one that would overrun goes to ``generate()``."""
+        n = job.options.get("max_new_tokens", 0)
+        return (is_greedy(job.options) and len(job.texts) <= self.max_batch_size
+                and (self.max_positions is None or n <= self.max_positions))
 
     # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
         rows: _Rows | None = None
-        while True:
-            admitted, stop = self._gather(rows)
-            if stop:
-                break
-            try:
-                with torch.inference_mode():
-                    if admitted:  # the new rows' first step
-                        rows = self._admit(rows, admitted)
-                    if rows is not None:  # everyone's next step: nobody waits on newcomers
+        stopping = False
+        while not (stopping and rows is None):  # once stopping: no newcomers, finish the rows
+            admitted: list[_Request] = []
+            if not stopping:
+                try:
+                    admitted, stopping = self._gather(rows)
+                except Exception:  # a bug here must not kill the only worker
+                    log.exception("batcher round failed")
+            if admitted:
+                try:
+                    with torch.inference_mode():
+                        rows = self._admit(rows, admitted)  # leaves ``rows`` alone if it fails
+                except Exception as error:  # e.g. a text the encoder cannot take: its own fault
+                    log.exception("admitting %d requests failed", len(admitted))
+                    self._fail(admitted, error)
+            if rows is not None:
+                try:
+                    with torch.inference_mode():
                         rows = self._step(rows)
-            except Exception as error:  # a bug here must not kill the only worker
-                log.exception("continuous batching step failed")
-                failed = {id(r): r for r in ([] if rows is None else rows.requests)}
-                failed.update({id(r): r for r in admitted})
-                self.stats["failed"] += len(failed)
-                for request in failed.values():
-                    _settle(request.job, error=error)
-                rows = None
-        requests = {id(r): r for r in ([] if rows is None else rows.requests)}
-        for request in requests.values():
-            _settle(request.job, error=BatcherStopped("the server is shutting down"))
+                except Exception as error:
+                    log.exception("a decoding step failed")
+                    self._fail(rows.requests, error)
+                    rows = None
         for item in [*self._carry, *self._drain()]:
             if item is not _STOP:
                 _settle(item, error=BatcherStopped("the server is shutting down"))
 
+    def _fail(self, requests: list[_Request], error: BaseException) -> None:
+        unique = {id(r): r for r in requests}.values()
+        self.stats["failed"] += len(unique)
+        for request in unique:
+            _settle(request.job, error=error)
+
     def _gather(self, rows: _Rows | None) -> tuple[list[_Request], bool]:
-        """New requests for the running batch, as many as fit; whole-batch jobs and other
-        calls run here, between two steps. Blocks only when nothing is running."""
+        """New requests for the running batch, as many as fit (blocks only when nothing runs).
+        A whole-batch job (with the queued jobs of the same options) or another call runs here,
+        one per step, so the running rows never wait for more than one of them."""
         admitted: list[_Request] = []
         room = self.max_batch_size - (len(rows) if rows is not None else 0)
         while room > 0:
@@ -261,18 +302,40 @@ class ContinuousBatcher(DynamicBatcher):
                 return admitted, True
             if isinstance(item, _Call):
                 self._run_call(item)
-            elif not self._continuous(item):
-                self._run_round([item])
-            elif len(item.texts) > room:
+                break
+            if not self._continuous(item):
+                self._run_round(self._same_options(item, wait=idle))
+                break
+            if len(item.texts) > room:
                 self._carry.appendleft(item)  # first in line at the next step
                 break
-            else:
-                with self._lock:
-                    self._waiting -= len(item.texts)
-                admitted.append(_Request(item, time.monotonic(), [None] * len(item.texts),
-                                         len(item.texts)))
-                room -= len(item.texts)
+            with self._lock:
+                self._waiting -= len(item.texts)
+            admitted.append(_Request(item, time.monotonic(), [None] * len(item.texts),
+                                     len(item.texts)))
+            room -= len(item.texts)
         return admitted, False
+
+    def _same_options(self, first: _Job, wait: bool) -> list[_Job]:
+        """``first`` and the queued jobs with its options, up to ``max_batch_size`` texts: one
+        ``generate()`` call. It waits up to ``max_wait_ms`` for more only when no rows are
+        decoding; everything else taken meanwhile goes back in line, in order."""
+        group, size, others = [first], len(first.texts), []
+        deadline = time.monotonic() + (self.max_wait_s if wait else 0.0)
+        while size < self.max_batch_size:
+            item = self._take(deadline - time.monotonic())
+            if item is None:
+                break
+            if (isinstance(item, _Job) and item.key == first.key
+                    and size + len(item.texts) <= self.max_batch_size):
+                group.append(item)
+                size += len(item.texts)
+                continue
+            others.append(item)
+            if item is _STOP:
+                break
+        self._carry.extendleft(reversed(others))
+        return group
 
     def _admit(self, rows: _Rows | None, requests: list[_Request]) -> _Rows:
         """Encode the new texts and join them to ``rows`` with an empty history: their first
@@ -304,6 +367,7 @@ class ContinuousBatcher(DynamicBatcher):
         )
         if rows is None:
             return new
+        self.stats["joined"] += len(new)
         return _Rows(rows.requests + new.requests, rows.slots + new.slots,
                      rows.tokens + new.tokens, rows.max_new + new.max_new,
                      torch.cat([rows.last, new.last]), torch.cat([rows.length, new.length]),
@@ -337,7 +401,7 @@ class ContinuousBatcher(DynamicBatcher):
                     request.remaining = 0
                     self.stats["dropped"] += 1
                 continue
-            if tokens[-1] != self.eos_id and len(tokens) < rows.max_new[i]:
+            if tokens[-1] not in self.eos_ids and len(tokens) < rows.max_new[i]:
                 keep.append(i)
                 continue
             request.outputs[slot] = self.seq2seq.tokenizer.decode(

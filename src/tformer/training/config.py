@@ -181,6 +181,8 @@ class TrainSection:
                 raise ConfigError(
                     f"train.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes!r}")
         if self.decay_over == "time":
             if self.max_minutes is None:
                 raise ConfigError("train.decay_over: time needs train.max_minutes (the horizon)")

@@ -117,7 +117,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
-    clock.window = window
+    clock.start(state)
     model.train()
     try:
         while state.step < t.max_steps:
@@ -158,6 +158,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
             if evaluated:
                 improved = maybe_evaluate(model, tokenizer, data, config, state, accelerator,
                                           logger)
+                clock.sync()
                 last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
                                        accelerator, config, improved)
                 if _patience_exhausted(state, t.early_stopping_patience):
@@ -167,6 +168,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                     stopped_by = "time_limit"
                     break
             elif t.save_every and state.step % t.save_every == 0:
+                clock.sync()
                 last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
                                        accelerator, config, False)
             if interrupted.requested:
@@ -174,11 +176,13 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     except KeyboardInterrupt:
         stopped_by = "interrupted"
         if state.step > 0:
+            clock.sync()
             last_ckpt = maybe_save(ckpt_dir, model, tokenizer, optimizer, scheduler, state,
                                    accelerator, config, False)
             log.warning("interrupted at step %d; saved %s (resume with --resume)", state.step,
                         last_ckpt)
     finally:
+        clock.sync()
         interrupted.restore()
         progress.close()
         logger.close()
@@ -507,18 +511,28 @@ def _write_summary(run_dir: Path, state: TrainState, best, last, stopped_by: str
 
 
 class _RunClock:
-    """Wall-clock seconds spent in the training loop, evaluations included, summed over resumes
-    (``TrainState.elapsed_seconds`` travels in the checkpoint): the clock of ``max_minutes`` and
-    of a schedule that decays over time."""
+    """Wall-clock seconds spent in the training loop, evaluations included, summed over resumes:
+    the clock of ``max_minutes`` and of a schedule that decays over time. ``sync`` folds the
+    time since the last sync into ``TrainState.elapsed_seconds``; the loop syncs right before
+    every checkpoint, so a resumed run goes on from the very second its checkpoint was taken."""
 
     def __init__(self) -> None:
-        self.window: _Window | None = None
+        self.state: TrainState | None = None
+        self.mark = 0.0
         self.progress = 0.0  # fraction of the time budget, as of the last optimizer step
 
+    def start(self, state: TrainState) -> None:
+        self.state, self.mark = state, time.perf_counter()
+
     def seconds(self) -> float:
-        if self.window is None:
+        if self.state is None:
             return 0.0
-        return self.window.state.elapsed_seconds + time.perf_counter() - self.window.start
+        return self.state.elapsed_seconds + time.perf_counter() - self.mark
+
+    def sync(self) -> None:
+        now = time.perf_counter()
+        self.state.elapsed_seconds += now - self.mark
+        self.mark = now
 
 
 def _time_progress(clock: _RunClock, t) -> float | None:
@@ -540,16 +554,16 @@ class _Window:
         self.losses.append(loss)
 
     def flush(self, accelerator: Accelerator, lr: float) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        elapsed = now - self.start
         tokens = self.tokens
         if accelerator.num_processes > 1:
             tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device),
                                             "sum"))
         self.state.tokens_seen += tokens
-        self.state.elapsed_seconds += elapsed
         record = {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr,
                   "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens_seen": self.state.tokens_seen}
-        self.losses, self.tokens, self.start = [], 0, time.perf_counter()
+        self.losses, self.tokens, self.start = [], 0, now
         return record
 
 
