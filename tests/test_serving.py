@@ -378,10 +378,10 @@ def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq,
     assert len(set(singles)) > 3  # different outputs: a row mix-up would show
     assert beam.outputs == [seq2seq.generate(texts[0], max_new_tokens=NEW, num_beams=2)]
     stats = batcher.stats
-    assert stats["largest_batch"] == 4 and stats["generate_calls"] == 1, stats
+    assert 2 <= stats["largest_batch"] <= 4 and stats["generate_calls"] == 1, stats
     assert stats["texts"] == 16 and stats["steps"] < stats["row_steps"], stats  # 12 + 3 + beam
     assert stats["joined"] > 0, stats  # rows joined a batch that was already decoding
-    assert max(r.batch_inputs for r in results) == 4
+    assert 2 <= max(r.batch_inputs for r in results) <= 4  # never more rows than the limit
 
 
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):
@@ -409,7 +409,8 @@ def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq,
     (whole, _), (kept, stats) = asyncio.run(run(False)), asyncio.run(run(True))
     assert kept == [whole[0], whole[2]]
     assert stats["dropped"] == 1 and stats["texts"] == 2, stats
-    assert stats["steps"] == 40 and stats["row_steps"] < 3 * 40, stats  # it left mid-way
+    # (the three may be admitted over up to three steps, hence 40-42 steps in all)
+    assert 40 <= stats["steps"] <= 42 and stats["row_steps"] < 3 * 40, stats  # it left mid-way
 
 
 def test_continuous_batching_stop_finishes_the_rows_in_flight(seq2seq, texts):
@@ -578,9 +579,13 @@ def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts, batching):
                      for t in stayers]
 
             async def impatient():  # gives up after 50 ms, inside the batching window
-                with pytest.raises(httpx.TimeoutException):
+                try:
                     await c.post("/v1/generate", json={"inputs": [texts[7]], "max_new_tokens": NEW},
                                  timeout=0.05)
+                except httpx.TimeoutException:
+                    return
+                # Continuous batching has no window: the answer may come within the 50 ms.
+                assert batching == "continuous", "the request should have outlasted its timeout"
 
             leaver = asyncio.to_thread(_send_and_leave, url,
                                        {"inputs": [texts[8]], "max_new_tokens": NEW})
