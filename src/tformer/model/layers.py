@@ -88,12 +88,12 @@ class Embeddings(nn.Module):
         steps = torch.arange(ids.size(1), device=ids.device)
         if isinstance(offset, Tensor):
             positions = offset.to(ids.device)[:, None] + steps  # (B, T)
-            last = int(positions.max()) if positions.numel() else 0
         else:
             positions = (offset + steps)[None]  # (1, T)
-            last = offset + ids.size(1) - 1
         x = self.token(ids) * self.scale
         if self.learned is not None:
+            # (read back only here: on a GPU, .max() of a tensor waits for the device)
+            last = int(positions.max()) if positions.numel() else 0
             if last >= self.max_positions:
                 raise ValueError(
                     f"sequence of length {last + 1} exceeds max_positions="
