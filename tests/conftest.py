@@ -44,3 +44,35 @@ def reference_run(data_files, tmp_path_factory) -> Path:
     result = train(load_config(None, tiny_overrides(data_files, out)))
     assert result.stopped_by == "max_steps" and result.state.step == 12
     return out
+
+
+def build_tiny_t5(corpus: Path, out: Path, scale: float = 1.0) -> Path:
+    """A random T5 (d_model 32, 2+2 layers, about 60k parameters) with a SentencePiece unigram
+    tokenizer trained on ``corpus`` (ids as T5's: <pad> 0, </s> 1, <unk> 2), saved as a Hugging
+    Face directory ``out``. ``scale`` multiplies every weight but the relative attention bias,
+    so that outputs vary from input to input."""
+    import sentencepiece
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    spm = out.with_name(out.name + "-spm")
+    spm.mkdir(parents=True)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(spm / "spiece"), vocab_size=500,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+        minloglevel=2,
+    )
+    # transformers converts spiece.model to a `tokenizers` Unigram (as for google-t5/t5-small)
+    tokenizer = T5Tokenizer.from_pretrained(str(spm), extra_ids=0)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_heads=4,
+                      d_kv=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(config)
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "relative_attention_bias" not in name:
+                    parameter.mul_(scale)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -20,7 +20,7 @@ from tformer.ct2.own_spec import NotExportableError, check_exportable  # noqa: E
 from tformer.metrics import chrf  # noqa: E402
 from tformer.model import TransformerConfig  # noqa: E402
 
-from .conftest import SHARED_DATA, tiny_overrides  # noqa: E402
+from .conftest import SHARED_DATA, build_tiny_t5, tiny_overrides  # noqa: E402
 
 # Beam search is compared with early_stopping=True: CTranslate2 stops once num_beams
 # hypotheses are finished, which is generate(early_stopping=True) (see tformer.ct2.engine).
@@ -130,31 +130,12 @@ def random_own_model(directory: Path, tokenizer, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
-    """A random T5 (d_model 32) with a SentencePiece unigram tokenizer, as test_pretrained
-    builds it; weights ×4 (not the relative attention bias) so outputs vary."""
-    import sentencepiece
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
-
+    """A random T5 (``build_tiny_t5``), weights ×4 (not the relative attention bias) so outputs
+    vary."""
     root = tmp_path_factory.mktemp("t5")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(r[k] for r in multi30k(400) for k in ("source", "target")))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(root / "spiece"), vocab_size=500,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
-        minloglevel=2,
-    )
-    tokenizer = T5Tokenizer.from_pretrained(str(root), extra_ids=0)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_heads=4,
-                      d_kv=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    model = T5ForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_attention_bias" not in name:
-                p.mul_(4)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model"
+    return build_tiny_t5(corpus, root / "model", scale=4.0)
 
 
 @pytest.fixture(scope="module")

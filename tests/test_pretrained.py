@@ -22,7 +22,7 @@ from tformer.evaluation import evaluate
 from tformer.training import load_config, train
 from tformer.training.config import ConfigError
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, build_tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,28 +47,8 @@ def dialogs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def t5_dir(dialogs, tmp_path_factory) -> Path:
-    """A random 60k-parameter T5 and a SentencePiece unigram tokenizer (ids as T5's: <pad> 0,
-    </s> 1, <unk> 2), saved as a Hugging Face directory."""
-    import sentencepiece
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
-
-    root = tmp_path_factory.mktemp("t5")
-    spm = root / "spm"
-    spm.mkdir()
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(dialogs["corpus"]), model_prefix=str(spm / "spiece"), vocab_size=500,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
-        minloglevel=2,
-    )
-    # transformers converts spiece.model to a `tokenizers` Unigram (as for google-t5/t5-small)
-    tokenizer = T5Tokenizer.from_pretrained(str(spm), extra_ids=0)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2, num_heads=4,
-                      d_kv=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    model_dir = root / "tiny-t5"
-    T5ForConditionalGeneration(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    """A random 60k-parameter T5 and its SentencePiece tokenizer (``build_tiny_t5``)."""
+    return build_tiny_t5(dialogs["corpus"], tmp_path_factory.mktemp("t5") / "tiny-t5")
 
 
 @pytest.fixture(scope="module")

@@ -132,9 +132,9 @@ class RowCache:
                  right: int | None = None) -> Tensor:
         """Columns [start, end) of ``x`` (B, H, C, Dh) in a new buffer of ``capacity`` columns,
         ending at column ``right`` (default: starting at 0); only ``rows`` if given."""
-        if rows is not None:
-            x = x.index_select(0, rows)
         n = end - start
+        if rows is not None:  # the kept columns first: no copy of the unused capacity
+            x, start, end = x[:, :, start:end].index_select(0, rows), 0, n
         right = n if right is None else right
         out = x.new_zeros(x.size(0), x.size(1), capacity, x.size(3))
         out[:, :, right - n:right] = x[:, :, start:end]
