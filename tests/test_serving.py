@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -382,6 +383,55 @@ def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq,
     assert stats["texts"] == 16 and stats["steps"] < stats["row_steps"], stats  # 12 + 3 + beam
     assert stats["joined"] > 0, stats  # rows joined a batch that was already decoding
     assert 2 <= max(r.batch_inputs for r in results) <= 4  # never more rows than the limit
+
+
+@torch.inference_mode()
+def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
+    """The continuous batcher's steps driven by hand (no worker involved): rows join a batch
+    that is decoding, leave it from the middle (a later row is moved into the freed slot), a
+    longer source than any before makes the source buffers grow, and 40 steps make the history
+    buffers grow past their first 32 columns. Every row's tokens equal greedy decoding of its
+    text alone, checked against a plain forward pass with no cache (teacher forcing on the
+    tokens produced: each must be the argmax after its prefix)."""
+    from tformer.serving.batching import _Job
+    from tformer.serving.continuous import ContinuousBatcher, SlotCache, _Request
+
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=4, max_wait_ms=0, max_queue=100)
+    batcher.eos_ids = set()  # every row decodes exactly its max_new_tokens
+    by_length = sorted(texts[:12], key=len)
+    schedule = [  # (steps to run first, texts to admit with their max_new_tokens)
+        (0, [(by_length[0], 40), (by_length[1], 3)]),
+        (2, [(by_length[-1], 10)]),  # the longest source: source buffers grow
+        (2, [(by_length[2], 5), (by_length[3], 7)]),  # into the slot freed in the middle
+        (5, [(by_length[4], 6)]),  # after the row of 5 tokens has left
+    ]
+    loop = asyncio.new_event_loop()  # never run: the answers are read from the rows' tokens
+    tokens_of, sizes, rows = {}, [], None
+    try:
+        for steps, group in schedule + [(99, [])]:
+            for _ in range(steps):
+                if rows is not None:
+                    rows = batcher._step(rows)
+                    sizes.append(len(rows) if rows is not None else 0)
+            if group:
+                rows = batcher._admit(rows, [
+                    _Request(_Job([t], {**GREEDY, "max_new_tokens": n}, loop.create_future(),
+                                  loop), time.monotonic(), [None], 1) for t, n in group])
+                tokens_of.update({r.job.texts[0]: tokens  # the same list grows step by step
+                                  for r, tokens in zip(rows.requests, rows.tokens)})
+    finally:
+        batcher.stop()
+        loop.close()
+    model = seq2seq.model.model
+    assert rows is None and sizes[-1] == 0 and max(sizes) == 4, sizes
+    assert batcher.stats["joined"] == 4, batcher.stats
+    assert batcher._cache.self_kv[0][0].size(2) > SlotCache.HEADROOM  # the history grew
+    for (text, n) in [pair for _, group in schedule for pair in group]:
+        tokens = tokens_of[text]
+        assert len(tokens) == n
+        src = torch.tensor(seq2seq.tokenizer([text])["input_ids"])
+        prefix = torch.tensor([[batcher.start_id] + tokens[:-1]])
+        assert model(src, prefix).logits.argmax(-1)[0].tolist() == tokens, text
 
 
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):
