@@ -63,6 +63,8 @@ class Scenario:
     outputs: dict[str, str]
     errors: int
     output_tokens: list[int]
+    client_cpu_s: float = 0.0  # CPU time of this process (the load generator)
+    server_cpu_s: float = 0.0  # CPU time of the server process (Linux /proc; else 0)
 
     @property
     def rps(self) -> float:
@@ -71,6 +73,15 @@ class Scenario:
     def pct(self, q: float) -> float:
         data = sorted(self.latencies_ms)
         return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 where /proc is not there)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def free_port() -> int:
@@ -122,8 +133,8 @@ class Server:
         self.log.close()
 
 
-async def drive(url: str, texts: list[str], clients: int, requests: int, max_new_tokens: int,
-                name: str, start: int = 0, warm_up: bool = False) -> Scenario:
+async def drive(server: Server, texts: list[str], clients: int, requests: int,
+                max_new_tokens: int, name: str, start: int = 0, warm_up: bool = False) -> Scenario:
     """``requests`` requests (one text each, from ``texts[start]`` on, cycling) from
     ``clients`` closed-loop clients."""
     jobs = asyncio.Queue()
@@ -148,15 +159,19 @@ async def drive(url: str, texts: list[str], clients: int, requests: int, max_new
             outputs[text] = body["outputs"][0]
             lengths.append((body["output_tokens"] or [0])[0])
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as c:
         if warm_up:
             await asyncio.gather(*(c.post("/v1/generate", json={
                 "inputs": [texts[i % len(texts)]], "max_new_tokens": max_new_tokens})
                 for i in range(clients)))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
+        server_cpu = process_cpu_seconds(server.process.pid)
         await asyncio.gather(*(client(c) for _ in range(clients)))
         seconds = time.perf_counter() - started
-    return Scenario(name, clients, seconds, latencies, batches, outputs, errors, lengths)
+        cpu, server_cpu = (time.process_time() - cpu,
+                           process_cpu_seconds(server.process.pid) - server_cpu)
+    return Scenario(name, clients, seconds, latencies, batches, outputs, errors, lengths, cpu,
+                    server_cpu)
 
 
 def merge(parts: list[Scenario]) -> Scenario:
@@ -167,7 +182,8 @@ def merge(parts: list[Scenario]) -> Scenario:
     return Scenario(parts[0].name, parts[0].clients, sum(p.seconds for p in parts),
                     [x for p in parts for x in p.latencies_ms],
                     [x for p in parts for x in p.batch_sizes], outputs, sum(p.errors for p in parts),
-                    [x for p in parts for x in p.output_tokens])
+                    [x for p in parts for x in p.output_tokens],
+                    sum(p.client_cpu_s for p in parts), sum(p.server_cpu_s for p in parts))
 
 
 def read_texts(path: Path, limit: int) -> list[str]:
@@ -217,12 +233,15 @@ def random_checkpoint(source: str, size: str, out: Path) -> str:
 
 def report(rows: list[Scenario]) -> None:
     print(f"{'scenario':<34}{'clients':>8}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'mean batch':>11}{'out tok':>8}{'errors':>7}")
-    print("-" * 104)
+          f"{'mean batch':>11}{'out tok':>8}{'errors':>7}{'CPU srv':>8}{'CPU cli':>8}")
+    print("-" * 120)
     for s in rows:
         print(f"{s.name:<34}{s.clients:>8}{len(s.latencies_ms):>9}{s.rps:>9.2f}{s.pct(50):>9.1f}"
               f"{s.pct(99):>9.1f}{statistics.fmean(s.batch_sizes):>11.2f}"
-              f"{statistics.fmean(s.output_tokens):>8.1f}{s.errors:>7}")
+              f"{statistics.fmean(s.output_tokens):>8.1f}{s.errors:>7}"
+              f"{s.server_cpu_s / s.seconds:>8.0%}{s.client_cpu_s / s.seconds:>8.0%}")
+    print("CPU srv / CPU cli: CPU time of the server / of the load generator over the "
+          "scenario's wall time (100% = one core busy)")
 
 
 def main() -> None:
@@ -273,7 +292,7 @@ def main() -> None:
                 for name, server, clients, total in (plan if r % 2 == 0 else plan[::-1]):
                     n = total // args.rounds
                     parts[name].append(asyncio.run(drive(
-                        server.url, texts, clients, n, args.max_new_tokens, name, start=r * n,
+                        server, texts, clients, n, args.max_new_tokens, name, start=r * n,
                         warm_up=r == 0)))
         rows = [merge(parts[name]) for name, *_ in plan]
         print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -463,6 +463,48 @@ def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq,
     assert 40 <= stats["steps"] <= 42 and stats["row_steps"] < 3 * 40, stats  # it left mid-way
 
 
+def test_continuous_batching_a_failed_admission_fails_only_its_request(seq2seq, texts):
+    """A newcomer whose encoding fails while another row decodes gets the error; the row
+    already decoding and a later newcomer are answered as in a run without the failure.
+    (End-of-sequence is off: every row decodes for 30 steps.)"""
+    from tformer.serving.continuous import ContinuousBatcher
+
+    options = {**GREEDY, "max_new_tokens": 30}
+
+    async def run(fail: bool):
+        batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+        batcher.eos_ids = set()
+        encode, calls = batcher._encode, []
+
+        def broken(*args):
+            calls.append(batcher.stats["steps"])
+            if fail and len(calls) == 2:
+                raise RuntimeError("the encoder broke")
+            return encode(*args)
+
+        batcher._encode = broken
+        try:
+            first = batcher.submit([texts[0]], options)
+            while batcher.stats["steps"] < 2:
+                await asyncio.sleep(0.001)
+            second = batcher.submit([texts[1]], options)
+            if fail:
+                with pytest.raises(RuntimeError, match="encoder broke"):
+                    await second
+            while batcher.stats["steps"] < 5:
+                await asyncio.sleep(0.001)
+            third = batcher.submit([texts[2]], options)
+            outputs = [(await f).outputs[0] for f in (first, third)]
+            return outputs, dict(batcher.stats), calls
+        finally:
+            batcher.stop()
+
+    (whole, _, _), (kept, stats, calls) = asyncio.run(run(False)), asyncio.run(run(True))
+    assert kept == whole
+    assert calls[1] >= 2, calls  # it failed while the first row was decoding
+    assert stats["failed"] == 1 and stats["texts"] == 2, stats
+
+
 def test_continuous_batching_stop_finishes_the_rows_in_flight(seq2seq, texts):
     from tformer.serving.batching import BatcherStopped
     from tformer.serving.continuous import ContinuousBatcher

@@ -3,11 +3,11 @@
 Dynamic batching (`tformer.serving.batching`) runs one ``generate()`` per round: a request that
 arrives while a batch is decoding waits for it to end, and every text of a batch waits for the
 longest one. Continuous (iteration-level) batching, as in Orca (Yu et al., OSDI 2022), schedules
-per step instead. One worker thread owns the model and loops:
+per step instead. One worker thread owns the running batch and loops:
 
 1. **admit** waiting requests while the batch has room (``max_batch_size`` texts): encode them
-   together, compute their cross-attention keys and values, and append their rows to the
-   running batch with an empty history;
+   together, compute their cross-attention keys and values, and give them free slots with an
+   empty history;
 2. **step**: one decoder step for every running row, each at its own position;
 3. **retire** the rows that produced EOS or reached their ``max_new_tokens`` (or whose client
    left): a request is answered as soon as its own texts are done.
@@ -310,11 +310,9 @@ class ContinuousBatcher(DynamicBatcher):
                     log.exception("batcher round failed")
             if admitted:
                 try:
-                    with torch.inference_mode():
-                        rows = self._admit(rows, admitted)  # leaves ``rows`` alone if it fails
+                    rows = self._admit(rows, admitted)  # leaves ``rows`` alone if it fails
                 except Exception as error:  # e.g. a text the encoder cannot take: its own fault
-                    log.exception("admitting %d requests failed", len(admitted))
-                    self._fail(admitted, error)
+                    self._admission_failed(admitted, error)
             if rows is not None:
                 try:
                     with torch.inference_mode():
@@ -327,6 +325,10 @@ class ContinuousBatcher(DynamicBatcher):
         for item in [*self._carry, *self._drain()]:
             if item is not _STOP:
                 _settle(item, error=BatcherStopped("the server is shutting down"))
+
+    def _admission_failed(self, requests: list[_Request], error: BaseException) -> None:
+        log.exception("admitting %d requests failed", len(requests), exc_info=error)
+        self._fail(requests, error)
 
     def _fail(self, requests: list[_Request], error: BaseException) -> None:
         unique = {id(r): r for r in requests}.values()
@@ -387,31 +389,47 @@ class ContinuousBatcher(DynamicBatcher):
     def _admit(self, rows: _Rows | None, requests: list[_Request]) -> _Rows:
         """Encode the new texts and join them to ``rows`` with an empty history: their first
         decoder step (from the start token) is the next step of the whole batch."""
+        return self._join(rows, requests, self._encode(*self._tokenize(requests)))
+
+    def _tokenize(self, requests: list[_Request]) -> tuple[Tensor, Tensor]:
+        """The new texts as source ids and mask (k, S)."""
         ids: list[list[int]] = []
         for request in requests:
             options = request.job.options
             ids += self.seq2seq.tokenizer(request.job.texts, truncation=True,
                                           max_length=options.get("max_source_length"))["input_ids"]
-        device = self.transformer.src_embed.token.weight.device
         width = max(1, max(len(x) for x in ids))
         source = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         source_mask = torch.zeros(len(ids), width, dtype=torch.bool)
         for i, x in enumerate(ids):
             source[i, : len(x)] = torch.tensor(x, dtype=torch.long)
             source_mask[i, : max(len(x), 1)] = True  # an empty text still has one position
+        return source, source_mask
+
+    @torch.inference_mode()
+    def _encode(self, source: Tensor, source_mask: Tensor) -> tuple[dict, Tensor, Tensor]:
+        """Encoder output (k, S, D) and cross-attention keys and values of the new texts."""
+        device = self.transformer.src_embed.token.weight.device
         source, source_mask = source.to(device), source_mask.to(device)
         memory = self.transformer.encode(source, source_mask).hidden
         cross = {i: layer.cross_attn.memory_kv(memory)
                  for i, layer in enumerate(self.transformer.decoder.layers)}
-        last = torch.full((len(ids),), self.start_id, dtype=torch.long, device=device)
+        return cross, memory, source_mask
+
+    @torch.inference_mode()
+    def _join(self, rows: _Rows | None, requests: list[_Request],
+              encoded: tuple[dict, Tensor, Tensor]) -> _Rows:
+        cross, memory, source_mask = encoded
+        k = source_mask.size(0)
+        last = torch.full((k,), self.start_id, dtype=torch.long, device=memory.device)
         self._cache.join(cross, memory, source_mask)  # the last thing that can fail
         if rows is not None:
-            self.stats["joined"] += len(ids)
+            self.stats["joined"] += k
         old = rows if rows is not None else _Rows([], [], [], [], last[:0], self._cache)
         return _Rows(
             requests=old.requests + [r for r in requests for _ in r.job.texts],
             slots=old.slots + [i for r in requests for i in range(len(r.job.texts))],
-            tokens=old.tokens + [[] for _ in ids],
+            tokens=old.tokens + [[] for _ in range(k)],
             max_new=old.max_new + [r.job.options["max_new_tokens"] for r in requests
                                    for _ in r.job.texts],
             last=torch.cat([old.last, last]),
