@@ -1,0 +1,103 @@
+"""The continuous batcher's costs in-process, without HTTP: one decoder step for 1, 4 and 16
+running rows, and admitting one newcomer into 15 running rows (tokenize, encode, join).
+
+    .venv/bin/python bench/serve_step.py CHECKPOINT [--threads 1]
+
+End-of-sequence is switched off so that every row keeps decoding; each figure is the best of
+``--repeats`` runs of ``--steps`` steps, taken after 10 warm-up steps. The ratio of a 16-row
+step to a 1-row step is the floor under the serving benchmark's p99 ratio
+(`bench/serve_load.py`): under 16 closed-loop clients a request's latency is its steps at the
+cost of a batch step, plus the admissions that come between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+import tformer  # noqa: E402
+from tformer.serving.batching import _Job  # noqa: E402
+from tformer.serving.continuous import ContinuousBatcher, _Request  # noqa: E402
+
+DEFAULT_INPUTS = ROOT.parent / "shared" / "data" / "multi30k" / "val.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--inputs", type=Path, default=DEFAULT_INPUTS)
+    parser.add_argument("--random-init", metavar="SIZE", default=None,
+                        help="time a freshly initialised model of this size (e.g. base) with "
+                        "the checkpoint's tokenizer, as bench/serve_load.py does")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint
+    if args.random_init:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from serve_load import random_checkpoint
+
+        scratch = tempfile.TemporaryDirectory()  # removed when the script ends
+        checkpoint = random_checkpoint(checkpoint, args.random_init, Path(scratch.name) / "random")
+    seq2seq = tformer.load(checkpoint)
+    texts = [json.loads(line)["source"] for line in
+             args.inputs.read_text(encoding="utf-8").splitlines()[:32]]
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=16, max_wait_ms=0, max_queue=64)
+    batcher.eos_ids = set()
+    loop = asyncio.new_event_loop()
+
+    def requests(n: int, first: int = 0) -> list[_Request]:
+        return [_Request(_Job([texts[first + i]], {"max_new_tokens": 10**6},
+                              loop.create_future(), loop), time.monotonic(), [None], 1)
+                for i in range(n)]
+
+    def step_ms(n: int) -> float:
+        best = float("inf")
+        for _ in range(args.repeats):
+            rows = batcher._admit(None, requests(n))
+            with torch.inference_mode():
+                for _ in range(10):
+                    rows = batcher._step(rows)
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    rows = batcher._step(rows)
+                best = min(best, (time.perf_counter() - started) / args.steps)
+            batcher._cache.keep([])
+        return best * 1000
+
+    def admit_ms() -> float:
+        best = float("inf")
+        for _ in range(args.repeats * 3):
+            rows = batcher._admit(None, requests(15))
+            started = time.perf_counter()
+            batcher._admit(rows, requests(1, 16))
+            best = min(best, time.perf_counter() - started)
+            batcher._cache.keep([])
+        return best * 1000
+
+    try:
+        steps = {n: step_ms(n) for n in (1, 4, 16)}
+        admit = admit_ms()
+    finally:
+        batcher.stop()
+        loop.close()
+    print(f"checkpoint {checkpoint}; {args.threads} thread(s); torch {torch.__version__}")
+    print("decoder step, ms: " + ", ".join(f"{n} rows {ms:.2f}" for n, ms in steps.items()))
+    print(f"16 rows / 1 row: {steps[16] / steps[1]:.2f}x; admitting 1 newcomer into 15 rows: "
+          f"{admit:.2f} ms ({admit / steps[1]:.2f} single-row steps)")
+
+
+if __name__ == "__main__":
+    main()
