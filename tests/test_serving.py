@@ -387,51 +387,66 @@ def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq,
 
 @torch.inference_mode()
 def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
-    """The continuous batcher's steps driven by hand (no worker involved): rows join a batch
-    that is decoding, leave it from the middle (a later row is moved into the freed slot), a
-    longer source than any before makes the source buffers grow, and 40 steps make the history
-    buffers grow past their first 32 columns. Every row's tokens equal greedy decoding of its
-    text alone, checked against a plain forward pass with no cache (teacher forcing on the
-    tokens produced: each must be the argmax after its prefix)."""
+    """The continuous batcher's steps driven by hand (no worker involved), on a schedule where
+    rows join a batch that is decoding; a row leaves slot 0 and a later row is moved into it;
+    two rows leave at the same step and both freed slots are refilled; a longer source than
+    any before makes the source buffers grow; and a 40-step row makes the history buffers grow
+    past their first 32 columns. At every step, every row's logits equal those of a plain
+    forward pass over its text and the tokens produced so far, with no cache."""
     from tformer.serving.batching import _Job
     from tformer.serving.continuous import ContinuousBatcher, SlotCache, _Request
 
     batcher = ContinuousBatcher(seq2seq, max_batch_size=4, max_wait_ms=0, max_queue=100)
     batcher.eos_ids = set()  # every row decodes exactly its max_new_tokens
     by_length = sorted(texts[:12], key=len)
+    a, b, c, d, e, f = by_length[0], by_length[1], by_length[-1], *by_length[2:5]
     schedule = [  # (steps to run first, texts to admit with their max_new_tokens)
-        (0, [(by_length[0], 40), (by_length[1], 3)]),
-        (2, [(by_length[-1], 10)]),  # the longest source: source buffers grow
-        (2, [(by_length[2], 5), (by_length[3], 7)]),  # into the slot freed in the middle
-        (5, [(by_length[4], 6)]),  # after the row of 5 tokens has left
+        (0, [(a, 3), (b, 8)]),  # slots a0 b1
+        (2, [(c, 6)]),  # the longest source: source buffers grow; a leaves, c moves to slot 0
+        (2, [(d, 40), (e, 6)]),  # slots c0 b1 d2 e3; c and b leave together, d and e move
+        (7, [(f, 5)]),
     ]
+    model, cache = seq2seq.model.model, batcher._cache
+    project, logits, keeps = model.project, [], []
+    model.project = lambda hidden: logits.append(project(hidden)) or logits[-1]  # records
+    keep = cache.keep
+    cache.keep = lambda kept: keeps.append(list(kept)) or keep(kept)
     loop = asyncio.new_event_loop()  # never run: the answers are read from the rows' tokens
-    tokens_of, sizes, rows = {}, [], None
+    tokens_of, seen, rows, widths = {}, {}, None, []
     try:
         for steps, group in schedule + [(99, [])]:
             for _ in range(steps):
+                if rows is None:
+                    break
+                order = [r.job.texts[0] for r in rows.requests]
+                rows = batcher._step(rows)
+                for i, text in enumerate(order):
+                    seen.setdefault(text, []).append(logits[-1][i])
                 if rows is not None:
-                    rows = batcher._step(rows)
-                    sizes.append(len(rows) if rows is not None else 0)
+                    assert cache.history == cache.lengths[: cache.n].tolist()
+                    assert cache.n == len(rows) == len(cache.sources)
             if group:
                 rows = batcher._admit(rows, [
                     _Request(_Job([t], {**GREEDY, "max_new_tokens": n}, loop.create_future(),
                                   loop), time.monotonic(), [None], 1) for t, n in group])
+                widths.append(cache.memory.size(1))
                 tokens_of.update({r.job.texts[0]: tokens  # the same list grows step by step
                                   for r, tokens in zip(rows.requests, rows.tokens)})
     finally:
+        del model.project  # the fixture's model is shared
         batcher.stop()
         loop.close()
-    model = seq2seq.model.model
-    assert rows is None and sizes[-1] == 0 and max(sizes) == 4, sizes
-    assert batcher.stats["joined"] == 4, batcher.stats
-    assert batcher._cache.self_kv[0][0].size(2) > SlotCache.HEADROOM  # the history grew
-    for (text, n) in [pair for _, group in schedule for pair in group]:
+    assert rows is None and batcher.stats["joined"] == 4, batcher.stats  # c, d, e, f
+    assert keeps[:3] == [[1, 2], [2, 3], [0]], keeps  # slot 0 refilled; two leave at once
+    assert widths[1] > widths[0]  # the source buffers grew
+    assert cache.self_kv[0][0].size(2) > SlotCache.HEADROOM  # the history grew
+    for text, n in [pair for _, group in schedule for pair in group]:
         tokens = tokens_of[text]
-        assert len(tokens) == n
+        assert len(tokens) == n == len(seen[text])
         src = torch.tensor(seq2seq.tokenizer([text])["input_ids"])
         prefix = torch.tensor([[batcher.start_id] + tokens[:-1]])
-        assert model(src, prefix).logits.argmax(-1)[0].tolist() == tokens, text
+        torch.testing.assert_close(torch.stack(seen[text]), model(src, prefix).logits[0],
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):
@@ -485,16 +500,14 @@ def test_continuous_batching_a_failed_admission_fails_only_its_request(seq2seq, 
         batcher._encode = broken
         try:
             first = batcher.submit([texts[0]], options)
-            while batcher.stats["steps"] < 2:
-                await asyncio.sleep(0.001)
+            await until(lambda: batcher.stats["steps"] >= 2)
             second = batcher.submit([texts[1]], options)
             if fail:
                 with pytest.raises(RuntimeError, match="encoder broke"):
-                    await second
-            while batcher.stats["steps"] < 5:
-                await asyncio.sleep(0.001)
+                    await asyncio.wait_for(second, 60)
+            await until(lambda: batcher.stats["steps"] >= 5)
             third = batcher.submit([texts[2]], options)
-            outputs = [(await f).outputs[0] for f in (first, third)]
+            outputs = [(await asyncio.wait_for(f, 60)).outputs[0] for f in (first, third)]
             return outputs, dict(batcher.stats), calls
         finally:
             batcher.stop()
@@ -503,6 +516,89 @@ def test_continuous_batching_a_failed_admission_fails_only_its_request(seq2seq, 
     assert kept == whole
     assert calls[1] >= 2, calls  # it failed while the first row was decoding
     assert stats["failed"] == 1 and stats["texts"] == 2, stats
+
+
+async def until(condition, seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail instead of hanging when it never does."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.001)
+
+
+@torch.inference_mode()
+def test_continuous_batching_a_text_that_cannot_be_admitted_fails_alone(seq2seq, texts):
+    """Newcomers are admitted together; when that fails, each is tried alone, so only the one
+    at fault gets the error: the others, and the row already decoding, are answered as
+    generate() answers them, and the cache stays in step with the rows."""
+    from tformer.serving.batching import _Job
+    from tformer.serving.continuous import ContinuousBatcher, _Request
+
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+    tokenize, groups = batcher._tokenize, []
+
+    def broken(requests):
+        groups.append(len(requests))
+        if any(r.job.texts[0] == "BAD" for r in requests):
+            raise ValueError("cannot take BAD")
+        return tokenize(requests)
+
+    batcher._tokenize = broken
+    loop = asyncio.new_event_loop()  # run only to deliver the answers
+    request = lambda text: _Request(_Job([text], {**GREEDY, "max_new_tokens": NEW},  # noqa: E731
+                                         loop.create_future(), loop), time.monotonic(), [None], 1)
+    try:
+        first, bad, good = request(texts[0]), request("BAD"), request(texts[1])
+        rows = batcher._step(batcher._admit_all(None, [first]))
+        rows = batcher._admit_all(rows, [bad, good])
+        assert [r.job.texts[0] for r in rows.requests] == [texts[0], texts[1]]
+        assert batcher._cache.n == len(rows) and groups == [1, 2, 1, 1], groups
+        while rows is not None:
+            rows = batcher._step(rows)
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        batcher.stop()
+        loop.close()
+    with pytest.raises(ValueError, match="BAD"):
+        bad.job.future.result()
+    for r, text in ((first, texts[0]), (good, texts[1])):
+        assert r.job.future.result().outputs == [seq2seq.generate(text, max_new_tokens=NEW)]
+    assert batcher.stats["failed"] == 1, batcher.stats
+
+
+def test_continuous_batching_a_failed_step_fails_its_rows_and_serving_goes_on(seq2seq, texts):
+    """A decoder step that raises fails the requests of the rows in it, resets the cache, and
+    the next request is answered as in a run where nothing failed. (End-of-sequence is off.)"""
+    from tformer.serving.continuous import ContinuousBatcher
+
+    async def run(fail: bool):
+        batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+        batcher.eos_ids = set()
+        step, calls = batcher._step, []
+
+        def broken(rows):
+            calls.append(len(rows))
+            if fail and len(calls) == 3:
+                raise RuntimeError("the step broke")
+            return step(rows)
+
+        batcher._step = broken
+        try:
+            first = batcher.submit([texts[0]], {**GREEDY, "max_new_tokens": 30})
+            if fail:
+                with pytest.raises(RuntimeError, match="step broke"):
+                    await asyncio.wait_for(first, 60)
+            else:
+                await asyncio.wait_for(first, 60)
+            second = batcher.submit([texts[1]], {**GREEDY, "max_new_tokens": 8})
+            outputs = (await asyncio.wait_for(second, 60)).outputs
+        finally:
+            batcher.stop()  # (joins the worker: its last retirement is done)
+        return outputs, dict(batcher.stats), batcher._cache.n
+
+    (whole, _, _), (after, stats, slots) = asyncio.run(run(False)), asyncio.run(run(True))
+    assert after == whole
+    assert stats["failed"] == 1 and stats["texts"] == 1 and slots == 0, (stats, slots)
 
 
 def test_continuous_batching_stop_finishes_the_rows_in_flight(seq2seq, texts):

@@ -93,12 +93,14 @@ def test_cache_with_several_new_positions_at_once():
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("junk_after", [False, True], ids=["padding-before", "padding-after"])
 @pytest.mark.parametrize("overrides", VARIANTS)
 @torch.no_grad()
-def test_rows_of_different_ages_decode_as_if_alone(overrides):
+def test_rows_of_different_ages_decode_as_if_alone(overrides, junk_after):
     """Continuous batching's step: two rows whose histories differ in length share one cache,
-    the shorter left-padded with garbage that ``target_mask`` hides, each at its own position
-    (``positions``); every row's output equals decoding it alone, without a cache."""
+    the shorter padded with garbage that ``target_mask`` hides (before its history, or between
+    its history and its new key, the layout of the serving `SlotCache`), each at its own
+    position (``positions``); every row's output equals decoding it alone, without a cache."""
     m = tiny(**overrides)
     srcs = [torch.randint(4, V, (1, n)) for n in (6, 4)]
     tgts = [torch.randint(4, V, (1, n)) for n in (5, 3)]  # histories of 4 and 2, then one step
@@ -111,14 +113,15 @@ def test_rows_of_different_ages_decode_as_if_alone(overrides):
     for layer, (k0, v0) in caches[0].self_kv.items():
         k1, v1 = caches[1].self_kv[layer]
         junk = torch.randn(1, k1.size(1), 2, k1.size(3)) * 100  # the shorter row's padding
-        batched.self_kv[layer] = (torch.cat([k0, torch.cat([junk, k1], 2)]),
-                                  torch.cat([v0, torch.cat([junk, v1], 2)]))
+        padded = [torch.cat([x, junk] if junk_after else [junk, x], 2) for x in (k1, v1)]
+        batched.self_kv[layer] = (torch.cat([k0, padded[0]]), torch.cat([v0, padded[1]]))
         (c0, d0), (c1, d1) = caches[0].cross_kv[layer], caches[1].cross_kv[layer]
         pad = (0, 0, 0, c0.size(2) - c1.size(2))  # sources of 6 and 4 positions
         batched.cross_kv[layer] = (torch.cat([c0, torch.nn.functional.pad(c1, pad)]),
                                    torch.cat([d0, torch.nn.functional.pad(d1, pad)]))
     source_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    target_mask = torch.tensor([[True] * 5, [False] * 2 + [True] * 3])
+    row1 = [True] * 2 + [False] * 2 if junk_after else [False] * 2 + [True] * 2
+    target_mask = torch.tensor([[True] * 5, row1 + [True]])  # + the new key, at the end
     memory = torch.zeros(2, 6, m.config.d_model)  # unused: the cross keys are cached
     step = torch.cat([tgts[0][:, -1:], tgts[1][:, -1:]])
     out = m.project(m.decode(step, memory, source_mask, copy.deepcopy(batched),

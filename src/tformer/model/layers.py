@@ -167,8 +167,8 @@ class DecoderLayer(nn.Module):
         cache: DecoderCache | None = None, need_weights: bool = False,
         self_mask: Tensor | None = None,
     ) -> DecoderLayerOutput:
-        """``self_mask`` (B, 1, 1, T_past + T), True at real keys: rows whose cached histories are
-        left-padded to a common length (continuous batching); the causal mask still applies."""
+        """``self_mask`` (B, 1, 1, T_past + T), True at the keys a row may see: rows whose cached
+        histories differ in length (continuous batching); see `Transformer.decode`."""
 
         def self_block(h: Tensor) -> tuple[Tensor, Tensor | None]:
             return self.self_attn(h, mask=self_mask, is_causal=True, cache=cache,

@@ -140,9 +140,12 @@ class Transformer(nn.Module):
         the new positions; earlier ones are read from the cache.
 
         Rows whose histories differ in length (continuous batching: `tformer.serving.
-        continuous`) keep them left-padded in the cache and pass ``positions`` (B,), the
+        continuous`) share one cache with unused columns and pass ``positions`` (B,), the
         position of each row's first new token, and ``target_mask`` (B, T_past + T), True at
-        real keys. Without them every row is at the cache's length.
+        the keys a row may see. With one new position per row the unused columns may sit
+        anywhere (the mask alone decides); with several, the causal mask applies as well, so
+        the padding must come before the history. Without them every row is at the cache's
+        length.
         """
         offset = positions if positions is not None else (
             cache.seq_length() if cache is not None else 0)

@@ -111,6 +111,8 @@ class SlotCache:
 
     def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write each slot's new column (k, v: (n, H, 1, Dh)) at its own position."""
+        if k.size(2) != 1:
+            raise ValueError(f"SlotCache takes one new position per row, got {k.size(2)}")
         kb, vb = self.self_kv[layer]
         slots, at = self._slots, self.lengths[: self.n]
         kb[slots, :, at] = k[:, :, 0]  # (n, H, Dh) at (slot, :, lengths[slot])
@@ -168,7 +170,7 @@ class SlotCache:
         self.lengths[new] = 0
         self.n += k
         self.history += [0] * k
-        self.sources += source_mask.sum(1).clamp(min=1).tolist()
+        self.sources += source_mask.sum(1).clamp(min=1).tolist()  # masks are prefixes
 
     def keep(self, keep: list[int]) -> list[int]:
         """Keep slots ``keep`` (ascending) and pack them into ``[0, len(keep))``: each freed
@@ -222,10 +224,12 @@ class SlotCache:
                         for i, kv in self.self_kv.items()}
 
     def _grow_source(self, columns: int) -> None:
-        self.cross_kv = {i: tuple(self._widened(x, 2, columns) for x in kv)
-                         for i, kv in self.cross_kv.items()}
-        self.memory = self._widened(self.memory, 1, columns)
-        self.source_mask = self._widened(self.source_mask, 1, columns)
+        # Everything widened first, then swapped in: a failed allocation changes nothing.
+        cross_kv = {i: tuple(self._widened(x, 2, columns) for x in kv)
+                    for i, kv in self.cross_kv.items()}
+        memory = self._widened(self.memory, 1, columns)
+        source_mask = self._widened(self.source_mask, 1, columns)
+        self.cross_kv, self.memory, self.source_mask = cross_kv, memory, source_mask
 
 
 @dataclass(eq=False)
@@ -309,14 +313,10 @@ class ContinuousBatcher(DynamicBatcher):
                 except Exception:  # a bug here must not kill the only worker
                     log.exception("batcher round failed")
             if admitted:
-                try:
-                    rows = self._admit(rows, admitted)  # leaves ``rows`` alone if it fails
-                except Exception as error:  # e.g. a text the encoder cannot take: its own fault
-                    self._admission_failed(admitted, error)
+                rows = self._admit_all(rows, admitted)
             if rows is not None:
                 try:
-                    with torch.inference_mode():
-                        rows = self._step(rows)
+                    rows = self._step(rows)
                 except Exception as error:
                     log.exception("a decoding step failed")
                     self._fail(rows.requests, error)
@@ -326,9 +326,24 @@ class ContinuousBatcher(DynamicBatcher):
             if item is not _STOP:
                 _settle(item, error=BatcherStopped("the server is shutting down"))
 
-    def _admission_failed(self, requests: list[_Request], error: BaseException) -> None:
-        log.exception("admitting %d requests failed", len(requests), exc_info=error)
-        self._fail(requests, error)
+    def _admit_all(self, rows: _Rows | None, requests: list[_Request]) -> _Rows | None:
+        """Admit ``requests`` together; if that fails (e.g. a text the encoder cannot take),
+        each one alone, so that only the requests at fault get the error. A failed admission
+        leaves ``rows`` and the cache as they were."""
+        try:
+            return self._admit(rows, requests)
+        except Exception as error:
+            if len(requests) == 1:
+                log.exception("admitting a request failed")
+                self._fail(requests, error)
+                return rows
+        for request in requests:
+            try:
+                rows = self._admit(rows, [request])
+            except Exception as error:
+                log.exception("admitting a request failed")
+                self._fail([request], error)
+        return rows
 
     def _fail(self, requests: list[_Request], error: BaseException) -> None:
         unique = {id(r): r for r in requests}.values()
@@ -421,21 +436,24 @@ class ContinuousBatcher(DynamicBatcher):
               encoded: tuple[dict, Tensor, Tensor]) -> _Rows:
         cross, memory, source_mask = encoded
         k = source_mask.size(0)
-        last = torch.full((k,), self.start_id, dtype=torch.long, device=memory.device)
-        self._cache.join(cross, memory, source_mask)  # the last thing that can fail
-        if rows is not None:
-            self.stats["joined"] += k
-        old = rows if rows is not None else _Rows([], [], [], [], last[:0], self._cache)
-        return _Rows(
+        old = rows if rows is not None else _Rows([], [], [], [], memory.new_zeros(0).long(),
+                                                  self._cache)
+        new = _Rows(
             requests=old.requests + [r for r in requests for _ in r.job.texts],
             slots=old.slots + [i for r in requests for i in range(len(r.job.texts))],
             tokens=old.tokens + [[] for _ in range(k)],
             max_new=old.max_new + [r.job.options["max_new_tokens"] for r in requests
                                    for _ in r.job.texts],
-            last=torch.cat([old.last, last]),
+            last=torch.cat([old.last, torch.full((k,), self.start_id, dtype=torch.long,
+                                                 device=memory.device)]),
             cache=self._cache,
         )
+        self._cache.join(cross, memory, source_mask)  # last: a failure before leaves it as is
+        if rows is not None:
+            self.stats["joined"] += k
+        return new
 
+    @torch.inference_mode()
     def _step(self, rows: _Rows) -> _Rows | None:
         """One greedy decoder step for every running row."""
         cache = rows.cache
@@ -449,6 +467,7 @@ class ContinuousBatcher(DynamicBatcher):
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(rows)
         return self._retire(rows)
+
     def _retire(self, rows: _Rows) -> _Rows | None:
         """Answer the rows that are done (EOS, their ``max_new_tokens``, or their client left)
         and keep the others."""
