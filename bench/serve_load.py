@@ -239,7 +239,8 @@ def report(rows: list[Scenario]) -> None:
         print(f"{s.name:<34}{s.clients:>8}{len(s.latencies_ms):>9}{s.rps:>9.2f}{s.pct(50):>9.1f}"
               f"{s.pct(99):>9.1f}{statistics.fmean(s.batch_sizes):>11.2f}"
               f"{statistics.fmean(s.output_tokens):>8.1f}{s.errors:>7}"
-              f"{s.server_cpu_s / s.seconds:>8.0%}{s.client_cpu_s / s.seconds:>8.0%}")
+              + (f"{s.server_cpu_s / s.seconds:>8.0%}" if s.server_cpu_s else f"{'n/a':>8}")
+              + f"{s.client_cpu_s / s.seconds:>8.0%}")
     print("CPU srv / CPU cli: CPU time of the server / of the load generator over the "
           "scenario's wall time (100% = one core busy)")
 
