@@ -99,6 +99,8 @@ class SlotCache:
         self.capacity, self.layers, self.n = capacity, layers, 0
         self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
+        # self-attention by having one) but not read: the keys and values come from this cache.
         self.memory = self.source_mask = self.lengths = None  # allocated at the first join
         self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
         self.sources: list[int] = []  # source length of each slot in use
