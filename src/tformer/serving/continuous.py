@@ -105,6 +105,8 @@ class SlotCache:
         self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
         self.sources: list[int] = []  # source length of each slot in use
         self.width = 0  # history columns the current step attends over
+        self.source_width = 0  # source columns the current step attends over
+        self._slots: Tensor | None = None  # arange(n), for the indexed writes of a step
 
     # -- the DecoderCache protocol ---------------------------------------------------------
 
@@ -123,7 +125,7 @@ class SlotCache:
 
     def get_cross(self, layer: int) -> tuple[Tensor, Tensor] | None:
         k, v = self.cross_kv[layer]
-        s = max(self.sources)
+        s = self.source_width
         return k[: self.n, :, :s], v[: self.n, :, :s]
 
     def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -140,7 +142,7 @@ class SlotCache:
         self._slots = torch.arange(self.n, device=self.lengths.device)
         positions = self.lengths[: self.n]
         columns = torch.arange(self.width, device=positions.device)
-        s = max(self.sources)
+        s = self.source_width = max(self.sources)  # once per step, not once per layer
         return (self.memory[: self.n, :s], self.source_mask[: self.n, :s], positions,
                 columns[None, :] <= positions[:, None])
 
