@@ -76,12 +76,16 @@ class Scenario:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 where /proc is not there)."""
+    """User + system CPU time so far of a process and its live children (the batcher's
+    process, with ``--batcher-process``); 0 where /proc is not there."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return own + sum(process_cpu_seconds(child) for child in children)
 
 
 def free_port() -> int:
@@ -101,6 +105,8 @@ class Server:
                    "--max-wait-ms", str(wait_ms), "--max-queue", "4096", "--timeout-s", "600",
                    "--max-new-tokens-cap", str(max(args.max_new_tokens, 1)),
                    "--batching", args.batching]
+        if args.batcher_process:
+            command.append("--batcher-process")
         if args.device:
             command += ["--device", args.device]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -259,6 +265,9 @@ def main() -> None:
                         help="batching of both servers (the one-at-a-time one has batch size "
                         "1, so it runs the same code path); auto = continuous for tformer's "
                         "own model")
+    parser.add_argument("--batcher-process", action="store_true",
+                        help="both servers run their batcher in a process of its own "
+                        "(tformer serve --batcher-process)")
     parser.add_argument("--random-init", metavar="SIZE", default=None,
                         help="serve a freshly initialised model of this size (tiny, small, "
                         "base) with the checkpoint's tokenizer instead of its weights")
@@ -276,7 +285,8 @@ def main() -> None:
         if args.random_init:
             checkpoint = random_checkpoint(checkpoint, args.random_init, Path(tmp) / "random")
         print(f"checkpoint {checkpoint}; {len(texts)} distinct inputs from {args.inputs.name}; "
-              f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}")
+              f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}; batcher "
+              f"{'in a process of its own' if args.batcher_process else 'in the server process'}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
         # Both servers run at once (the idle one costs nothing) and the scenarios take turns in

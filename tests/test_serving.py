@@ -5,7 +5,9 @@ load test and disconnecting clients on a real uvicorn server, and schemathesis o
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import signal
 import socket
 import time
 from pathlib import Path
@@ -702,13 +704,16 @@ def test_another_engine_is_served_through_the_same_interface(model_dir, texts):
 # -- a real server on loopback -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
-def test_load_200_requests_from_16_clients(seq2seq, texts, batching):
+@pytest.mark.parametrize("batching, process", [("continuous", False), ("dynamic", False),
+                                               ("continuous", True)],
+                         ids=["continuous", "dynamic", "continuous-in-a-process"])
+def test_load_200_requests_from_16_clients(seq2seq, texts, batching, process):
     """A real uvicorn server: every request answered, no errors, batches actually formed, and
-    every output equal to generating its text alone."""
+    every output equal to generating its text alone; with the batcher in the server's process
+    and in one of its own (the counters then come from the child)."""
     expected = {t: seq2seq.generate(t, max_new_tokens=NEW) for t in texts}
     app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=20,
-                                                     batching=batching))
+                                                     batching=batching, batcher_process=process))
     jobs = [texts[i % len(texts)] for i in range(200)]
 
     async def drive(url: str) -> list[httpx.Response]:
@@ -755,10 +760,12 @@ def _send_and_leave(url: str, body: dict) -> None:
                      b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
 
 
-@pytest.mark.parametrize("batching", ["dynamic", "continuous"])
-def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts, batching):
+@pytest.mark.parametrize("batching, process", [("dynamic", False), ("continuous", False),
+                                               ("continuous", True)],
+                         ids=["dynamic", "continuous", "continuous-in-a-process"])
+def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts, batching, process):
     app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=600,
-                                                     batching=batching))
+                                                     batching=batching, batcher_process=process))
     stayers = texts[:6]
 
     async def main(url: str):
@@ -797,6 +804,85 @@ def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts, batching):
     else:  # no window: a leaver's row may finish before it is gone, or be dropped mid-way
         assert len(stayers) + 1 <= stats["texts"] <= len(stayers) + 3, stats
         assert stats["texts"] + stats["dropped"] <= len(stayers) + 3, stats
+
+
+# -- the batcher in a process of its own ---------------------------------------------------
+
+
+def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, texts):
+    """A future cancelled in the server (client gone, timeout) is cancelled in the child: its
+    job is dropped there, and the others get the outputs of `Seq2Seq.generate`. The child is
+    paused (SIGSTOP) while the jobs and the cancel are sent, so the cancel lands first."""
+    from tformer.serving.process import ProcessBatcher
+
+    batcher = ProcessBatcher(seq2seq, kind="continuous", max_batch_size=8, max_wait_ms=0,
+                             max_queue=100)
+
+    async def main():
+        batcher._process.send_signal(signal.SIGSTOP)
+        try:
+            futures = [batcher.submit([t], {**GREEDY, "max_new_tokens": NEW}) for t in texts[:3]]
+            futures[1].cancel()
+            await asyncio.sleep(0)  # the done-callback sends the cancel
+        finally:
+            batcher._process.send_signal(signal.SIGCONT)
+        return [(await futures[0]).outputs[0], (await futures[2]).outputs[0]]
+
+    batcher.start()
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert outputs == [seq2seq.generate(texts[0], max_new_tokens=NEW),
+                       seq2seq.generate(texts[2], max_new_tokens=NEW)]
+    assert batcher.stats["dropped"] == 1 and batcher.stats["texts"] == 2, batcher.stats
+    assert not batcher.healthy  # stopped
+
+
+def test_batcher_process_that_dies_fails_its_requests_and_the_health_check(seq2seq, texts):
+    """The child killed while a request waits on it: that request, and every later one, is
+    answered 503 worker_down at once (not after the timeout), and /healthz says 503."""
+    app = create_app(seq2seq, settings=ServeSettings(batcher_process=True, timeout_s=120))
+    body = {"inputs": texts[:2], "max_new_tokens": NEW}
+    with ServerThread(app) as server:
+        batcher = app.state.batcher
+        first = httpx.post(server.url + "/v1/generate", json=body, timeout=60)
+        assert first.json()["outputs"] == seq2seq.generate(texts[:2], max_new_tokens=NEW)
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        batcher._process.send_signal(signal.SIGSTOP)  # holds the next request in flight
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, server.url + "/v1/generate", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while not batcher._pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher._pending, "the request never reached the batcher"
+            started = time.monotonic()
+            batcher._process.kill()
+            answer = waiting.result()
+        assert time.monotonic() - started < 10
+        assert error_of(answer, 503)["code"] == "worker_down"
+        assert error_of(httpx.post(server.url + "/v1/generate", json=body, timeout=60),
+                        503)["code"] == "worker_down"
+        assert error_of(httpx.get(server.url + "/healthz"), 503)["code"] == "worker_down"
+
+
+def test_batcher_process_start_failure_is_a_clear_error(seq2seq):
+    """A model that cannot be handed to the child (here: it does not pickle) fails at start,
+    saying what failed, and leaves no process behind."""
+    from tformer.serving.process import ProcessBatcher
+
+    class Unpicklable:
+        def __init__(self, inner):
+            self.model, self.tokenizer = inner.model, inner.tokenizer
+
+        def __reduce__(self):
+            raise TypeError("this model cannot be pickled")
+
+    batcher = ProcessBatcher(Unpicklable(seq2seq), kind="dynamic", max_batch_size=4,
+                             max_wait_ms=0, max_queue=10)
+    with pytest.raises(RuntimeError, match="failed to start: this model cannot be pickled"):
+        batcher.start()
+    assert batcher._process.wait(10) is not None
 
 
 # -- schemathesis --------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tformer.serving import ServeSettings, resolve_api_key, serve
 
-    names = ("host", "port", "batching", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
+    names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
              "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
              "default_max_new_tokens", "max_beams", "timeout_s")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
@@ -225,6 +225,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="continuous: requests join the running batch at every step (greedy, "
                    "tformer's own model); dynamic: one generate() per batch of requests; "
                    f"default {S.batching} (continuous where it applies)")
+    g.add_argument("--batcher-process", action=argparse.BooleanOptionalAction,
+                   default=S.batcher_process, help="run the batcher and its copy of the model "
+                   "in a process of its own, beside the HTTP side's (see docs/serving.md)")
     for flag, kind, help_ in [
         ("max-batch-size", int, "most texts decoded together"),
         ("max-wait-ms", float, "how long a dynamic batch waits for more requests"),

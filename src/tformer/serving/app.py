@@ -52,17 +52,22 @@ STATIC_DIR = resources.files("tformer.serving") / "static"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
 
 
-def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher:
+def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBatcher:
     """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
-    model (`tformer.serving.continuous`), dynamic for anything else."""
+    model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
+    own when ``settings.batcher_process`` (`tformer.serving.process`)."""
     from tformer.serving.continuous import ContinuousBatcher, supports_continuous
+    from tformer.serving.process import ProcessBatcher
 
     kind = settings.batching
     if kind == "auto":
         kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
+    sizes = dict(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                 max_queue=settings.max_queue)
+    if settings.batcher_process:
+        return ProcessBatcher(seq2seq, kind=kind, **sizes)
     cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
-    return cls(seq2seq, max_batch_size=settings.max_batch_size,
-               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+    return cls(seq2seq, **sizes)
 
 
 def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
@@ -78,7 +83,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        await asyncio.to_thread(batcher.start)  # a batcher process takes seconds to start
         yield
         await asyncio.to_thread(batcher.stop)
 
@@ -118,7 +123,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
             raise ApiError(503, "queue_full", str(error), limit="max_queue",
                            value=settings.max_queue, headers={"Retry-After": "1"}) from None
         except BatcherStopped as error:
-            raise ApiError(503, "shutting_down", str(error)) from None
+            raise ApiError(503, error.code, str(error)) from None
         result = await _answer(future, request, settings.timeout_s)
         return GenerateResponse(
             outputs=result.outputs, input_tokens=read, output_tokens=result.output_tokens,
@@ -148,7 +153,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
         try:
             future = batcher.call(lambda: _attention_json(seq2seq, body.input, body.target, options))
         except BatcherStopped as error:
-            raise ApiError(503, "shutting_down", str(error)) from None
+            raise ApiError(503, error.code, str(error)) from None
         maps = await _answer(future, request, settings.timeout_s)
         shown = {k: v for k, v in maps.items() if k not in ("encoder", "decoder", "cross")
                  or k in parts}
@@ -214,7 +219,7 @@ async def _answer(future: asyncio.Future, request: Request, timeout_s: float):
         try:
             return future.result()
         except BatcherStopped as error:
-            raise ApiError(503, "shutting_down", str(error)) from None
+            raise ApiError(503, error.code, str(error)) from None
     future.cancel()
     if gone in done:
         raise ApiError(499, "client_closed", "the client disconnected")

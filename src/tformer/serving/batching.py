@@ -43,7 +43,15 @@ class QueueFull(Exception):
 
 
 class BatcherStopped(Exception):
-    """The worker is not running (server shutting down)."""
+    """The worker is not running (server shutting down). ``code``: the API's error code."""
+
+    code = "shutting_down"
+
+
+class WorkerDown(BatcherStopped):
+    """The worker has died (the batcher's process ended): nothing more can be decoded."""
+
+    code = "worker_down"
 
 
 @dataclass(frozen=True)

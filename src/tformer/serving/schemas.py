@@ -121,8 +121,9 @@ class ModelInfo(BaseModel):
     vocab_size: int | None
     attention: bool = Field(description="whether /v1/attention can answer")
     auth: bool = Field(description="whether an API key is required")
-    limits: dict[str, int | float | str] = Field(
-        description="the server's settings: limits, and batching (continuous or dynamic)")
+    limits: dict[str, bool | int | float | str] = Field(
+        description="the server's settings: limits, batching (continuous or dynamic), and "
+        "whether the batcher runs in a process of its own")
     version: str
 
 

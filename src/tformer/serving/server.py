@@ -101,7 +101,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # a batcher process (settings) takes seconds
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the uvicorn server did not start")

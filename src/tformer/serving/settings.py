@@ -28,6 +28,9 @@ class ServeSettings:
             step: `tformer.serving.continuous`; greedy requests to tformer's own model),
             ``dynamic`` (one ``generate()`` per batch of requests that arrived together:
             `tformer.serving.batching`), or ``auto`` (continuous where it applies).
+        batcher_process: run the batcher (and its copy of the model) in a child process of
+            its own, so that decoding does not share one interpreter lock with the HTTP side
+            (`tformer.serving.process`); attention maps still run in the server's process.
         max_batch_size: most texts decoded together.
         max_wait_ms: how long a dynamic batch, once it has a request, waits for more (unless
             full); a continuous batch takes requests at every step and never waits.
@@ -46,6 +49,7 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     batching: str = "auto"
+    batcher_process: bool = False
     max_batch_size: int = 16
     max_wait_ms: float = 10.0
     max_queue: int = 256

@@ -1,0 +1,313 @@
+"""The batcher in a process of its own, so that decoding and HTTP do not share one GIL.
+
+With the batcher in the server's process, every decoder step, every admission and every HTTP
+request (parsing, validation, JSON, futures) take turns on one interpreter lock: under 16
+clients the server used one core of two (``docs/benchmarks.md``). `ProcessBatcher` keeps the
+HTTP side in the server's process and moves the batcher (`ContinuousBatcher` or
+`DynamicBatcher`, unchanged) into a child process, a fresh interpreter
+(``python -m tformer.serving.process``) on one end of a socket pair:
+
+- the parent sends ``("job", id, texts, options)`` and ``("cancel", id)`` down a pipe;
+- the child submits each job to its batcher, from an event loop of its own, and sends
+  ``("done", id, result, error, stats)`` back when the job's future settles;
+- a reader thread in the parent settles the waiting request's future.
+
+The model is handed to the child pickled, so a model built in memory is served the same way as
+a checkpoint (a copy per process: for the small models this is for, a few MB to a few hundred).
+Other uses of the model (attention maps: :meth:`ProcessBatcher.call`) run in the parent, on its
+own copy, in one thread of their own.
+
+If the child dies, every waiting request fails with `WorkerDown` (503 ``worker_down``), later
+ones too, and ``healthy`` turns false (``/healthz`` answers 503), as with a dead worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull, WorkerDown
+
+log = logging.getLogger(__name__)
+
+#: Seconds the child may take to import torch, unpickle the model and say it is ready.
+START_TIMEOUT_S = 300.0
+
+
+class ProcessBatcher:
+    """`DynamicBatcher`'s interface (``start``, ``submit``, ``call``, ``stop``, ``healthy``,
+    ``stats``) over a batcher of kind ``kind`` ("continuous" or "dynamic") run in a child
+    process. ``max_queue`` is enforced here, before anything crosses the pipe."""
+
+    def __init__(self, seq2seq, *, kind: str, max_batch_size: int, max_wait_ms: float,
+                 max_queue: int) -> None:
+        from tformer.serving.continuous import ContinuousBatcher
+
+        cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
+        # Built here too, and dropped: a model the batcher cannot drive fails now, in the
+        # parent, with the batcher's own message, not later in the child.
+        cls(seq2seq, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+        self.mode = kind
+        self.seq2seq = seq2seq
+        self.max_batch_size = max_batch_size
+        self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                             max_queue=max_queue)
+        self.max_queue = max_queue
+        self._lock = threading.Lock()  # pending, waiting, stopping
+        # Sends take a lock of their own, never held with the other: the reader thread, which
+        # takes ``_lock``, can then always drain the pipe while a send waits for room in it.
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
+        self._waiting = 0  # texts sent and not answered
+        self._ids = itertools.count()
+        self._stopping = False
+        self._ended = False  # the reader has seen the pipe close: no answer can come any more
+        self._process = None
+        self._conn = None
+        self._reader: threading.Thread | None = None
+        self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tformer-call")
+        #: The child batcher's counters, as of its last answer.
+        self.stats: dict[str, Any] = {}
+
+    # -- parent side -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the child and wait until its model is loaded (idempotent)."""
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
+            if self._process is not None:
+                return
+            self._process, self._conn = _spawn()
+            try:
+                # Pickled by value, not through multiprocessing's shared-memory reductions:
+                # those need the child to be multiprocessing's own.
+                self._conn.send_bytes(pickle.dumps((self.seq2seq, self._options)))
+                if not self._conn.poll(START_TIMEOUT_S):
+                    raise RuntimeError(f"it did not start within {START_TIMEOUT_S:g} s")
+                message = self._conn.recv()
+                if message[0] != "ready":
+                    raise RuntimeError(message[1])
+            except (Exception, EOFError) as error:
+                self._process.kill()
+                raise RuntimeError(f"the batcher's process failed to start: {error}") from None
+            self.stats = message[1]
+            self._reader = threading.Thread(target=self._read, name="tformer-batcher-reader",
+                                            daemon=True)
+            self._reader.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False once a started child has ended (stopped, or died)."""
+        return self._process is None or (self._process.poll() is None
+                                         and self._reader is not None and self._reader.is_alive())
+
+    def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
+        """As `DynamicBatcher.submit`: a future of the running loop that resolves to a
+        `BatchResult`; cancel it to drop the job (the child is told)."""
+        texts = list(texts)
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
+            if self._ended:
+                raise WorkerDown("the model's process has ended")
+            if self._waiting + len(texts) > self.max_queue:
+                raise QueueFull(f"{self._waiting} texts are already waiting; the limit "
+                                f"max_queue is {self.max_queue}")
+            job = next(self._ids)
+            self._pending[job] = (future, loop, len(texts))
+            self._waiting += len(texts)
+        self._send(("job", job, texts, dict(options)))
+        future.add_done_callback(functools.partial(self._cancelled, job))
+        return future
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run ``fn()`` in this process, in a thread of its own, one call at a time (for other
+        uses of the model, e.g. attention maps; the child's copy only decodes)."""
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the batcher has been stopped")
+        return asyncio.wrap_future(self._calls.submit(fn))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the child finish what it holds, then end it; fail whatever is still waiting."""
+        with self._lock:
+            self._stopping = True
+            process = self._process
+        if process is not None:
+            self._send(("stop",))  # the child answers the jobs it has, then ends
+        self._calls.shutdown(wait=False)
+        if process is None:
+            return
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the batcher's process did not stop within %.0f s; killing it", timeout)
+            process.kill()
+            process.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        self._fail_pending(BatcherStopped("the server is shutting down"))
+
+    def _cancelled(self, job: int, future: asyncio.Future) -> None:
+        if future.cancelled() and job in self._pending:
+            self._send(("cancel", job))
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except OSError:
+                pass  # the child is gone: the reader fails what is pending
+
+    def _read(self) -> None:
+        """The reader thread: settle each answered job; when the pipe closes, fail the rest."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] != "done":
+                continue
+            _, job, result, error, stats = message
+            self.stats = stats
+            with self._lock:
+                entry = self._pending.pop(job, None)
+                if entry is not None:
+                    self._waiting -= entry[2]
+            if entry is not None:
+                _resolve(entry[0], entry[1], result, error)
+        with self._lock:  # from here on, submit() refuses: nothing it sent would be answered
+            self._ended = True
+        if self._stopping:
+            self._fail_pending(BatcherStopped("the server is shutting down"))
+            return
+        log.error("the batcher's process ended (exit code %s)", self._process.wait(5))
+        self._fail_pending(WorkerDown("the model's process has ended"))
+
+    def _fail_pending(self, error: BatcherStopped) -> None:
+        with self._lock:
+            pending, self._pending, self._waiting = self._pending, {}, 0
+        for future, loop, _ in pending.values():
+            _resolve(future, loop, None, error)
+
+
+def _resolve(future: asyncio.Future, loop: asyncio.AbstractEventLoop, result: Any,
+             error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+# -- child side ----------------------------------------------------------------------------
+
+
+def _spawn() -> tuple[subprocess.Popen, Connection]:
+    """``python -m tformer.serving.process FD``: a fresh interpreter (so nothing of this
+    process's threads or locks is inherited, and no caller's ``__main__`` is re-imported, as
+    multiprocessing's spawn would do), talking over one end of a socket pair."""
+    import tformer
+
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    package_root = str(Path(tformer.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    process = subprocess.Popen([sys.executable, "-m", "tformer.serving.process",
+                                str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env)
+    theirs.close()
+    return process, Connection(ours.detach())
+
+
+def _child(conn: Connection) -> None:
+    """The child's main: its batcher's worker thread decodes; this thread runs an event loop
+    that turns pipe messages into ``submit()`` calls and settled futures into answers."""
+    from tformer.serving.continuous import ContinuousBatcher
+
+    try:
+        seq2seq, options = pickle.loads(conn.recv_bytes())
+        kind = options.pop("kind")
+        cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
+        batcher = cls(seq2seq, **{**options, "max_queue": 10**9})  # the parent enforces it
+        batcher.start()
+    except Exception as error:  # reported to the parent, which raises it
+        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    loop = asyncio.new_event_loop()
+    futures: dict[int, asyncio.Future] = {}
+
+    def answer(job: int, future: asyncio.Future) -> None:
+        futures.pop(job, None)
+        if future.cancelled():
+            return  # the parent cancelled it and answers its client itself
+        error = future.exception()
+        result = future.result() if error is None else None
+        try:
+            conn.send(("done", job, result, error, dict(batcher.stats)))
+        except Exception:  # an error that does not pickle: send its text instead
+            conn.send(("done", job, None, RuntimeError(f"{type(error).__name__}: {error}"),
+                       dict(batcher.stats)))
+
+    def receive() -> None:
+        while conn.poll():
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the parent has gone
+                loop.stop()
+                return
+            if message[0] == "job":
+                _, job, texts, job_options = message
+                try:
+                    future = batcher.submit(texts, job_options)
+                except Exception as error:
+                    conn.send(("done", job, None, error, dict(batcher.stats)))
+                    continue
+                futures[job] = future
+                future.add_done_callback(functools.partial(answer, job))
+            elif message[0] == "cancel" and message[1] in futures:
+                futures[message[1]].cancel()
+            elif message[0] == "stop":
+                loop.stop()
+                return
+
+    asyncio.set_event_loop(loop)
+    loop.add_reader(conn.fileno(), receive)
+    conn.send(("ready", dict(batcher.stats)))
+    try:
+        loop.run_forever()
+        loop.remove_reader(conn.fileno())
+        # The worker finishes the rows in flight; the loop runs meanwhile to send their answers.
+        loop.run_until_complete(loop.run_in_executor(None, batcher.stop))
+        loop.run_until_complete(asyncio.sleep(0))  # the last answers' callbacks
+    finally:
+        conn.close()
+        loop.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _child(Connection(int(sys.argv[1])))
