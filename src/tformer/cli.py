@@ -200,8 +200,8 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tformer.serving import ServeSettings, resolve_api_key, serve
 
-    names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs",
-             "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
+    names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms",
+             "max_queue", "max_inputs", "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
              "default_max_new_tokens", "max_beams", "timeout_s")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
                              **{name: getattr(args, name) for name in names})

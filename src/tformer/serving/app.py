@@ -32,6 +32,7 @@ import tformer
 from tformer.serving import limits
 from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull
 from tformer.serving.limits import ApiError
+from tformer.serving.process import ProcessBatcher
 from tformer.serving.schemas import (
     AttentionRequest,
     AttentionResponse,
@@ -57,7 +58,6 @@ def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBa
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
     own when ``settings.batcher_process`` (`tformer.serving.process`)."""
     from tformer.serving.continuous import ContinuousBatcher, supports_continuous
-    from tformer.serving.process import ProcessBatcher
 
     kind = settings.batching
     if kind == "auto":
