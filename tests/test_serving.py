@@ -451,6 +451,35 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_continuous_batching_admits_texts_encoded_elsewhere_with_the_others(seq2seq, texts):
+    """Jobs encoded beforehand (`ContinuousBatcher.encode`, as a server whose batcher runs in
+    another process does) and jobs the worker encodes, admitted together with sources of
+    different lengths (padded to one width), decode to the outputs of `Seq2Seq.generate`."""
+    from tformer.serving.batching import _Job
+    from tformer.serving.continuous import ContinuousBatcher, _Request
+
+    batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+    options = {**GREEDY, "max_new_tokens": NEW}
+    chosen = sorted(texts[:6], key=len)  # the encoded ones are the shortest and the longest
+    jobs_texts = [chosen[0:1], chosen[1:3], chosen[5:6], chosen[3:5]]
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [_Job(t, options, loop.create_future(), loop,
+                     encoded=batcher.encode(t, options) if i in (0, 2) else None)
+                for i, t in enumerate(jobs_texts)]
+        widths = {job.encoded[2].size(1) for job in jobs if job.encoded is not None}
+        assert len(widths) == 2  # two source widths to pad to one
+        rows = batcher._admit(None, [_Request(j, time.monotonic(), [None] * len(j.texts),
+                                              len(j.texts)) for j in jobs])
+        while rows is not None:
+            rows = batcher._step(rows)
+        results = loop.run_until_complete(asyncio.gather(*(j.future for j in jobs)))
+    finally:
+        loop.close()
+    for t, result in zip(jobs_texts, results):
+        assert result.outputs == seq2seq.generate(t, max_new_tokens=NEW)
+
+
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):
     """A client leaving while its row decodes: the row leaves the batch at the next step and
     the other rows' outputs are those of a run without the cancellation. (End-of-sequence is
@@ -539,11 +568,11 @@ def test_continuous_batching_a_text_that_cannot_be_admitted_fails_alone(seq2seq,
     batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
     tokenize, groups = batcher._tokenize, []
 
-    def broken(requests):
-        groups.append(len(requests))
-        if any(r.job.texts[0] == "BAD" for r in requests):
+    def broken(jobs):
+        groups.append(len(jobs))
+        if any(job.texts[0] == "BAD" for job in jobs):
             raise ValueError("cannot take BAD")
-        return tokenize(requests)
+        return tokenize(jobs)
 
     batcher._tokenize = broken
     loop = asyncio.new_event_loop()  # run only to deliver the answers
@@ -810,9 +839,10 @@ def test_disconnecting_clients_do_not_break_the_batch(seq2seq, texts, batching, 
 
 
 def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, texts):
-    """A future cancelled in the server (client gone, timeout) is cancelled in the child: its
-    job is dropped there, and the others get the outputs of `Seq2Seq.generate`. The child is
-    paused (SIGSTOP) while the jobs and the cancel are sent, so the cancel lands first."""
+    """A future cancelled in the server (client gone, timeout) after its job was sent is
+    cancelled in the child: the job is dropped there, and the others get the outputs of
+    `Seq2Seq.generate`. The child is paused (SIGSTOP) while the jobs (encoded in the server's
+    process first) and then the cancel are sent, so the cancel lands before any decoding."""
     from tformer.serving.process import ProcessBatcher
 
     batcher = ProcessBatcher(seq2seq, kind="continuous", max_batch_size=8, max_wait_ms=0,
@@ -822,6 +852,7 @@ def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, t
         batcher._process.send_signal(signal.SIGSTOP)
         try:
             futures = [batcher.submit([t], {**GREEDY, "max_new_tokens": NEW}) for t in texts[:3]]
+            batcher._model_thread.submit(lambda: None).result()  # all three encoded and sent
             futures[1].cancel()
             await asyncio.sleep(0)  # the done-callback sends the cancel
         finally:

@@ -72,6 +72,9 @@ class _Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.monotonic)
+    #: The texts already encoded (`ContinuousBatcher.encode`), by a server whose batcher runs
+    #: in another process; None: the worker encodes them.
+    encoded: tuple | None = None
 
     @property
     def key(self) -> tuple:
@@ -158,10 +161,13 @@ class DynamicBatcher:
         """Queue texts to generate with ``options`` (must include ``max_new_tokens``); the
         returned future (of the running loop) resolves to a `BatchResult`. Cancel it to drop
         the job."""
-        texts = list(texts)
+        return self._enqueue(list(texts), options)
+
+    def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None
+                 ) -> asyncio.Future:
         self.start()
         loop = asyncio.get_running_loop()
-        job = _Job(texts, dict(options), loop.create_future(), loop)
+        job = _Job(texts, dict(options), loop.create_future(), loop, encoded=encoded)
         with self._lock:  # under the lock: never queued behind stop()'s last call
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")

@@ -27,9 +27,12 @@ serving engines that schedule per step (vLLM, TGI) are built for decoder-only mo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -236,6 +239,15 @@ class SlotCache:
         self.cross_kv, self.memory, self.source_mask = cross_kv, memory, source_mask
 
 
+def _concat(parts: list[tuple[dict, Tensor, Tensor]]) -> tuple[dict, Tensor, Tensor]:
+    """Encoded batches (`ContinuousBatcher.encode`) as one, their sources padded to the
+    longest."""
+    s = max(mask.size(1) for _, _, mask in parts)
+    cat = lambda xs, dim: torch.cat([SlotCache._widened(x, dim, s) for x in xs])  # noqa: E731
+    cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}
+    return cross, cat([p[1] for p in parts], 1), cat([p[2] for p in parts], 1)
+
+
 @dataclass(eq=False)
 class _Request:
     """A job being decoded: its outputs fill in as its rows finish."""
@@ -296,6 +308,17 @@ class ContinuousBatcher(DynamicBatcher):
         #: while others were decoding.
         self.stats.update(steps=0, row_steps=0, joined=0)
         self._cache = SlotCache(max_batch_size, len(self.transformer.decoder.layers))
+
+    def submit_encoded(self, texts: Sequence[str], options: dict[str, Any],
+                       encoded: tuple) -> asyncio.Future:
+        """As ``submit``, for texts already encoded by :meth:`encode` (in another process, on
+        its own copy of the model): the worker only joins them to the running batch."""
+        return self._enqueue(list(texts), options, encoded)
+
+    def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
+        """What admitting ``texts`` computes before it joins them: cross-attention keys and
+        values per layer, encoder output and source mask (see ``submit_encoded``)."""
+        return self._encode(*self._tokenize([_Job(list(texts), options, None, None)]))
 
     def _continuous(self, job: _Job) -> bool:
         """Greedy, fits a batch, and (learned positions) fits the position table: a request
@@ -406,17 +429,22 @@ class ContinuousBatcher(DynamicBatcher):
         return group
 
     def _admit(self, rows: _Rows | None, requests: list[_Request]) -> _Rows:
-        """Encode the new texts and join them to ``rows`` with an empty history: their first
-        decoder step (from the start token) is the next step of the whole batch."""
-        return self._join(rows, requests, self._encode(*self._tokenize(requests)))
+        """Encode the new texts (those not encoded already) and join them to ``rows`` with an
+        empty history: their first decoder step (from the start token) is the next step of the
+        whole batch."""
+        fresh = [r for r in requests if r.job.encoded is None]
+        ready = [r for r in requests if r.job.encoded is not None]
+        parts = [r.job.encoded for r in ready]
+        if fresh:
+            parts.insert(0, self._encode(*self._tokenize([r.job for r in fresh])))
+        return self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else _concat(parts))
 
-    def _tokenize(self, requests: list[_Request]) -> tuple[Tensor, Tensor]:
-        """The new texts as source ids and mask (k, S)."""
+    def _tokenize(self, jobs: list[_Job]) -> tuple[Tensor, Tensor]:
+        """The jobs' texts as source ids and mask (k, S)."""
         ids: list[list[int]] = []
-        for request in requests:
-            options = request.job.options
-            ids += self.seq2seq.tokenizer(request.job.texts, truncation=True,
-                                          max_length=options.get("max_source_length"))["input_ids"]
+        for job in jobs:
+            ids += self.seq2seq.tokenizer(job.texts, truncation=True,
+                                          max_length=job.options.get("max_source_length"))["input_ids"]
         width = max(1, max(len(x) for x in ids))
         source = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         source_mask = torch.zeros(len(ids), width, dtype=torch.bool)
