@@ -57,3 +57,24 @@ class StubSeq2Seq:
         if texts and texts[0] in self.block:
             self.release.wait(10)
         return [text.upper() for text in texts]
+
+
+class TwoArgumentError(Exception):
+    """An exception that pickles but does not unpickle (its ``__init__`` takes two arguments,
+    its ``args`` hold one), as some libraries' exceptions do."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(f"{what} (code {code})")
+
+
+class UpperSeq2Seq:
+    """A picklable engine without a PyTorch model (for a batcher in another process): outputs
+    are the inputs upper-cased; the text "fail" raises `TwoArgumentError`."""
+
+    tokenizer = None
+    path = "upper"
+
+    def generate(self, texts, *, max_new_tokens: int, **options) -> list[str]:
+        if "fail" in texts:
+            raise TwoArgumentError("cannot generate", 7)
+        return [text.upper() for text in texts]

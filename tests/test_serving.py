@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -261,8 +262,12 @@ def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypat
         answer = c.post("/v1/generate", headers={"X-API-Key": "env-key"},
                         json={"inputs": texts[:2], "max_new_tokens": NEW}).json()
     assert info["path"] == str(model_dir) and info["limits"]["max_beams"] == 3
+    assert info["limits"]["batcher_process"] is False
     reference = tformer.load(model_dir, device="cpu")
     assert answer["outputs"] == reference.generate(texts[:2], max_new_tokens=NEW)
+    assert main(["serve", str(model_dir), "--batcher-process", "--device", "cpu"]) == 0
+    assert ran["app"].state.settings.batcher_process  # (not started: no request was made)
+    assert type(ran["app"].state.batcher).__name__ == "ProcessBatcher"
 
 
 def test_only_safetensors_checkpoints_are_served(reference_run, tmp_path):
@@ -777,6 +782,8 @@ def test_load_200_requests_from_16_clients(seq2seq, texts, batching, process):
         assert 0 < stats["generate_calls"] < 200, stats
     else:  # every request decoded step by step in the running batch, none by generate()
         assert stats["generate_calls"] == 0 and 0 < stats["steps"] < stats["row_steps"], stats
+        # in a process of its own, every text encoded by the server and only joined by the child
+        assert stats["pre_encoded"] == (200 if process else 0), stats
     print(f"200 requests in {seconds:.1f} s, {stats}")
 
 
@@ -842,19 +849,28 @@ def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, t
     """A future cancelled in the server (client gone, timeout) after its job was sent is
     cancelled in the child: the job is dropped there, and the others get the outputs of
     `Seq2Seq.generate`. The child is paused (SIGSTOP) while the jobs (encoded in the server's
-    process first) and then the cancel are sent, so the cancel lands before any decoding."""
+    process first) and then the cancel are sent, so the cancel reaches it before the job's
+    row is done (dropped from the queue, or from the running batch). A job cancelled before it
+    was encoded is never sent (the child's counters show only the three)."""
     from tformer.serving.process import ProcessBatcher
 
     batcher = ProcessBatcher(seq2seq, kind="continuous", max_batch_size=8, max_wait_ms=0,
                              max_queue=100)
 
     async def main():
+        # A job cancelled while it waits to be encoded here never reaches the child.
+        gate = threading.Event()
+        batcher.call(gate.wait)  # holds the thread that encodes
+        early = batcher.submit([texts[3]], {**GREEDY, "max_new_tokens": NEW})
+        early.cancel()
+        await asyncio.sleep(0)
+        gate.set()
         batcher._process.send_signal(signal.SIGSTOP)
         try:
             futures = [batcher.submit([t], {**GREEDY, "max_new_tokens": NEW}) for t in texts[:3]]
-            batcher._model_thread.submit(lambda: None).result()  # all three encoded and sent
+            batcher._model_thread.submit(lambda: None).result()  # all three encoded and queued
             futures[1].cancel()
-            await asyncio.sleep(0)  # the done-callback sends the cancel
+            await asyncio.sleep(0)  # the done-callback queues the cancel, after the job
         finally:
             batcher._process.send_signal(signal.SIGCONT)
         return [(await futures[0]).outputs[0], (await futures[2]).outputs[0]]
@@ -867,6 +883,7 @@ def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, t
     assert outputs == [seq2seq.generate(texts[0], max_new_tokens=NEW),
                        seq2seq.generate(texts[2], max_new_tokens=NEW)]
     assert batcher.stats["dropped"] == 1 and batcher.stats["texts"] == 2, batcher.stats
+    assert batcher.stats["pre_encoded"] <= 3 and batcher._waiting == 0, batcher.stats
     assert not batcher.healthy  # stopped
 
 
@@ -897,9 +914,35 @@ def test_batcher_process_that_dies_fails_its_requests_and_the_health_check(seq2s
         assert error_of(httpx.get(server.url + "/healthz"), 503)["code"] == "worker_down"
 
 
+def test_batcher_process_serves_any_engine_and_survives_an_error_that_does_not_unpickle():
+    """Dynamic batching in a process of its own drives an engine without a PyTorch model; an
+    exception the parent could not unpickle reaches its request as a RuntimeError with its
+    text, and the batcher goes on answering."""
+    from tformer.serving.process import ProcessBatcher
+
+    from .serving_helpers import UpperSeq2Seq
+
+    batcher = ProcessBatcher(UpperSeq2Seq(), kind="dynamic", max_batch_size=4, max_wait_ms=0,
+                             max_queue=10)
+
+    async def main():
+        first = await batcher.submit(["a b"], {"max_new_tokens": 4})
+        with pytest.raises(RuntimeError, match=r"TwoArgumentError: cannot generate \(code 7\)"):
+            await batcher.submit(["fail"], {"max_new_tokens": 4})
+        after = await batcher.submit(["c"], {"max_new_tokens": 4})
+        return first.outputs, after.outputs
+
+    batcher.start()
+    try:
+        assert asyncio.run(main()) == (["A B"], ["C"])
+        assert batcher.healthy and batcher._waiting == 0
+    finally:
+        batcher.stop()
+
+
 def test_batcher_process_start_failure_is_a_clear_error(seq2seq):
     """A model that cannot be handed to the child (here: it does not pickle) fails at start,
-    saying what failed, and leaves no process behind."""
+    saying what failed, and leaves no process behind and nothing half-started."""
     from tformer.serving.process import ProcessBatcher
 
     class Unpicklable:
@@ -913,7 +956,9 @@ def test_batcher_process_start_failure_is_a_clear_error(seq2seq):
                              max_wait_ms=0, max_queue=10)
     with pytest.raises(RuntimeError, match="failed to start: this model cannot be pickled"):
         batcher.start()
-    assert batcher._process.wait(10) is not None
+    assert batcher._process is None  # the child was killed and reaped, nothing half-started
+    with pytest.raises(RuntimeError, match="failed to start"):  # and a retry fails the same way
+        batcher.start()
 
 
 # -- schemathesis --------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
     async def healthz() -> Health:
         """Liveness: answers without a key; 503 when the model's worker has died."""
         if not batcher.healthy:
-            raise ApiError(503, "worker_down", "the model's worker thread is not running")
+            raise ApiError(503, "worker_down", "the model's worker (thread or process) is not "
+                           "running")
         return Health(status="ok")
 
     @api.get("/v1/model", response_model=ModelInfo, tags=["model"])

@@ -305,8 +305,8 @@ class ContinuousBatcher(DynamicBatcher):
         embeddings = self.transformer.tgt_embed
         self.max_positions = embeddings.max_positions if embeddings.learned is not None else None
         #: steps: decoder steps; row_steps: rows decoded over all steps; joined: rows admitted
-        #: while others were decoding.
-        self.stats.update(steps=0, row_steps=0, joined=0)
+        #: while others were decoding; pre_encoded: rows admitted already encoded.
+        self.stats.update(steps=0, row_steps=0, joined=0, pre_encoded=0)
         self._cache = SlotCache(max_batch_size, len(self.transformer.decoder.layers))
 
     def submit_encoded(self, texts: Sequence[str], options: dict[str, Any],
@@ -437,7 +437,9 @@ class ContinuousBatcher(DynamicBatcher):
         parts = [r.job.encoded for r in ready]
         if fresh:
             parts.insert(0, self._encode(*self._tokenize([r.job for r in fresh])))
-        return self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else _concat(parts))
+        joined = self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else _concat(parts))
+        self.stats["pre_encoded"] += sum(len(r.job.texts) for r in ready)
+        return joined
 
     def _tokenize(self, jobs: list[_Job]) -> tuple[Tensor, Tensor]:
         """The jobs' texts as source ids and mask (k, S)."""

@@ -8,10 +8,11 @@ HTTP side in the server's process and moves the batcher (`ContinuousBatcher` or
 (``python -m tformer.serving.process``) on one end of a socket pair:
 
 - the parent sends ``("job", id, texts, options, encoded)`` and ``("cancel", id)`` down the
-  pipe. A job for the continuous path is encoded in the parent first
-  (`ContinuousBatcher.encode`: encoder pass and cross-attention keys and values), so the
-  child's core only joins and decodes: admitting a newcomer (an encoder pass) cost about as
-  much as a one-row decoder step and, under 16 clients, a quarter of the batcher's time;
+  pipe, from one sender thread (a send never blocks the event loop). A job for the
+  continuous path is encoded in the parent first (`ContinuousBatcher.encode`: encoder pass
+  and cross-attention keys and values), so the child's core only joins and decodes:
+  admitting a newcomer (an encoder pass) cost about as much as a one-row decoder step and,
+  under 16 clients, a quarter of the batcher's time;
 - the child submits each job to its batcher, from an event loop of its own, and sends
   ``("done", id, result, error, stats)`` back when the job's future settles;
 - a reader thread in the parent settles the waiting request's future.
@@ -23,6 +24,11 @@ in one thread of their own, one at a time.
 
 If the child dies, every waiting request fails with `WorkerDown` (503 ``worker_down``), later
 ones too, and ``healthy`` turns false (``/healthz`` answers 503), as with a dead worker thread.
+The child ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): it ends when
+the parent says ``stop`` after uvicorn's graceful shutdown, or when the parent's end closes.
+
+``max_queue`` here counts the texts sent to the child and not yet answered, those decoding
+included (in the server's process it counts the texts waiting for the worker).
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import concurrent.futures
 import functools
 import itertools
 import logging
-import os
 import pickle
+import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -71,21 +78,19 @@ class ProcessBatcher:
         self.mode = kind
         self.seq2seq = seq2seq
         self.max_batch_size = max_batch_size
-        self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                             max_queue=max_queue)
         self.max_queue = max_queue
-        self._lock = threading.Lock()  # pending, waiting, stopping
-        # Sends take a lock of their own, never held with the other: the reader thread, which
-        # takes ``_lock``, can then always drain the pipe while a send waits for room in it.
-        self._send_lock = threading.Lock()
+        self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        self._lock = threading.Lock()  # the state below, and the order of messages queued
         self._pending: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
-        self._waiting = 0  # texts sent and not answered
+        self._sent: set[int] = set()  # pending jobs whose message is queued for the child
+        self._waiting = 0  # texts of the pending jobs
         self._ids = itertools.count()
         self._stopping = False
         self._ended = False  # the reader has seen the pipe close: no answer can come any more
-        self._process = None
-        self._conn = None
-        self._reader: threading.Thread | None = None
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._outbox: queue.Queue = queue.Queue()  # messages for the child, sent in order
+        self._threads: list[threading.Thread] = []  # the sender and the reader
         # This process's uses of the model (encoding, attention maps), one at a time: the model's
         # tokenizer fails when two threads call it at once.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(
@@ -102,35 +107,41 @@ class ProcessBatcher:
                 raise BatcherStopped("the batcher has been stopped")
             if self._process is not None:
                 return
-            self._process, self._conn = _spawn()
+            process, conn = _spawn()
             try:
-                _put(self._conn, (self.seq2seq, self._options))
-                if not self._conn.poll(START_TIMEOUT_S):
+                _put(conn, (self.seq2seq, self._options))
+                if not conn.poll(START_TIMEOUT_S):
                     raise RuntimeError(f"it did not start within {START_TIMEOUT_S:g} s")
-                message = _get(self._conn)
+                message = _get(conn)
                 if message[0] != "ready":
                     raise RuntimeError(message[1])
             except (Exception, EOFError) as error:
-                self._process.kill()
-                raise RuntimeError(f"the batcher's process failed to start: {error}") from None
-            self.stats = message[1]
-            self._reader = threading.Thread(target=self._read, name="tformer-batcher-reader",
-                                            daemon=True)
-            self._reader.start()
+                conn.close()
+                process.kill()
+                code = process.wait()
+                text = str(error) or f"it exited with code {code}; its error is in the log above"
+                raise RuntimeError(f"the batcher's process failed to start: {text}") from None
+            self._process, self._conn, self.stats = process, conn, message[1]
+            self._threads = [threading.Thread(target=target, name=name, daemon=True)
+                             for target, name in ((self._write, "tformer-batcher-sender"),
+                                                  (self._read, "tformer-batcher-reader"))]
+            for thread in self._threads:
+                thread.start()
 
     @property
     def healthy(self) -> bool:
         """False once a started child has ended (stopped, or died)."""
-        return self._process is None or (self._process.poll() is None
-                                         and self._reader is not None and self._reader.is_alive())
+        return self._process is None or (self._process.poll() is None and not self._ended)
 
     def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
         """As `DynamicBatcher.submit`: a future of the running loop that resolves to a
         `BatchResult`; cancel it to drop the job (the child is told)."""
-        texts = list(texts)
+        texts, options = list(texts), dict(options)
         self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        encode = self._encoder is not None and self._encoder._continuous(
+            _Job(texts, options, None, None))
         with self._lock:
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
@@ -142,44 +153,31 @@ class ProcessBatcher:
             job = next(self._ids)
             self._pending[job] = (future, loop, len(texts))
             self._waiting += len(texts)
+            if encode:
+                self._model_thread.submit(self._encode_and_send, job, texts, options)
+            else:  # the child runs it whole (generate()), encoder included
+                self._queue_job(job, ("job", job, texts, options, None))
         future.add_done_callback(functools.partial(self._cancelled, job))
-        options = dict(options)
-        if self._encoder is not None and self._encoder._continuous(_Job(texts, options, None,
-                                                                         None)):
-            self._model_thread.submit(self._encode_and_send, job, texts, options)
-        else:  # the child runs it whole (generate()), encoder included
-            self._send(("job", job, texts, options, None))
         return future
 
-    def _encode_and_send(self, job: int, texts: list[str], options: dict[str, Any]) -> None:
-        """Encode a continuous job here, so that the child only joins and decodes it: the
-        encoder pass is then done on this process's core, beside the child's decoding."""
-        if job not in self._pending:
-            return  # cancelled while it waited
-        try:
-            encoded = self._encoder.encode(texts, options)
-        except Exception as error:  # this request alone fails
-            log.exception("encoding a request failed")
-            self._settle(job, None, error)
-            return
-        self._send(("job", job, texts, options, _pack(encoded)))
-
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """Run ``fn()`` in this process, in a thread of its own, one call at a time (for other
-        uses of the model, e.g. attention maps; the child's copy only decodes)."""
+        """Run ``fn()`` in this process, in the thread that owns its copy of the model, one
+        call at a time (for other uses of the model, e.g. attention maps)."""
         with self._lock:
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
-        return asyncio.wrap_future(self._model_thread.submit(fn))
+            return asyncio.wrap_future(self._model_thread.submit(fn))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Let the child finish what it holds, then end it; fail whatever is still waiting."""
+        """Let the child answer the jobs it holds, then end it (killed after ``timeout``
+        seconds); jobs it does not answer, and jobs not sent yet, fail with `BatcherStopped`."""
         with self._lock:
             self._stopping = True
             process = self._process
-        if process is not None:
-            self._send(("stop",))  # the child answers the jobs it has, then ends
-        self._model_thread.shutdown(wait=False)
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
+            if process is not None:
+                self._outbox.put(("stop",))
+                self._outbox.put(None)  # the sender's end
         if process is None:
             return
         try:
@@ -187,10 +185,31 @@ class ProcessBatcher:
         except subprocess.TimeoutExpired:
             log.warning("the batcher's process did not stop within %.0f s; killing it", timeout)
             process.kill()
-            process.wait(5)
-        if self._reader is not None:
-            self._reader.join(5)
+            process.wait()
+        for thread in self._threads:
+            thread.join(5)
+        self._conn.close()
         self._fail_pending(BatcherStopped("the server is shutting down"))
+
+    def _queue_job(self, job: int, message: tuple) -> None:
+        """Under ``_lock``: the job's message goes out before any cancel of it."""
+        self._sent.add(job)
+        self._outbox.put(message)
+
+    def _encode_and_send(self, job: int, texts: list[str], options: dict[str, Any]) -> None:
+        """Encode a continuous job here, so that the child only joins and decodes it: the
+        encoder pass is then done on this process's core, beside the child's decoding."""
+        if job not in self._pending:
+            return  # cancelled while it waited
+        try:
+            packed = _pack(self._encoder.encode(texts, options))
+        except Exception as error:  # this request alone fails
+            log.exception("encoding a request failed")
+            self._settle(job, None, error)
+            return
+        with self._lock:
+            if job in self._pending:  # else cancelled while it was encoded: nothing to send
+                self._queue_job(job, ("job", job, texts, options, packed))
 
     def _cancelled(self, job: int, future: asyncio.Future) -> None:
         if not future.cancelled():
@@ -199,39 +218,51 @@ class ProcessBatcher:
             entry = self._pending.pop(job, None)
             if entry is not None:
                 self._waiting -= entry[2]
-        if entry is not None:
-            self._send(("cancel", job))
+            if job in self._sent:
+                self._sent.discard(job)
+                self._outbox.put(("cancel", job))
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
+    def _write(self) -> None:
+        """The sender thread: messages to the child in order, until ``None`` or a failure."""
+        while (message := self._outbox.get()) is not None:
             try:
                 _put(self._conn, message)
             except OSError:
-                pass  # the child is gone: the reader fails what is pending
+                return  # the child is gone: the reader fails what is pending
+            except Exception as error:  # a message that does not pickle (say, an option)
+                log.exception("a message could not be sent to the batcher's process")
+                if message[0] == "job":
+                    self._settle(message[1], None, error)
 
     def _read(self) -> None:
-        """The reader thread: settle each answered job; when the pipe closes, fail the rest."""
-        while True:
-            try:
-                message = _get(self._conn)
-            except (EOFError, OSError):
-                break
-            if message[0] != "done":
-                continue
-            _, job, result, error, stats = message
-            self.stats = stats
-            self._settle(job, result, error)
-        with self._lock:  # from here on, submit() refuses: nothing it sent would be answered
-            self._ended = True
-        if self._stopping:
-            self._fail_pending(BatcherStopped("the server is shutting down"))
-            return
-        log.error("the batcher's process ended (exit code %s)", self._process.wait(5))
-        self._fail_pending(WorkerDown("the model's process has ended"))
+        """The reader thread: settle each answered job; when the pipe closes (or anything
+        breaks here), fail the rest and refuse new jobs."""
+        try:
+            while True:
+                try:
+                    message = _get(self._conn)
+                except (EOFError, OSError):
+                    break
+                except Exception:  # an answer that does not unpickle
+                    log.exception("an answer from the batcher's process could not be read")
+                    continue
+                if message[0] == "done":
+                    _, job, result, error, stats = message
+                    self.stats = stats
+                    self._settle(job, result, error)
+        finally:
+            with self._lock:  # from here on, submit() refuses: nothing sent would be answered
+                self._ended = True
+                stopping = self._stopping
+            if not stopping:
+                log.error("the batcher's process ended (exit code %s)", self._process.poll())
+            self._fail_pending(BatcherStopped("the server is shutting down") if stopping
+                               else WorkerDown("the model's process has ended"))
 
     def _settle(self, job: int, result: Any, error: BaseException | None) -> None:
         with self._lock:
             entry = self._pending.pop(job, None)
+            self._sent.discard(job)
             if entry is not None:
                 self._waiting -= entry[2]
         if entry is not None:
@@ -240,6 +271,7 @@ class ProcessBatcher:
     def _fail_pending(self, error: BatcherStopped) -> None:
         with self._lock:
             pending, self._pending, self._waiting = self._pending, {}, 0
+            self._sent.clear()
         for future, loop, _ in pending.values():
             _resolve(future, loop, None, error)
 
@@ -263,14 +295,15 @@ def _resolve(future: asyncio.Future, loop: asyncio.AbstractEventLoop, result: An
 def _pack(encoded: tuple) -> tuple:
     """An encoded job as three numpy arrays: unpickling tensors goes through ``torch.load``
     once per tensor, which cost the child 14% of its time under 16 clients; numpy arrays
-    unpickle as plain buffers."""
+    unpickle as plain buffers. (float32 on the way: numpy has no bfloat16.)"""
     cross, memory, source_mask = encoded
     kv = torch.stack([torch.stack(cross[i]) for i in range(len(cross))])  # (L, 2, k, H, S, Dh)
-    return tuple(x.cpu().numpy() for x in (kv, memory, source_mask))
+    return kv.float().cpu().numpy(), memory.float().cpu().numpy(), source_mask.cpu().numpy()
 
 
-def _unpack(packed: tuple, device: torch.device) -> tuple:
-    kv, memory, source_mask = (torch.from_numpy(x).to(device) for x in packed)
+def _unpack(packed: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    kv, memory = (torch.from_numpy(x).to(device, dtype) for x in packed[:2])
+    source_mask = torch.from_numpy(packed[2]).to(device)
     return {i: (kv[i, 0], kv[i, 1]) for i in range(kv.size(0))}, memory, source_mask
 
 
@@ -288,19 +321,36 @@ def _get(conn: Connection) -> Any:
 
 
 def _spawn() -> tuple[subprocess.Popen, Connection]:
-    """``python -m tformer.serving.process FD``: a fresh interpreter (so nothing of this
-    process's threads or locks is inherited, and no caller's ``__main__`` is re-imported, as
-    multiprocessing's spawn would do), talking over one end of a socket pair."""
+    """A fresh interpreter running `_child` (so nothing of this process's threads or locks is
+    inherited, and no caller's ``__main__`` is re-imported, as multiprocessing's spawn would
+    do), talking over one end of a socket pair. The directory this package was imported from
+    is appended to the child's path, a fallback for a checkout that is not installed."""
     import tformer
 
     ours, theirs = socket.socketpair()
-    env = dict(os.environ)
-    package_root = str(Path(tformer.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    process = subprocess.Popen([sys.executable, "-m", "tformer.serving.process",
-                                str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env)
+    root = str(Path(tformer.__file__).resolve().parents[1])
+    code = (f"import sys; sys.path.append({root!r}); "
+            "from tformer.serving.process import _main; _main()")
+    process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()])
     theirs.close()
     return process, Connection(ours.detach())
+
+
+def _main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for number in (signal.SIGINT, signal.SIGTERM):  # the parent says when to stop
+        signal.signal(number, signal.SIG_IGN)
+    _child(Connection(int(sys.argv[1])))
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """``error`` if it survives a pickle round trip, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def _child(conn: Connection) -> None:
@@ -312,26 +362,24 @@ def _child(conn: Connection) -> None:
         seq2seq, options = _get(conn)
         kind = options.pop("kind")
         cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
-        batcher = cls(seq2seq, **{**options, "max_queue": 10**9})  # the parent enforces it
+        batcher = cls(seq2seq, **options, max_queue=10**9)  # the parent enforces max_queue
+        first = next(seq2seq.model.parameters()) if kind == "continuous" else None
         batcher.start()
     except Exception as error:  # reported to the parent, which raises it
         _put(conn, ("failed", f"{type(error).__name__}: {error}"))
         return
     loop = asyncio.new_event_loop()
     futures: dict[int, asyncio.Future] = {}
-    device = next(seq2seq.model.parameters()).device
+
+    def done(job: int, result: Any, error: BaseException | None) -> None:
+        _put(conn, ("done", job, result, None if error is None else _picklable(error),
+                    dict(batcher.stats)))
 
     def answer(job: int, future: asyncio.Future) -> None:
         futures.pop(job, None)
-        if future.cancelled():
-            return  # the parent cancelled it and answers its client itself
-        error = future.exception()
-        result = future.result() if error is None else None
-        try:
-            _put(conn, ("done", job, result, error, dict(batcher.stats)))
-        except Exception:  # an error that does not pickle: send its text instead
-            _put(conn, ("done", job, None, RuntimeError(f"{type(error).__name__}: {error}"),
-                       dict(batcher.stats)))
+        if not future.cancelled():  # (a cancelled job: the parent has answered its client)
+            error = future.exception()
+            done(job, None if error is not None else future.result(), error)
 
     def receive() -> None:
         while conn.poll():
@@ -344,10 +392,10 @@ def _child(conn: Connection) -> None:
                 _, job, texts, job_options, encoded = message
                 try:
                     future = (batcher.submit(texts, job_options) if encoded is None
-                              else batcher.submit_encoded(texts, job_options,
-                                                          _unpack(encoded, device)))
+                              else batcher.submit_encoded(
+                                  texts, job_options, _unpack(encoded, first.device, first.dtype)))
                 except Exception as error:
-                    _put(conn, ("done", job, None, error, dict(batcher.stats)))
+                    done(job, None, error)
                     continue
                 futures[job] = future
                 future.add_done_callback(functools.partial(answer, job))
@@ -369,8 +417,3 @@ def _child(conn: Connection) -> None:
     finally:
         conn.close()
         loop.close()
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _child(Connection(int(sys.argv[1])))

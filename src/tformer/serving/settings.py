@@ -34,7 +34,8 @@ class ServeSettings:
         max_batch_size: most texts decoded together.
         max_wait_ms: how long a dynamic batch, once it has a request, waits for more (unless
             full); a continuous batch takes requests at every step and never waits.
-        max_queue: most texts waiting for the model; more is answered 503.
+        max_queue: most texts waiting for the model (with ``batcher_process``: sent to its
+            process and not answered yet, decoding included); more is answered 503.
         max_inputs: most texts in one request (413).
         max_input_chars: longest text, in characters (413).
         max_input_tokens: longest text, in tokens after ``max_source_length`` truncation (413).
