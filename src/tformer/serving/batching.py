@@ -92,19 +92,25 @@ _STOP = object()
 
 
 def _settle(item: _Job | _Call, result: Any = None, error: BaseException | None = None) -> None:
-    """Resolve an item's future from the worker thread; a future already done (cancelled by a
-    timeout or a disconnect) is left alone, and so is a loop that has closed."""
+    """Resolve an item's future from the worker thread (`settle_future`)."""
+    settle_future(item.future, item.loop, result, error)
+
+
+def settle_future(future: asyncio.Future, loop: asyncio.AbstractEventLoop, result: Any = None,
+                  error: BaseException | None = None) -> None:
+    """Resolve ``future`` of ``loop`` from another thread; a future already done (cancelled by
+    a timeout or a disconnect) is left alone, and so is a loop that has closed."""
 
     def settle() -> None:
-        if item.future.done():
+        if future.done():
             return
         if error is not None:
-            item.future.set_exception(error)
+            future.set_exception(error)
         else:
-            item.future.set_result(result)
+            future.set_result(result)
 
     try:
-        item.loop.call_soon_threadsafe(settle)
+        loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the loop is closed: nobody is waiting any more
         pass
 

@@ -52,7 +52,14 @@ from typing import Any
 
 import torch
 
-from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull, WorkerDown, _Job
+from tformer.serving.batching import (
+    BatcherStopped,
+    DynamicBatcher,
+    QueueFull,
+    WorkerDown,
+    _Job,
+    settle_future,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,30 +273,14 @@ class ProcessBatcher:
             if entry is not None:
                 self._waiting -= entry[2]
         if entry is not None:
-            _resolve(entry[0], entry[1], result, error)
+            settle_future(entry[0], entry[1], result, error)
 
     def _fail_pending(self, error: BatcherStopped) -> None:
         with self._lock:
             pending, self._pending, self._waiting = self._pending, {}, 0
             self._sent.clear()
         for future, loop, _ in pending.values():
-            _resolve(future, loop, None, error)
-
-
-def _resolve(future: asyncio.Future, loop: asyncio.AbstractEventLoop, result: Any,
-             error: BaseException | None) -> None:
-    def settle() -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
+            settle_future(future, loop, None, error)
 
 
 def _pack(encoded: tuple) -> tuple:
