@@ -84,7 +84,6 @@ class ProcessBatcher:
         self._encoder = local if kind == "continuous" else None
         self.mode = kind
         self.seq2seq = seq2seq
-        self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
         self._lock = threading.Lock()  # the state below, and the order of messages queued
