@@ -143,6 +143,9 @@ class TrainSection:
     label_smoothing: float = 0.1
     clip_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile the training forward and loss (not validation or generation): fused
+    # kernels for a minute or two of compiling at the start (docs/usage.md, "Compiling").
+    compile: bool = False
     log_every: int = 20
     eval_every: int = 200
     eval_max_examples: int = 200  # generation-metric sample size at each evaluation

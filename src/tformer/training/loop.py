@@ -117,6 +117,10 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
+    # Only the training step is compiled: validation runs in eval mode (no dropout) and
+    # generation in other shapes, and each would be a compilation of its own. dynamic=True:
+    # token-budget batches change shape at every step.
+    train_loss = torch.compile(forward_loss, dynamic=True) if t.compile else forward_loss
     clock.start(state)
     model.train()
     try:
@@ -125,7 +129,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
             for _ in range(t.grad_accum):
                 batch = collate_batch(collate, data.tokens["train"], next(batches), accelerator)
                 with accelerator.accumulate(model):
-                    loss = forward_loss(model, batch, t.label_smoothing)
+                    loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.clip_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
