@@ -107,6 +107,8 @@ class Server:
                    "--batching", args.batching]
         if args.batcher_process:
             command.append("--batcher-process")
+        if batch > 1 and args.batcher_processes > 1:  # one at a time stays one process
+            command += ["--batcher-processes", str(args.batcher_processes)]
         if args.device:
             command += ["--device", args.device]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -268,6 +270,10 @@ def main() -> None:
     parser.add_argument("--batcher-process", action="store_true",
                         help="both servers run their batcher in a process of its own "
                         "(tformer serve --batcher-process)")
+    parser.add_argument("--batcher-processes", type=int, default=1, metavar="N",
+                        help="the batching server runs N batcher processes (tformer serve "
+                        "--batcher-processes N); the one-at-a-time server keeps one, or none "
+                        "without --batcher-process: one request at a time is one process")
     parser.add_argument("--random-init", metavar="SIZE", default=None,
                         help="serve a freshly initialised model of this size (tiny, small, "
                         "base) with the checkpoint's tokenizer instead of its weights")
@@ -286,7 +292,9 @@ def main() -> None:
             checkpoint = random_checkpoint(checkpoint, args.random_init, Path(tmp) / "random")
         print(f"checkpoint {checkpoint}; {len(texts)} distinct inputs from {args.inputs.name}; "
               f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}; batcher "
-              f"{'in a process of its own' if args.batcher_process else 'in the server process'}")
+              f"{'in a process of its own' if args.batcher_process else 'in the server process'}"
+              + (f"; batching server: {args.batcher_processes} batcher processes"
+                 if args.batcher_processes > 1 else ""))
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
         # Both servers run at once (the idle one costs nothing) and the scenarios take turns in

@@ -268,6 +268,10 @@ def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypat
     assert main(["serve", str(model_dir), "--batcher-process", "--device", "cpu"]) == 0
     assert ran["app"].state.settings.batcher_process  # (not started: no request was made)
     assert type(ran["app"].state.batcher).__name__ == "ProcessBatcher"
+    assert main(["serve", str(model_dir), "--batcher-processes", "2", "--device", "cpu"]) == 0
+    settings = ran["app"].state.settings  # N > 1 implies --batcher-process
+    assert settings.batcher_process and settings.batcher_processes == 2
+    assert type(ran["app"].state.batcher).__name__ == "ProcessPool"
 
 
 def test_only_safetensors_checkpoints_are_served(reference_run, tmp_path):
@@ -738,16 +742,19 @@ def test_another_engine_is_served_through_the_same_interface(model_dir, texts):
 # -- a real server on loopback -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batching, process", [("continuous", False), ("dynamic", False),
-                                               ("continuous", True)],
-                         ids=["continuous", "dynamic", "continuous-in-a-process"])
+@pytest.mark.parametrize("batching, process", [("continuous", 0), ("dynamic", 0),
+                                               ("continuous", 1), ("continuous", 2)],
+                         ids=["continuous", "dynamic", "continuous-in-a-process",
+                              "continuous-in-two-processes"])
 def test_load_200_requests_from_16_clients(seq2seq, texts, batching, process):
     """A real uvicorn server: every request answered, no errors, batches actually formed, and
-    every output equal to generating its text alone; with the batcher in the server's process
-    and in one of its own (the counters then come from the child)."""
+    every output equal to generating its text alone; with the batcher in the server's process,
+    in one of its own (the counters then come from the child) and in two (added up), where
+    each child must have had its share."""
     expected = {t: seq2seq.generate(t, max_new_tokens=NEW) for t in texts}
-    app = create_app(seq2seq, settings=ServeSettings(max_batch_size=16, max_wait_ms=20,
-                                                     batching=batching, batcher_process=process))
+    app = create_app(seq2seq, settings=ServeSettings(
+        max_batch_size=16, max_wait_ms=20, batching=batching, batcher_process=process > 0,
+        batcher_processes=max(process, 1)))
     jobs = [texts[i % len(texts)] for i in range(200)]
 
     async def drive(url: str) -> list[httpx.Response]:
@@ -784,6 +791,9 @@ def test_load_200_requests_from_16_clients(seq2seq, texts, batching, process):
         assert stats["generate_calls"] == 0 and 0 < stats["steps"] < stats["row_steps"], stats
         # in a process of its own, every text encoded by the server and only joined by the child
         assert stats["pre_encoded"] == (200 if process else 0), stats
+    if process == 2:
+        shares = [member.stats["texts"] for member in app.state.batcher.members]
+        assert min(shares) >= 20 and sum(shares) == 200, shares
     print(f"200 requests in {seconds:.1f} s, {stats}")
 
 
@@ -912,6 +922,35 @@ def test_batcher_process_that_dies_fails_its_requests_and_the_health_check(seq2s
         assert error_of(httpx.post(server.url + "/v1/generate", json=body, timeout=60),
                         503)["code"] == "worker_down"
         assert error_of(httpx.get(server.url + "/healthz"), 503)["code"] == "worker_down"
+
+
+def test_batcher_pool_with_a_dead_child_serves_from_the_others(seq2seq, texts):
+    """Two batcher processes, one killed: /healthz says 503 (the server is degraded), and
+    every later request is answered by the live child, with the same outputs."""
+    app = create_app(seq2seq, settings=ServeSettings(batcher_process=True, batcher_processes=2,
+                                                     timeout_s=120))
+    body = {"inputs": texts[:2], "max_new_tokens": NEW}
+    expected = seq2seq.generate(texts[:2], max_new_tokens=NEW)
+    with ServerThread(app) as server:
+        pool = app.state.batcher
+        assert type(pool).__name__ == "ProcessPool" and len(pool.members) == 2
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        pool.members[0]._process.kill()
+        deadline = time.monotonic() + 30
+        while not pool.members[0]._ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert error_of(httpx.get(server.url + "/healthz"), 503)["code"] == "worker_down"
+        for _ in range(3):
+            answer = httpx.post(server.url + "/v1/generate", json=body, timeout=60)
+            assert answer.status_code == 200 and answer.json()["outputs"] == expected
+        assert pool.members[1].stats["texts"] == 6
+
+
+def test_batcher_processes_needs_batcher_process():
+    with pytest.raises(ValueError, match=r"batcher_processes \(2\) needs batcher_process"):
+        ServeSettings(batcher_processes=2)
+    with pytest.raises(ValueError, match="batcher_processes must be an integer >= 1"):
+        ServeSettings(batcher_process=True, batcher_processes=0)
 
 
 def test_batcher_process_serves_any_engine_and_survives_an_error_that_does_not_unpickle():

@@ -32,7 +32,7 @@ import tformer
 from tformer.serving import limits
 from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull
 from tformer.serving.limits import ApiError
-from tformer.serving.process import ProcessBatcher
+from tformer.serving.process import ProcessBatcher, ProcessPool
 from tformer.serving.schemas import (
     AttentionRequest,
     AttentionResponse,
@@ -53,10 +53,11 @@ STATIC_DIR = resources.files("tformer.serving") / "static"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
 
 
-def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBatcher:
+def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBatcher | ProcessPool:
     """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
-    own when ``settings.batcher_process`` (`tformer.serving.process`)."""
+    own when ``settings.batcher_process``, in several with ``settings.batcher_processes``
+    (`tformer.serving.process`)."""
     from tformer.serving.continuous import ContinuousBatcher, supports_continuous
 
     kind = settings.batching
@@ -64,6 +65,8 @@ def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBa
         kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
     sizes = dict(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                  max_queue=settings.max_queue)
+    if settings.batcher_process and settings.batcher_processes > 1:
+        return ProcessPool(seq2seq, processes=settings.batcher_processes, kind=kind, **sizes)
     if settings.batcher_process:
         return ProcessBatcher(seq2seq, kind=kind, **sizes)
     cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher

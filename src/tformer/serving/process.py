@@ -38,6 +38,7 @@ import concurrent.futures
 import functools
 import itertools
 import logging
+import operator
 import pickle
 import queue
 import signal
@@ -280,6 +281,71 @@ class ProcessBatcher:
             self._sent.clear()
         for future, loop, _ in pending.values():
             settle_future(future, loop, None, error)
+
+
+class ProcessPool:
+    """Several `ProcessBatcher` children behind the same interface: each request goes to the
+    child with the fewest texts waiting, and each child batches what it is given.
+
+    For a CPU with cores left over by one child. One child decodes on one core at a time (its
+    step is a chain of small operations that extra threads do not speed up), and the server's
+    process needs only part of another core (HTTP, encoding); a second child decodes half of
+    the requests on what is left (figures in ``docs/benchmarks.md``). Each child holds a copy
+    of the model. ``max_queue`` counts the texts waiting in all of them together. A child that
+    dies fails its own requests with `WorkerDown` and turns ``healthy`` false; the others go on
+    serving, and new requests go to them only."""
+
+    def __init__(self, seq2seq, *, processes: int, kind: str, max_batch_size: int,
+                 max_wait_ms: float, max_queue: int) -> None:
+        if processes < 2:
+            raise ValueError(f"a pool needs processes >= 2, got {processes} (use ProcessBatcher)")
+        self.members = [ProcessBatcher(seq2seq, kind=kind, max_batch_size=max_batch_size,
+                                       max_wait_ms=max_wait_ms, max_queue=max_queue)
+                        for _ in range(processes)]
+        self.mode, self.seq2seq, self.max_queue = kind, seq2seq, max_queue
+
+    def start(self) -> None:
+        """Start every child (in parallel: each takes seconds to load its model)."""
+        with concurrent.futures.ThreadPoolExecutor(len(self.members)) as starter:
+            errors = [f.exception() for f in [starter.submit(m.start) for m in self.members]]
+        if any(errors):
+            for member in self.members:
+                member.stop(timeout=5)
+            raise next(e for e in errors if e)
+
+    @property
+    def healthy(self) -> bool:
+        """False once any started child has ended."""
+        return all(member.healthy for member in self.members)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The children's counters added up (``largest_batch``: the largest of them)."""
+        total: dict[str, Any] = {}
+        for member in self.members:
+            for name, value in member.stats.items():
+                merge = max if name == "largest_batch" else operator.add
+                total[name] = merge(total[name], value) if name in total else value
+        return total
+
+    def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
+        """As `ProcessBatcher.submit`, to the live child with the fewest texts waiting."""
+        waiting = sum(member._waiting for member in self.members)
+        if waiting + len(texts) > self.max_queue:
+            raise QueueFull(f"{waiting} texts are already waiting; the limit max_queue is "
+                            f"{self.max_queue}")
+        live = [member for member in self.members if not member._ended] or self.members
+        return min(live, key=lambda member: member._waiting).submit(texts, options)
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """As `ProcessBatcher.call` (in the first child's model thread of this process)."""
+        return self.members[0].call(fn)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every child (in parallel, each within ``timeout``)."""
+        with concurrent.futures.ThreadPoolExecutor(len(self.members)) as stopper:
+            for future in [stopper.submit(m.stop, timeout) for m in self.members]:
+                future.result()
 
 
 def _pack(encoded: tuple) -> tuple:
