@@ -934,6 +934,8 @@ def test_batcher_pool_with_a_dead_child_serves_from_the_others(seq2seq, texts):
     with ServerThread(app) as server:
         pool = app.state.batcher
         assert type(pool).__name__ == "ProcessPool" and len(pool.members) == 2
+        # one encoding thread for both (the tokenizer is not thread-safe)
+        assert pool.members[0]._model_thread is pool.members[1]._model_thread
         assert httpx.get(server.url + "/healthz").status_code == 200
         pool.members[0]._process.kill()
         deadline = time.monotonic() + 30

@@ -74,7 +74,8 @@ class ProcessBatcher:
     process. ``max_queue`` is enforced here, before anything crosses the pipe."""
 
     def __init__(self, seq2seq, *, kind: str, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int) -> None:
+                 max_queue: int,
+                 model_thread: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
         from tformer.serving.continuous import ContinuousBatcher
 
         cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
@@ -99,8 +100,9 @@ class ProcessBatcher:
         self._outbox: queue.Queue = queue.Queue()  # messages for the child, sent in order
         self._threads: list[threading.Thread] = []  # the sender and the reader
         # This process's uses of the model (encoding, attention maps), one at a time: the model's
-        # tokenizer fails when two threads call it at once.
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(
+        # tokenizer fails when two threads call it at once. (A `ProcessPool` hands the same
+        # thread to all its children's batchers, for the same reason.)
+        self._model_thread = model_thread or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tformer-model")
         #: The child batcher's counters, as of its last answer.
         self.stats: dict[str, Any] = {}
@@ -299,8 +301,11 @@ class ProcessPool:
                  max_wait_ms: float, max_queue: int) -> None:
         if processes < 2:
             raise ValueError(f"a pool needs processes >= 2, got {processes} (use ProcessBatcher)")
+        # One thread of this process encodes for all of them: the tokenizer is not thread-safe.
+        model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tformer-model")
         self.members = [ProcessBatcher(seq2seq, kind=kind, max_batch_size=max_batch_size,
-                                       max_wait_ms=max_wait_ms, max_queue=max_queue)
+                                       max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                       model_thread=model_thread)
                         for _ in range(processes)]
         self.mode, self.seq2seq, self.max_queue = kind, seq2seq, max_queue
 
