@@ -321,7 +321,9 @@ def main() -> None:
                      for t in batched.outputs if t in serial.outputs)
     print(f"\nbatching {args.batching}; throughput, batching / one at a time ({args.clients} "
           "clients): "
-          f"{batched.rps / serial.rps:.2f}x   (goal >= 4)")
+          f"{batched.rps / serial.rps:.2f}x   (goal >= 4)"
+          + (f"; the batching server has {args.batcher_processes} batcher processes (model "
+             "copies), the one-at-a-time one 1" if args.batcher_processes > 1 else ""))
     print(f"p99 latency, batching at {args.clients} clients / single request: "
           f"{batched.pct(99) / alone.pct(99):.2f}x   (goal <= 2)")
     print(f"p50 latency, same ratio: {batched.pct(50) / alone.pct(50):.2f}x; batching window "

@@ -245,7 +245,8 @@ def test_settings_are_validated_and_bind_loopback():
             ServeSettings(**{field: value})
 
 
-def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypatch, texts):
+def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypatch, texts,
+                                                            capsys):
     """``tformer serve``: flags and $TFORMER_API_KEY reach the app, uvicorn gets 127.0.0.1."""
     import uvicorn
 
@@ -272,6 +273,10 @@ def test_serve_verb_loads_the_checkpoint_and_binds_loopback(model_dir, monkeypat
     settings = ran["app"].state.settings  # N > 1 implies --batcher-process
     assert settings.batcher_process and settings.batcher_processes == 2
     assert type(ran["app"].state.batcher).__name__ == "ProcessPool"
+    capsys.readouterr()
+    assert main(["serve", str(model_dir), "--no-batcher-process", "--batcher-processes", "2",
+                 "--device", "cpu"]) != 0
+    assert "batcher_processes (2) needs batcher_process=True" in capsys.readouterr().err
 
 
 def test_only_safetensors_checkpoints_are_served(reference_run, tmp_path):

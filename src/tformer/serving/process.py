@@ -102,6 +102,7 @@ class ProcessBatcher:
         # This process's uses of the model (encoding, attention maps), one at a time: the model's
         # tokenizer fails when two threads call it at once. (A `ProcessPool` hands the same
         # thread to all its children's batchers, for the same reason.)
+        self._owns_model_thread = model_thread is None  # else the pool shuts it down
         self._model_thread = model_thread or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tformer-model")
         #: The child batcher's counters, as of its last answer.
@@ -183,7 +184,8 @@ class ProcessBatcher:
         with self._lock:
             self._stopping = True
             process = self._process
-            self._model_thread.shutdown(wait=False, cancel_futures=True)
+            if self._owns_model_thread:
+                self._model_thread.shutdown(wait=False, cancel_futures=True)
             if process is not None:
                 self._outbox.put(("stop",))
                 self._outbox.put(None)  # the sender's end
@@ -293,29 +295,32 @@ class ProcessPool:
     step is a chain of small operations that extra threads do not speed up), and the server's
     process needs only part of another core (HTTP, encoding); a second child decodes half of
     the requests on what is left (figures in ``docs/benchmarks.md``). Each child holds a copy
-    of the model. ``max_queue`` counts the texts waiting in all of them together. A child that
-    dies fails its own requests with `WorkerDown` and turns ``healthy`` false; the others go on
-    serving, and new requests go to them only."""
+    of the model. One thread of the server's process encodes for all of them (the tokenizer is
+    not thread-safe). ``max_queue`` counts the texts waiting in all of them together. A child
+    that dies fails its own requests with `WorkerDown` and turns ``healthy`` false; the others
+    go on serving, and new requests go to them only."""
 
     def __init__(self, seq2seq, *, processes: int, kind: str, max_batch_size: int,
                  max_wait_ms: float, max_queue: int) -> None:
         if processes < 2:
             raise ValueError(f"a pool needs processes >= 2, got {processes} (use ProcessBatcher)")
         # One thread of this process encodes for all of them: the tokenizer is not thread-safe.
-        model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tformer-model")
+        # The pool owns it and shuts it down once every child has stopped.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tformer-model")
         self.members = [ProcessBatcher(seq2seq, kind=kind, max_batch_size=max_batch_size,
                                        max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                       model_thread=model_thread)
+                                       model_thread=self._model_thread)
                         for _ in range(processes)]
         self.mode, self.seq2seq, self.max_queue = kind, seq2seq, max_queue
+        self._stopping = False
 
     def start(self) -> None:
         """Start every child (in parallel: each takes seconds to load its model)."""
         with concurrent.futures.ThreadPoolExecutor(len(self.members)) as starter:
             errors = [f.exception() for f in [starter.submit(m.start) for m in self.members]]
         if any(errors):
-            for member in self.members:
-                member.stop(timeout=5)
+            self.stop(timeout=5)
             raise next(e for e in errors if e)
 
     @property
@@ -334,23 +339,35 @@ class ProcessPool:
         return total
 
     def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
-        """As `ProcessBatcher.submit`, to the live child with the fewest texts waiting."""
+        """As `ProcessBatcher.submit`, to the live child with the fewest texts waiting; a
+        child found dead on the way is skipped. `WorkerDown` only when every child is."""
+        if self._stopping:
+            raise BatcherStopped("the batcher has been stopped")
         waiting = sum(member._waiting for member in self.members)
         if waiting + len(texts) > self.max_queue:
             raise QueueFull(f"{waiting} texts are already waiting; the limit max_queue is "
                             f"{self.max_queue}")
-        live = [member for member in self.members if not member._ended] or self.members
-        return min(live, key=lambda member: member._waiting).submit(texts, options)
+        for member in sorted(self.members, key=lambda member: member._waiting):
+            if member.healthy:
+                try:
+                    return member.submit(texts, options)
+                except WorkerDown:  # it died since: the next one
+                    continue
+        raise WorkerDown("every one of the model's processes has ended")
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
         """As `ProcessBatcher.call` (in the first child's model thread of this process)."""
         return self.members[0].call(fn)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop every child (in parallel, each within ``timeout``)."""
-        with concurrent.futures.ThreadPoolExecutor(len(self.members)) as stopper:
-            for future in [stopper.submit(m.stop, timeout) for m in self.members]:
-                future.result()
+        """Stop every child (in parallel, each within ``timeout``), then the encoding thread."""
+        self._stopping = True  # new requests are refused from here on
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(self.members)) as stopper:
+                for future in [stopper.submit(m.stop, timeout) for m in self.members]:
+                    future.result()
+        finally:
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _pack(encoded: tuple) -> tuple:

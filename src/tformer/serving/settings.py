@@ -77,7 +77,7 @@ class ServeSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.batcher_processes > 1 and not self.batcher_process:
             raise ValueError(f"batcher_processes ({self.batcher_processes}) needs "
-                             "batcher_process=True")
+                             "batcher_process=True (--batcher-process)")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got "
                              f"{self.batching!r}")

@@ -121,6 +121,10 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     # generation in other shapes, and each would be a compilation of its own. dynamic=True:
     # token-budget batches change shape at every step.
     train_loss = torch.compile(forward_loss, dynamic=True) if t.compile else forward_loss
+    if t.compile and accelerator.num_processes > 1:
+        log.warning("train.compile is tested in one process only; under %s the model's "
+                    "wrapper may split the graph or recompile (docs/usage.md, 'Compiling')",
+                    accelerator.distributed_type)
     clock.start(state)
     model.train()
     try:
