@@ -293,9 +293,9 @@ class ProcessPool:
 
     For a CPU with cores left over by one child. One child decodes on one core at a time (its
     step is a chain of small operations that extra threads do not speed up), and the server's
-    process needs only part of another core (HTTP, encoding); a second child decodes half of
-    the requests on what is left (figures in ``docs/benchmarks.md``). Each child holds a copy
-    of the model. One thread of the server's process encodes for all of them (the tokenizer is
+    process needs only part of another core (HTTP, encoding). On a 2-core machine two children
+    were slower than one: each batch holds half the rows, and a step's cost does not halve with
+    them (``docs/benchmarks.md``). Each child holds a copy of the model. One thread of the server's process encodes for all of them (the tokenizer is
     not thread-safe). ``max_queue`` counts the texts waiting in all of them together. A child
     that dies fails its own requests with `WorkerDown` and turns ``healthy`` false; the others
     go on serving, and new requests go to them only."""
