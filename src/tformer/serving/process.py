@@ -295,10 +295,11 @@ class ProcessPool:
     step is a chain of small operations that extra threads do not speed up), and the server's
     process needs only part of another core (HTTP, encoding). On a 2-core machine two children
     were slower than one: each batch holds half the rows, and a step's cost does not halve with
-    them (``docs/benchmarks.md``). Each child holds a copy of the model. One thread of the server's process encodes for all of them (the tokenizer is
-    not thread-safe). ``max_queue`` counts the texts waiting in all of them together. A child
-    that dies fails its own requests with `WorkerDown` and turns ``healthy`` false; the others
-    go on serving, and new requests go to them only."""
+    them (``docs/benchmarks.md``). Each child holds a copy of the model. One thread of the
+    server's process encodes for all of them (the tokenizer is not thread-safe). ``max_queue``
+    counts the texts waiting in all of them together. A child that dies fails its own requests
+    with `WorkerDown` and turns ``healthy`` false; the others go on serving, and new requests
+    go to them only."""
 
     def __init__(self, seq2seq, *, processes: int, kind: str, max_batch_size: int,
                  max_wait_ms: float, max_queue: int) -> None:
@@ -356,7 +357,7 @@ class ProcessPool:
         raise WorkerDown("every one of the model's processes has ended")
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """As `ProcessBatcher.call` (in the first child's model thread of this process)."""
+        """As `ProcessBatcher.call`, in this process's one model thread (shared by all)."""
         return self.members[0].call(fn)
 
     def stop(self, timeout: float = 10.0) -> None:

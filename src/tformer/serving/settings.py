@@ -32,9 +32,9 @@ class ServeSettings:
             its own, so that decoding does not share one interpreter lock with the HTTP side
             (`tformer.serving.process`); attention maps still run in the server's process.
         batcher_processes: with ``batcher_process``, how many such processes; each request
-            goes to the one with the fewest texts waiting (`ProcessPool`). More than one uses
-            cores that one decoding process leaves idle, at the cost of a copy of the model
-            each.
+            goes to the one with the fewest texts waiting (`ProcessPool`). More than one is
+            for cores that one decoding process leaves idle, at the cost of a copy of the model
+            each; on a 2-core machine two were slower than one (``docs/benchmarks.md``).
         max_batch_size: most texts decoded together.
         max_wait_ms: how long a dynamic batch, once it has a request, waits for more (unless
             full); a continuous batch takes requests at every step and never waits.
