@@ -77,13 +77,13 @@ def test_compiled_training_step_equals_the_eager_one(data_files, reference_run, 
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], (
         dict(counters["stats"]), dict(counters["graph_break"]))
 
-    def losses(run):
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in records if r["split"] == "train"]
+    def records(run, split):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["split"] == split]
 
-    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-4)
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "validation"] == [4, 8, 12]
+    assert ([r["loss"] for r in records(out, "train")]
+            == pytest.approx([r["loss"] for r in records(reference_run, "train")], rel=1e-4))
+    assert [r["step"] for r in records(out, "validation")] == [4, 8, 12]
     compiled, eager = final_weights(out), final_weights(reference_run)
     # Not element by element: Adam turns float-rounding differences in near-zero gradients
     # (a few bias entries) into steps of about lr. Over the whole model they are noise.
