@@ -7,12 +7,13 @@ TORCH  ?= torch==2.13.0
 .PHONY: install test lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
-	# Headless Chromium + ChromeDriver for the browser tests, and a CJK font for attention
-	# maps of Chinese text (Debian packages; needs root, as in CI).
+	# Headless Chromium + ChromeDriver for the browser tests, a CJK font for attention maps of
+	# Chinese text, and g++ for torch.compile's CPU kernels (train.compile and its test)
+	# (Debian packages; needs root, as in CI).
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-	  && fc-list :lang=zh | grep -q . \
+	  && command -v g++ >/dev/null && fc-list :lang=zh | grep -q . \
 	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	      chromium chromium-driver fonts-wqy-zenhei)
+	      chromium chromium-driver fonts-wqy-zenhei g++)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
