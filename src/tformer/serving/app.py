@@ -65,9 +65,9 @@ def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBa
         kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
     sizes = dict(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                  max_queue=settings.max_queue)
-    if settings.batcher_process and settings.batcher_processes > 1:
-        return ProcessPool(seq2seq, processes=settings.batcher_processes, kind=kind, **sizes)
     if settings.batcher_process:
+        if settings.batcher_processes > 1:
+            return ProcessPool(seq2seq, processes=settings.batcher_processes, kind=kind, **sizes)
         return ProcessBatcher(seq2seq, kind=kind, **sizes)
     cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
     return cls(seq2seq, **sizes)
