@@ -63,6 +63,7 @@ class TformerConfig(PreTrainedConfig):
     max_positions: int = 1024
     scale_embeddings: bool = True
     tie_embeddings: bool = True
+    copy_attention: bool = False
     layer_norm_eps: float = 1e-5
     label_smoothing: float = 0.0  # used by forward(labels=...); the trainer passes its own
     pad_token_id: int | None = 0
@@ -110,6 +111,14 @@ class _HFCacheView:
         self.cache.is_updated[layer] = True
 
 
+@dataclasses.dataclass
+class TformerEncoderOutput(BaseModelOutput):
+    """The encoder's output plus the source ids, which copy attention reads at every decoder
+    step. ``generate()`` expands it for beams and samples like any encoder output."""
+
+    source_ids: torch.LongTensor | None = None
+
+
 class _Encoder:
     """What ``generate()`` calls through ``get_encoder()``: the source side alone."""
 
@@ -126,7 +135,8 @@ class _Encoder:
     ) -> BaseModelOutput:
         mask = None if attention_mask is None else attention_mask.bool()
         out = self.owner.model.encode(input_ids, mask, need_weights=bool(output_attentions))
-        return BaseModelOutput(last_hidden_state=out.hidden, attentions=out.attentions)
+        return TformerEncoderOutput(last_hidden_state=out.hidden, attentions=out.attentions,
+                                    source_ids=input_ids)
 
 
 class TformerPreTrainedModel(PreTrainedModel):
@@ -209,7 +219,10 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
         dec = self.model.decode(
             decoder_input_ids, encoder_outputs.last_hidden_state, source_mask, view, need_weights
         )
-        logits = self.model.project(dec.hidden)  # (B, T, V)
+        source_ids = getattr(encoder_outputs, "source_ids", None)
+        logits = self.model.output(  # (B, T, V)
+            dec.hidden, encoder_outputs.last_hidden_state,
+            source_ids if source_ids is not None else input_ids, source_mask)
         loss = None
         if labels is not None:
             loss = compute_loss(logits, labels, self.config.label_smoothing)

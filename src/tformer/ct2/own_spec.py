@@ -53,6 +53,7 @@ _EXPORTABLE = {
     "vocab_size", "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff",
     "dropout", "attention_dropout", "activation", "gated_ffn", "norm_first", "positional",
     "max_positions", "scale_embeddings", "tie_embeddings", "layer_norm_eps", "pad_token_id",
+    "copy_attention",  # exported only when false (checked below)
 }
 
 
@@ -70,6 +71,9 @@ def check_exportable(config: TransformerConfig) -> None:
     if config.activation not in _ACTIVATIONS:
         problems.append(f"TransformerConfig.activation={config.activation!r} is not one of "
                         f"{sorted(_ACTIVATIONS)}")
+    if config.copy_attention:
+        problems.append("TransformerConfig.copy_attention=True: CTranslate2's Transformer has "
+                        "no pointer-generator output (serve or evaluate with --engine torch)")
     if problems:
         raise NotExportableError("cannot export to CTranslate2: " + "; ".join(problems))
 

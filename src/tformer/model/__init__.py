@@ -1,7 +1,8 @@
 """The Transformer of "Attention Is All You Need", in plain PyTorch (this package imports only torch).
 
 Read in this order: ``masks`` -> ``attention`` -> ``layers`` -> ``transformer``; ``config`` holds
-the sizes and ``loss`` the training objective. The math is in ``docs/model.md``.
+the sizes and ``loss`` the training objective; ``copy`` is an optional output layer that is not
+in the paper (copy attention). The math is in ``docs/model.md``.
 """
 
 from tformer.model.attention import (
@@ -12,6 +13,7 @@ from tformer.model.attention import (
     attention_math,
 )
 from tformer.model.config import SIZES, TransformerConfig, config_for
+from tformer.model.copy import CopyGenerator
 from tformer.model.layers import (
     DecoderLayer,
     Embeddings,
@@ -32,7 +34,8 @@ from tformer.model.transformer import (
 
 __all__ = [
     "AttentionOutput", "DecoderCache", "MultiHeadAttention", "attention_fast", "attention_math",
-    "SIZES", "TransformerConfig", "config_for", "DecoderLayer", "Embeddings", "EncoderLayer",
+    "SIZES", "TransformerConfig", "config_for", "CopyGenerator", "DecoderLayer", "Embeddings",
+    "EncoderLayer",
     "FeedForward", "sinusoidal_positions", "IGNORE_INDEX", "compute_loss", "causal_mask",
     "combine", "padding_mask", "Decoder", "Encoder", "KVCache", "Seq2SeqOutput", "Transformer",
     "build_transformer",

@@ -37,6 +37,9 @@ class TransformerConfig:
     max_positions: int = 1024  # table size for learned positions and the sinusoid cache
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (section 3.4)
     tie_embeddings: bool = True  # one matrix for source, target and output (section 3.4)
+    # Pointer-generator output (See et al. 2017; tformer.model.copy): each position mixes
+    # generating from the vocabulary with copying a source token. Not in the paper; off.
+    copy_attention: bool = False
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 0
 
@@ -68,6 +71,14 @@ class TransformerConfig:
                 "TransformerConfig.positional must be 'sinusoidal' or 'learned', "
                 f"got {self.positional!r}"
             )
+        for name in ("gated_ffn", "norm_first", "scale_embeddings", "tie_embeddings",
+                     "copy_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TransformerConfig.{name} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
+        if self.copy_attention and not self.tie_embeddings:
+            raise ValueError("TransformerConfig.copy_attention needs tie_embeddings: a copied "
+                             "source id must mean the same token on the target side")
         if not self.layer_norm_eps > 0:
             raise ValueError(
                 f"TransformerConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}"

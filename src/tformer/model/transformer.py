@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tformer.model.attention import MultiHeadAttention
 from tformer.model.config import TransformerConfig
+from tformer.model.copy import CopyGenerator
 from tformer.model.layers import DecoderLayer, Embeddings, EncoderLayer, FeedForward
 from tformer.model.masks import padding_mask
 
@@ -116,12 +117,14 @@ class Transformer(nn.Module):
     def __init__(
         self, config: TransformerConfig, src_embed: Embeddings, tgt_embed: Embeddings,
         encoder: Encoder, decoder: Decoder, lm_head: nn.Linear | None,
+        copy: CopyGenerator | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.src_embed, self.tgt_embed = src_embed, tgt_embed
         self.encoder, self.decoder = encoder, decoder
         self.lm_head = lm_head  # None: the output projection is the shared embedding (tied)
+        self.copy = copy  # None: no copy attention (the paper's model)
 
     def encode(
         self, input_ids: Tensor, source_mask: Tensor | None = None, need_weights: bool = False
@@ -159,6 +162,18 @@ class Transformer(nn.Module):
             return self.lm_head(hidden)
         return F.linear(hidden, self.tgt_embed.token.weight)
 
+    def output(self, hidden: Tensor, memory: Tensor, source_ids: Tensor | None,
+               source_mask: Tensor | None) -> Tensor:
+        """The decoder output (B, T, D) as next-token logits (B, T, V): the projection, or
+        with copy attention the log of its mixture with copying from the source
+        (`tformer.model.copy`), which needs the source ids (B, S)."""
+        logits = self.project(hidden)
+        if self.copy is None:
+            return logits
+        if source_ids is None:
+            raise ValueError("this model has copy attention: its output needs the source ids")
+        return self.copy(hidden, logits, memory, source_ids, source_mask)
+
     def forward(
         self, input_ids: Tensor, decoder_input_ids: Tensor, source_mask: Tensor | None = None,
         need_weights: bool = False,
@@ -166,8 +181,8 @@ class Transformer(nn.Module):
         enc = self.encode(input_ids, source_mask, need_weights)
         dec = self.decode(decoder_input_ids, enc.hidden, source_mask, None, need_weights)
         return Seq2SeqOutput(
-            self.project(dec.hidden), enc.hidden, enc.attentions, dec.self_attentions,
-            dec.cross_attentions,
+            self.output(dec.hidden, enc.hidden, input_ids, source_mask), enc.hidden,
+            enc.attentions, dec.self_attentions, dec.cross_attentions,
         )
 
 
@@ -209,7 +224,9 @@ def build_transformer(config: TransformerConfig) -> Transformer:
         final_norm(),
     )
     lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-    model = Transformer(c, embeddings(src_token), embeddings(tgt_token), encoder, decoder, lm_head)
+    copy = CopyGenerator(c.d_model) if c.copy_attention else None
+    model = Transformer(c, embeddings(src_token), embeddings(tgt_token), encoder, decoder, lm_head,
+                        copy)
     init_weights(model)
     return model
 

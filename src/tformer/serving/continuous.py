@@ -61,13 +61,16 @@ _PLAIN = {"repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_t
 
 
 def supports_continuous(seq2seq) -> bool:
-    """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives)
-    whose generation config asks for nothing but plain greedy search."""
+    """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives),
+    without copy attention, whose generation config asks for nothing but plain greedy
+    search."""
     from tformer.hf import TformerForConditionalGeneration
 
     model = getattr(seq2seq, "model", None)
     if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
             model, TformerForConditionalGeneration):
+        return False
+    if model.model.copy is not None:  # its step needs the source ids, which SlotCache lacks
         return False
     generation = model.generation_config
     return all(getattr(generation, name, None) in plain for name, plain in _PLAIN.items())
@@ -286,10 +289,10 @@ class ContinuousBatcher(DynamicBatcher):
 
     def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if not supports_continuous(seq2seq):
-            raise ValueError("continuous batching drives tformer's own Transformer with plain "
-                             "greedy search; this model is "
-                             f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or its "
-                             "generation config adds logits processors)")
+            raise ValueError("continuous batching drives tformer's own Transformer, without "
+                             "copy attention, with plain greedy search; this model is "
+                             f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or has copy "
+                             "attention, or its generation config adds logits processors)")
         super().__init__(seq2seq, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue)
         model = seq2seq.model.eval()  # no dropout, whatever state it was handed over in

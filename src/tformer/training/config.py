@@ -49,6 +49,7 @@ class ModelSection:
     max_positions: int | None = None
     scale_embeddings: bool | None = None
     tie_embeddings: bool | None = None
+    copy_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

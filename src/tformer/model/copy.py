@@ -1,0 +1,64 @@
+"""Copy attention: a pointer-generator output layer (See et al. 2017, section 2.2), optional.
+
+At each target position the decoder's output ``h`` (B, T, D) either *generates* a word from
+the vocabulary or *copies* one from the source:
+
+    a      = softmax((h Wq) (m Wk)ᵀ / √D)               copy attention over the source (B, T, S)
+    c      = a m                                        what it reads (B, T, D)
+    p_gen  = σ(w · [h; c] + b)                          probability of generating (B, T, 1)
+    P(w)   = p_gen P_vocab(w) + (1 − p_gen) Σ_{i: x_i = w} a_i
+
+with ``m`` the encoder output (B, S, D), ``x`` the source ids and P_vocab = softmax(logits)
+the plain Transformer's output. Source and target share one vocabulary here (joint BPE, tied
+embeddings), so a copied token is an ordinary id and no extended vocabulary is needed.
+
+The layer returns log P as the "logits": softmax(log P) = P, so the loss
+(``tformer.model.compute_loss``, label smoothing included), greedy, beam search and sampling
+all use it unchanged.
+
+Why by hand: neither PyTorch nor ``transformers`` has a pointer-generator for encoder-decoder
+models; OpenNMT-py's ``CopyGenerator`` is the reference design, in a framework tformer does not
+use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Floor of the copy distribution before its log: tokens absent from the source get
+#: (1 − p_gen) · 1e-20 instead of exactly 0, which keeps the log finite and its gradient 0.
+_FLOOR = 1e-20
+
+
+class CopyGenerator(nn.Module):
+    """The mixture above; one attention head of width D, separate from the decoder's
+    cross-attention so that what it attends to is the copy decision alone."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.gate = nn.Linear(2 * d_model, 1)
+
+    def forward(self, hidden: Tensor, logits: Tensor, memory: Tensor, source_ids: Tensor,
+                source_mask: Tensor | None) -> Tensor:
+        """hidden (B, T, D), logits (B, T, V), memory (B, S, D), source_ids (B, S), source_mask
+        (B, S) True at real tokens -> log P (B, T, V), in float32."""
+        if source_ids.shape != memory.shape[:2]:
+            raise ValueError(f"copy attention: source ids {tuple(source_ids.shape)} do not match "
+                             f"the encoder output {tuple(memory.shape[:2])}")
+        scores = self.query(hidden) @ self.key(memory).transpose(1, 2)  # (B, T, S)
+        scores = scores.float() / math.sqrt(hidden.size(-1))
+        if source_mask is not None:
+            scores = scores.masked_fill(~source_mask[:, None, :], float("-inf"))
+        attention = scores.softmax(-1)
+        context = attention.to(memory.dtype) @ memory  # (B, T, D)
+        gate = self.gate(torch.cat([hidden, context], dim=-1)).float()  # (B, T, 1)
+        copied = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(
+            -1, source_ids[:, None, :].expand_as(attention), attention)  # (B, T, V)
+        return torch.logaddexp(F.logsigmoid(gate) + logits.float().log_softmax(-1),
+                               F.logsigmoid(-gate) + copied.clamp_min(_FLOOR).log())

@@ -1,0 +1,170 @@
+"""Copy attention (`tformer.model.copy`): a distribution, its gate, padding, generation with and
+without the cache, save/load, training from a recipe, and what refuses it (CTranslate2, the
+continuous batcher)."""
+
+import pytest
+import torch
+
+import tformer
+from tformer.hf import TformerConfig, TformerForConditionalGeneration
+from tformer.model import build_transformer, compute_loss, config_for
+
+V = 60
+
+
+@pytest.fixture(scope="module")
+def model() -> TformerForConditionalGeneration:
+    torch.manual_seed(0)
+    config = TformerConfig(vocab_size=V, d_model=32, n_heads=4, n_encoder_layers=2,
+                           n_decoder_layers=2, d_ff=64, dropout=0.0, copy_attention=True)
+    return TformerForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(4, V, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    return ids * mask, mask
+
+
+def copy_reference(attention: torch.Tensor, source_ids: torch.Tensor) -> torch.Tensor:
+    """Σ_{i: x_i = w} a_i, summed in a Python loop (not scatter_add): (B, T, S) -> (B, T, V)."""
+    b, t, s = attention.shape
+    out = torch.zeros(b, t, V)
+    for i in range(b):
+        for j in range(s):
+            out[i, :, source_ids[i, j]] += attention[i, :, j]
+    return out
+
+
+@torch.no_grad()
+def test_output_is_a_distribution_that_the_gate_splits(model, batch):
+    ids, mask = batch
+    dec = torch.randint(4, V, (3, 5))
+    log_p = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(3, 5), atol=1e-5, rtol=0)
+
+    inner = model.model
+    hidden = inner.decode(dec, inner.encode(ids, mask.bool()).hidden, mask.bool()).hidden
+    memory = inner.encode(ids, mask.bool()).hidden
+    gate = inner.copy.gate
+    saved = gate.bias.clone()
+    try:
+        gate.bias.fill_(40.0)  # p_gen = 1: the plain Transformer's softmax
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+            inner.project(hidden).log_softmax(-1), atol=1e-5, rtol=0)
+        gate.bias.fill_(-40.0)  # p_gen = 0: all mass on the source's tokens, by attention
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.exp()
+        scores = inner.copy.query(hidden) @ inner.copy.key(memory).transpose(1, 2) / 32**0.5
+        attention = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+        torch.testing.assert_close(got, copy_reference(attention, ids), atol=1e-5, rtol=0)
+        assert got[1, :, ids[1, :6].unique()].sum(-1).allclose(torch.ones(5), atol=1e-5)
+    finally:
+        gate.bias.copy_(saved)
+
+
+@torch.no_grad()
+def test_padding_does_not_change_the_output(model, batch):
+    ids, mask = batch
+    dec = torch.randint(4, V, (1, 4))
+    alone = model(input_ids=ids[2:, :3], attention_mask=mask[2:, :3], decoder_input_ids=dec).logits
+    padded = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec.expand(3, -1)).logits
+    torch.testing.assert_close(padded[2:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=False), dict(num_beams=3)],
+                         ids=["greedy", "beam"])
+def test_generate_with_cache_equals_without_and_batched_equals_alone(model, batch, options):
+    ids, mask = batch
+    cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, **options)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                              use_cache=False, **options)
+    assert torch.equal(cached, uncached)
+    alone = model.generate(input_ids=ids[2:, :3], attention_mask=mask[2:, :3], max_new_tokens=10,
+                           **options)
+    assert torch.equal(cached[2, : alone.size(1)], alone[0])
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_argmax_of_the_full_forward(model, batch):
+    ids, mask = batch
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         eos_token_id=None)  # never stop early: every row runs 6 steps
+    prefix = torch.full((3, 1), model.config.decoder_start_token_id)
+    for _ in range(6):
+        log_p = model(input_ids=ids, attention_mask=mask, decoder_input_ids=prefix,
+                      use_cache=False).logits
+        prefix = torch.cat([prefix, log_p[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, prefix)
+
+
+def test_save_and_load_keep_copy_attention(model, batch, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = TformerForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.copy_attention and loaded.model.copy is not None
+    ids, mask = batch
+    dec = torch.randint(4, V, (3, 4))
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+            loaded(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits)
+
+
+def _copy_task_loss(copy: bool, steps: int = 30, vocab: int = 200) -> float:
+    """Training loss after ``steps`` Adam steps of a tiny model whose target is its source."""
+    torch.manual_seed(0)
+    model = build_transformer(config_for("tiny", vocab, copy_attention=copy, dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        source = torch.randint(4, vocab, (32, 8), generator=data)
+        target = torch.cat([source, torch.full((32, 1), 3)], 1)  # + EOS
+        inputs = torch.cat([torch.full((32, 1), 2), target[:, :-1]], 1)  # BOS + shifted
+        loss = compute_loss(model(source, inputs, torch.ones_like(source, dtype=torch.bool))
+                            .logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def test_copy_attention_learns_to_copy_much_faster():
+    # Measured: 4.77 (plain) against 1.99 (copy) after 30 steps; ln(200) = 5.30 at the start.
+    plain, copy = _copy_task_loss(False), _copy_task_loss(True)
+    assert copy < 0.6 * plain, (plain, copy)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="copy_attention needs tie_embeddings"):
+        config_for("tiny", 50, copy_attention=True, tie_embeddings=False)
+    with pytest.raises(ValueError, match="copy_attention must be true or false"):
+        config_for("tiny", 50, copy_attention="yes")
+    plain = build_transformer(config_for("tiny", 50))
+    assert plain.copy is None
+
+
+def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, tmp_path):
+    from tests.conftest import tiny_overrides
+    from tformer.serving.continuous import supports_continuous
+    from tformer.training import load_config, train
+
+    out = tmp_path / "run"
+    result = train(load_config(None, tiny_overrides(data_files, out,
+                                                    **{"model.copy_attention": "true"})))
+    assert result.state.step == 12
+    loaded = tformer.load(result.last_checkpoint)
+    assert loaded.model.model.copy is not None
+    texts = ["A man rides a bike.", "Two dogs play in the snow near a tree."]
+    together = loaded.generate(texts, max_new_tokens=8)
+    assert together == [loaded.generate(t, max_new_tokens=8) for t in texts]
+    assert not supports_continuous(loaded)  # the server decodes it through generate()
+
+    pytest.importorskip("ctranslate2")
+    from tformer.ct2.own_spec import NotExportableError, check_exportable
+
+    with pytest.raises(NotExportableError, match="copy_attention"):
+        check_exportable(loaded.model.model.config)
