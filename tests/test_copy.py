@@ -89,6 +89,16 @@ def test_generate_with_cache_equals_without_and_batched_equals_alone(model, batc
     assert torch.equal(cached[2, : alone.size(1)], alone[0])
 
 
+def test_sampling_draws_the_same_with_and_without_the_cache(model, batch):
+    ids, mask = batch
+    options = dict(max_new_tokens=8, do_sample=True, top_k=5, num_return_sequences=2)
+    torch.manual_seed(3)
+    cached = model.generate(input_ids=ids, attention_mask=mask, **options)
+    torch.manual_seed(3)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **options)
+    assert cached.shape[0] == 6 and torch.equal(cached, uncached)
+
+
 @torch.no_grad()
 def test_greedy_generate_equals_argmax_of_the_full_forward(model, batch):
     ids, mask = batch
@@ -133,18 +143,23 @@ def _copy_task_loss(copy: bool, steps: int = 30, vocab: int = 200) -> float:
 
 
 def test_copy_attention_learns_to_copy_much_faster():
-    # Measured: 4.77 (plain) against 1.99 (copy) after 30 steps; ln(200) = 5.30 at the start.
+    # Measured: 4.77 (plain) against 2.05 (copy) after 30 steps; ln(200) = 5.30 at the start.
     plain, copy = _copy_task_loss(False), _copy_task_loss(True)
     assert copy < 0.6 * plain, (plain, copy)
 
 
-def test_config_checks():
-    with pytest.raises(ValueError, match="copy_attention needs tie_embeddings"):
-        config_for("tiny", 50, copy_attention=True, tie_embeddings=False)
+def test_config_checks_and_every_parameter_learns():
     with pytest.raises(ValueError, match="copy_attention must be true or false"):
         config_for("tiny", 50, copy_attention="yes")
-    plain = build_transformer(config_for("tiny", 50))
-    assert plain.copy is None
+    assert build_transformer(config_for("tiny", 50)).copy is None
+    torch.manual_seed(0)
+    untied = build_transformer(config_for("tiny", 50, copy_attention=True, tie_embeddings=False))
+    source, target = torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))
+    log_p = untied(source, target, torch.ones_like(source, dtype=torch.bool)).logits
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, 5), atol=1e-5, rtol=0)
+    compute_loss(log_p, target).backward()
+    dead = [name for name, p in untied.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead
 
 
 def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, tmp_path):
@@ -162,6 +177,9 @@ def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, 
     together = loaded.generate(texts, max_new_tokens=8)
     assert together == [loaded.generate(t, max_new_tokens=8) for t in texts]
     assert not supports_continuous(loaded)  # the server decodes it through generate()
+    copy, loaded.model.model.copy = loaded.model.model.copy, None
+    assert supports_continuous(loaded)  # the same checkpoint without it: refused for copy alone
+    loaded.model.model.copy = copy
 
     pytest.importorskip("ctranslate2")
     from tformer.ct2.own_spec import NotExportableError, check_exportable

@@ -28,8 +28,9 @@ A sinusoidal table covers ``max_positions`` positions; the engine keeps sources 
 within it. Post-norm and pre-norm are both native to the specification (``pre_norm``).
 
 Every field of :class:`tformer.model.TransformerConfig` is checked against what the
-specification can express in :func:`check_exportable`; today every option exports. A field
-added later fails there, naming itself, until it is mapped here.
+specification can express in :func:`check_exportable`; every option exports but copy
+attention (the specification has no pointer-generator output). A field added later fails
+there, naming itself, until it is mapped here.
 """
 
 from __future__ import annotations

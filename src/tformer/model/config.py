@@ -76,9 +76,6 @@ class TransformerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig.{name} must be true or false, "
                                  f"got {getattr(self, name)!r}")
-        if self.copy_attention and not self.tie_embeddings:
-            raise ValueError("TransformerConfig.copy_attention needs tie_embeddings: a copied "
-                             "source id must mean the same token on the target side")
         if not self.layer_norm_eps > 0:
             raise ValueError(
                 f"TransformerConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}"

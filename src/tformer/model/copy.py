@@ -9,8 +9,8 @@ the vocabulary or *copies* one from the source:
     P(w)   = p_gen P_vocab(w) + (1 − p_gen) Σ_{i: x_i = w} a_i
 
 with ``m`` the encoder output (B, S, D), ``x`` the source ids and P_vocab = softmax(logits)
-the plain Transformer's output. Source and target share one vocabulary here (joint BPE, tied
-embeddings), so a copied token is an ordinary id and no extended vocabulary is needed.
+the plain Transformer's output. Source and target share one tokenizer here (joint BPE), so a
+copied token is an ordinary id and no extended vocabulary is needed.
 
 The layer returns log P as the "logits": softmax(log P) = P, so the loss
 (``tformer.model.compute_loss``, label smoothing included), greedy, beam search and sampling
@@ -36,12 +36,18 @@ _FLOOR = 1e-20
 
 class CopyGenerator(nn.Module):
     """The mixture above; one attention head of width D, separate from the decoder's
-    cross-attention so that what it attends to is the copy decision alone."""
+    cross-attention so that what it attends to is the copy decision alone.
+
+    The keys have no bias: a bias adds q·b to every source position alike, which the softmax
+    cancels. Without it the scores are (q Wk) mᵀ, computed from the encoder output ``m``
+    directly, so a decoding step costs T·D² + T·S·D instead of projecting the whole source
+    again (S·D²) at every step.
+    """
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(2 * d_model, 1)
 
     def forward(self, hidden: Tensor, logits: Tensor, memory: Tensor, source_ids: Tensor,
@@ -51,10 +57,13 @@ class CopyGenerator(nn.Module):
         if source_ids.shape != memory.shape[:2]:
             raise ValueError(f"copy attention: source ids {tuple(source_ids.shape)} do not match "
                              f"the encoder output {tuple(memory.shape[:2])}")
-        scores = self.query(hidden) @ self.key(memory).transpose(1, 2)  # (B, T, S)
-        scores = scores.float() / math.sqrt(hidden.size(-1))
-        if source_mask is not None:
-            scores = scores.masked_fill(~source_mask[:, None, :], float("-inf"))
+        # Scaled before the product, as in attention_math: (q / √D) Wk mᵀ = q Wk (m)ᵀ / √D.
+        q = self.query(hidden) / math.sqrt(hidden.size(-1))
+        scores = ((q @ self.key.weight) @ memory.transpose(1, 2)).float()  # (B, T, S)
+        if source_mask is not None:  # -inf added at padding, as in attention_math
+            scores = scores + torch.zeros_like(source_mask[:, None, :], dtype=scores.dtype
+                                               ).masked_fill_(~source_mask[:, None, :],
+                                                              float("-inf"))
         attention = scores.softmax(-1)
         context = attention.to(memory.dtype) @ memory  # (B, T, D)
         gate = self.gate(torch.cat([hidden, context], dim=-1)).float()  # (B, T, 1)
