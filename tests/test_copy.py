@@ -9,6 +9,8 @@ import tformer
 from tformer.hf import TformerConfig, TformerForConditionalGeneration
 from tformer.model import build_transformer, compute_loss, config_for
 
+from .conftest import tiny_overrides
+
 V = 60
 
 
@@ -163,7 +165,6 @@ def test_config_checks_and_every_parameter_learns():
 
 
 def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, tmp_path):
-    from tests.conftest import tiny_overrides
     from tformer.serving.continuous import supports_continuous
     from tformer.training import load_config, train
 
