@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.model.masks import causal_mask
+from tformer.model.masks import additive, causal_mask
 
 
 class AttentionOutput(NamedTuple):
@@ -45,7 +44,7 @@ def attention_math(
         # size of the mask ((B, 1, 1, Tk) for padding) rather than written with masked_fill: an
         # addition has no backward work, masked_fill one more pass over the (Tq, Tk) gradient.
         # In place, because the matmul's backward needs q and k, not the scores it produced.
-        scores += torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
+        scores += additive(mask, scores.dtype)
     weights = scores.softmax(dim=-1)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return AttentionOutput(dropped @ v, weights)  # (B, H, Tq, Dh)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.model.masks import additive
+
 #: Floor of the copy distribution before its log: tokens absent from the source get
 #: (1 − p_gen) · 1e-20 instead of exactly 0, which keeps the log finite and its gradient 0.
 _FLOOR = 1e-20
@@ -61,9 +63,7 @@ class CopyGenerator(nn.Module):
         q = self.query(hidden) / math.sqrt(hidden.size(-1))
         scores = ((q @ self.key.weight) @ memory.transpose(1, 2)).float()  # (B, T, S)
         if source_mask is not None:  # -inf added at padding, as in attention_math
-            scores = scores + torch.zeros_like(source_mask[:, None, :], dtype=scores.dtype
-                                               ).masked_fill_(~source_mask[:, None, :],
-                                                              float("-inf"))
+            scores = scores + additive(source_mask[:, None, :], scores.dtype)
         attention = scores.softmax(-1)
         context = attention.to(memory.dtype) @ memory  # (B, T, D)
         gate = self.gate(torch.cat([hidden, context], dim=-1)).float()  # (B, T, 1)

@@ -39,3 +39,9 @@ def combine(*masks: Tensor | None) -> Tensor | None:
         if mask is not None:
             out = mask if out is None else out & mask
     return out
+
+
+def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask as a bias to add to attention scores, same shape: 0 where True, -inf where
+    False (an exact 0 weight after the softmax)."""
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(~mask, float("-inf"))
