@@ -26,6 +26,19 @@ def tiny_overrides(data_files: dict[str, Path], out: Path, **extra) -> list[str]
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def padded_batch(vocab: int, lengths: list[int]):
+    """Seeded random source ids (ids 4..vocab-1) and their mask, one row per length, padded
+    with 0 to the longest: (ids * mask, mask), both (len(lengths), max(lengths))."""
+    import torch
+
+    torch.manual_seed(1)
+    ids = torch.randint(4, vocab, (len(lengths), max(lengths)))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, length:] = 0
+    return ids * mask, mask
+
+
 @pytest.fixture(scope="session")
 def data_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")

@@ -9,7 +9,7 @@ import tformer
 from tformer.hf import TformerConfig, TformerForConditionalGeneration
 from tformer.model import build_transformer, compute_loss, config_for
 
-from .conftest import tiny_overrides
+from .conftest import padded_batch, tiny_overrides
 
 V = 60
 
@@ -24,12 +24,7 @@ def model() -> TformerForConditionalGeneration:
 
 @pytest.fixture
 def batch():
-    torch.manual_seed(1)
-    ids = torch.randint(4, V, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[2, 3:] = 0
-    return ids * mask, mask
+    return padded_batch(V, [9, 6, 3])
 
 
 def copy_reference(attention: torch.Tensor, source_ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 import tformer  # noqa: F401  (registers model_type "tformer")
 from tformer.hf import TformerConfig, TformerForConditionalGeneration
 
+from .conftest import padded_batch
+
 V = 50
 
 
@@ -24,12 +26,7 @@ def model() -> TformerForConditionalGeneration:
 
 @pytest.fixture
 def batch():
-    torch.manual_seed(1)
-    ids = torch.randint(4, V, (3, 7))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    return ids * mask, mask
+    return padded_batch(V, [7, 5, 2])
 
 
 def test_config_registered_and_validated():
