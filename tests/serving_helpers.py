@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 
-def served_checkpoint(reference_run: Path, out: Path) -> Path:
-    """A checkpoint with the reference run's config and tokenizer and freshly initialised
-    weights (seed 1, matrices scaled by 3), saved as safetensors.
+def served_checkpoint(reference_run: Path, out: Path, copy_attention: bool = False) -> Path:
+    """A checkpoint with the reference run's config (with copy attention if asked) and
+    tokenizer and freshly initialised weights (seed 1, matrices scaled by 3), saved as
+    safetensors.
 
     Why not the trained weights themselves: after 12 steps the model answers every input with
     end-of-sequence at once (empty outputs), so a mix-up between requests in a batch could not
@@ -23,8 +24,10 @@ def served_checkpoint(reference_run: Path, out: Path) -> Path:
 
     newest = sorted((reference_run / "checkpoints").glob("step-*"))[-1]
     trained = tformer.load(newest, device="cpu")
+    config = trained.model.config
+    config.copy_attention = copy_attention
     torch.manual_seed(1)
-    model = TformerForConditionalGeneration(trained.model.config).eval()
+    model = TformerForConditionalGeneration(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:

@@ -1,6 +1,6 @@
 """Copy attention (`tformer.model.copy`): a distribution, its gate, padding, generation with and
-without the cache, save/load, training from a recipe, and what refuses it (CTranslate2, the
-continuous batcher)."""
+without the cache, save/load, training from a recipe and serving it (continuous batching), and
+the CTranslate2 export, which refuses it."""
 
 import pytest
 import torch
@@ -159,8 +159,10 @@ def test_config_checks_and_every_parameter_learns():
     assert not dead
 
 
-def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, tmp_path):
-    from tformer.serving.continuous import supports_continuous
+def test_trained_from_a_recipe_loaded_served_and_refused_by_the_ct2_export(data_files, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeSettings, create_app
     from tformer.training import load_config, train
 
     out = tmp_path / "run"
@@ -172,10 +174,12 @@ def test_trained_from_a_recipe_loaded_and_refused_where_unsupported(data_files, 
     texts = ["A man rides a bike.", "Two dogs play in the snow near a tree."]
     together = loaded.generate(texts, max_new_tokens=8)
     assert together == [loaded.generate(t, max_new_tokens=8) for t in texts]
-    assert not supports_continuous(loaded)  # the server decodes it through generate()
-    copy, loaded.model.model.copy = loaded.model.model.copy, None
-    assert supports_continuous(loaded)  # the same checkpoint without it: refused for copy alone
-    loaded.model.model.copy = copy
+    app = create_app(loaded, settings=ServeSettings())
+    assert app.state.settings.batching == "continuous"  # auto: the per-step batcher takes it
+    with TestClient(app) as client:
+        served = client.post("/v1/generate", json={"inputs": texts, "max_new_tokens": 8})
+    assert served.status_code == 200, served.text
+    assert served.json()["outputs"] == together
 
     pytest.importorskip("ctranslate2")
     from tformer.ct2.own_spec import NotExportableError, check_exportable

@@ -42,6 +42,19 @@ def seq2seq(model_dir) -> tformer.Seq2Seq:
 
 
 @pytest.fixture(scope="module")
+def copy_seq2seq(reference_run, tmp_path_factory) -> tformer.Seq2Seq:
+    """As ``seq2seq``, with copy attention (`tformer.model.copy`)."""
+    out = tmp_path_factory.mktemp("served-copy")
+    return tformer.load(served_checkpoint(reference_run, out, copy_attention=True), device="cpu")
+
+
+@pytest.fixture(params=["plain", "copy"])
+def own(request) -> tformer.Seq2Seq:
+    """The own Transformer without and with copy attention, for the continuous batcher."""
+    return request.getfixturevalue("seq2seq" if request.param == "plain" else "copy_seq2seq")
+
+
+@pytest.fixture(scope="module")
 def texts(data_files) -> list[str]:
     return source_texts(data_files)
 
@@ -364,14 +377,14 @@ GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "length
           "max_source_length": 512}
 
 
-def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq, texts):
+def test_continuous_batching_equals_generate_as_requests_join_and_leave(own, texts):
     """Requests arriving while others decode join the running batch (4 rows at most), each with
     its own max_new_tokens, and leave as soon as they are done: every output equals generating
     its text alone; a 3-text request waits for room and is answered whole; a beam-search
     request in between goes through generate()."""
     from tformer.serving.continuous import ContinuousBatcher
 
-    batcher = ContinuousBatcher(seq2seq, max_batch_size=4, max_wait_ms=0, max_queue=100)
+    batcher = ContinuousBatcher(own, max_batch_size=4, max_wait_ms=0, max_queue=100)
     lengths = [NEW, 2, 5, NEW, 1, 3, NEW, 4, 6, 2, NEW, 5]
 
     async def main():
@@ -390,10 +403,10 @@ def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq,
     finally:
         batcher.stop()
     singles = [r.outputs[0] for r in results[:-1]]
-    assert singles == [seq2seq.generate(t, max_new_tokens=n) for t, n in zip(texts, lengths)]
-    assert results[-1].outputs == [seq2seq.generate(t, max_new_tokens=NEW) for t in texts[12:15]]
+    assert singles == [own.generate(t, max_new_tokens=n) for t, n in zip(texts, lengths)]
+    assert results[-1].outputs == [own.generate(t, max_new_tokens=NEW) for t in texts[12:15]]
     assert len(set(singles)) > 3  # different outputs: a row mix-up would show
-    assert beam.outputs == [seq2seq.generate(texts[0], max_new_tokens=NEW, num_beams=2)]
+    assert beam.outputs == [own.generate(texts[0], max_new_tokens=NEW, num_beams=2)]
     stats = batcher.stats
     assert 2 <= stats["largest_batch"] <= 4 and stats["generate_calls"] == 1, stats
     assert stats["texts"] == 16 and stats["steps"] < stats["row_steps"], stats  # 12 + 3 + beam
@@ -402,7 +415,7 @@ def test_continuous_batching_equals_generate_as_requests_join_and_leave(seq2seq,
 
 
 @torch.inference_mode()
-def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
+def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(own, texts):
     """The continuous batcher's steps driven by hand (no worker involved), on a schedule where
     rows join a batch that is decoding; a row leaves slot 0 and a later row is moved into it;
     two rows leave at the same step and both freed slots are refilled; a longer source than
@@ -412,7 +425,7 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
     from tformer.serving.batching import _Job
     from tformer.serving.continuous import ContinuousBatcher, SlotCache, _Request
 
-    batcher = ContinuousBatcher(seq2seq, max_batch_size=4, max_wait_ms=0, max_queue=100)
+    batcher = ContinuousBatcher(own, max_batch_size=4, max_wait_ms=0, max_queue=100)
     batcher.eos_ids = set()  # every row decodes exactly its max_new_tokens
     by_length = sorted(texts[:12], key=len)
     a, b, c, d, e, f = by_length[0], by_length[1], by_length[-1], *by_length[2:5]
@@ -422,9 +435,15 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
         (2, [(d, 40), (e, 6)]),  # slots c0 b1 d2 e3; c and b leave together, d and e move
         (7, [(f, 5)]),
     ]
-    model, cache = seq2seq.model.model, batcher._cache
-    project, logits, keeps = model.project, [], []
-    model.project = lambda hidden: logits.append(project(hidden)) or logits[-1]  # records
+    model, cache = own.model.model, batcher._cache
+    output, logits, keeps = model.output, [], []
+
+    def recorded(*args):  # the step's logits (with copy attention's mixture, if any)
+        out = output(*args)
+        logits.append(out[:, -1])
+        return out
+
+    model.output = recorded
     keep = cache.keep
     cache.keep = lambda kept: keeps.append(list(kept)) or keep(kept)
     loop = asyncio.new_event_loop()  # never run: the answers are read from the rows' tokens
@@ -449,7 +468,7 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
                 tokens_of.update({r.job.texts[0]: tokens  # the same list grows step by step
                                   for r, tokens in zip(rows.requests, rows.tokens)})
     finally:
-        del model.project  # the fixture's model is shared
+        del model.output  # the fixture's model is shared
         batcher.stop()
         loop.close()
     assert rows is None and batcher.stats["joined"] == 4, batcher.stats  # c, d, e, f
@@ -459,27 +478,31 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(seq2seq, texts):
     for text, n in [pair for _, group in schedule for pair in group]:
         tokens = tokens_of[text]
         assert len(tokens) == n == len(seen[text])
-        src = torch.tensor(seq2seq.tokenizer([text])["input_ids"])
+        src = torch.tensor(own.tokenizer([text])["input_ids"])
         prefix = torch.tensor([[batcher.start_id] + tokens[:-1]])
         torch.testing.assert_close(torch.stack(seen[text]), model(src, prefix).logits[0],
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_continuous_batching_admits_texts_encoded_elsewhere_with_the_others(seq2seq, texts):
+def test_continuous_batching_admits_texts_encoded_elsewhere_with_the_others(own, texts):
     """Jobs encoded beforehand (`ContinuousBatcher.encode`, as a server whose batcher runs in
     another process does) and jobs the worker encodes, admitted together with sources of
-    different lengths (padded to one width), decode to the outputs of `Seq2Seq.generate`."""
+    different lengths (padded to one width), decode to the outputs of `Seq2Seq.generate`. One
+    of them goes through the numpy arrays the batcher process receives (``_pack``)."""
     from tformer.serving.batching import _Job
     from tformer.serving.continuous import ContinuousBatcher, _Request
+    from tformer.serving.process import _pack, _unpack
 
-    batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
+    batcher = ContinuousBatcher(own, max_batch_size=8, max_wait_ms=0, max_queue=100)
     options = {**GREEDY, "max_new_tokens": NEW}
     chosen = sorted(texts[:6], key=len)  # the encoded ones are the shortest and the longest
     jobs_texts = [chosen[0:1], chosen[1:3], chosen[5:6], chosen[3:5]]
     loop = asyncio.new_event_loop()
     try:
-        jobs = [_Job(t, options, loop.create_future(), loop,
-                     encoded=batcher.encode(t, options) if i in (0, 2) else None)
+        encoded = {0: batcher.encode(jobs_texts[0], options),
+                   2: _unpack(_pack(batcher.encode(jobs_texts[2], options)), torch.device("cpu"),
+                              torch.float32)}
+        jobs = [_Job(t, options, loop.create_future(), loop, encoded=encoded.get(i))
                 for i, t in enumerate(jobs_texts)]
         widths = {job.encoded[2].size(1) for job in jobs if job.encoded is not None}
         assert len(widths) == 2  # two source widths to pad to one
@@ -491,7 +514,7 @@ def test_continuous_batching_admits_texts_encoded_elsewhere_with_the_others(seq2
     finally:
         loop.close()
     for t, result in zip(jobs_texts, results):
-        assert result.outputs == seq2seq.generate(t, max_new_tokens=NEW)
+        assert result.outputs == own.generate(t, max_new_tokens=NEW)
 
 
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):

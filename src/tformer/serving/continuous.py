@@ -19,7 +19,8 @@ row's own position, and the columns past a row's history are masked (``target_ma
 row takes a free slot with an empty history; a row that leaves frees its slot. Positions are
 per row (`tformer.model.Transformer.decode` ``positions``).
 
-This path is greedy decoding of the own Transformer. Beam search, sampling and n-gram blocking,
+This path is greedy decoding of the own Transformer, with or without copy attention (whose
+output reads the source ids, kept per slot). Beam search, sampling and n-gram blocking,
 and Hugging Face models, run through ``generate()`` as whole batches in the same worker, between
 two steps. Why by hand: Hugging Face ``generate()`` decodes a fixed batch to its end, and the
 serving engines that schedule per step (vLLM, TGI) are built for decoder-only models on GPUs.
@@ -62,15 +63,13 @@ _PLAIN = {"repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_t
 
 def supports_continuous(seq2seq) -> bool:
     """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives),
-    without copy attention, whose generation config asks for nothing but plain greedy
+    with or without copy attention, whose generation config asks for nothing but plain greedy
     search."""
     from tformer.hf import TformerForConditionalGeneration
 
     model = getattr(seq2seq, "model", None)
     if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
             model, TformerForConditionalGeneration):
-        return False
-    if model.model.copy is not None:  # its step needs the source ids, which SlotCache lacks
         return False
     generation = model.generation_config
     return all(getattr(generation, name, None) in plain for name, plain in _PLAIN.items())
@@ -90,7 +89,8 @@ class SlotCache:
     fills the first ``lengths[r]`` columns (left-aligned); a step writes every slot's new column
     in place, each at its own position (one indexed write), and attends over the first
     ``max(lengths) + 1`` columns with ``target_mask`` hiding the columns past a slot's own.
-    Cross-attention: (capacity, H, S, Dh) per layer and ``source_mask`` (capacity, S).
+    Cross-attention: (capacity, H, S, Dh) per layer, ``source_mask`` and ``source_ids``
+    (capacity, S); the ids are read by copy attention's output (`tformer.model.copy`) only.
 
     A joining text takes slot ``n``; a leaving one gets a still-running slot from the end moved
     into its place. Joining and leaving thus copy only the slots that change, never the whole
@@ -106,8 +106,9 @@ class SlotCache:
         self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
         # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
-        # self-attention by having one) but not read: the keys and values come from this cache.
-        self.memory = self.source_mask = self.lengths = None  # allocated at the first join
+        # self-attention by having one) but not read there: the keys and values come from this
+        # cache. Copy attention reads it, with the source ids.
+        self.memory = self.source_mask = self.source_ids = self.lengths = None  # at first join
         self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
         self.sources: list[int] = []  # source length of each slot in use
         self.width = 0  # history columns the current step attends over
@@ -141,7 +142,8 @@ class SlotCache:
 
     def begin_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Room for one more column, then what ``decode`` takes for the slots in use: memory,
-        source mask, positions (n,) and target mask (n, width)."""
+        source mask, positions (n,) and target mask (n, width). The source ids of the same
+        slots and columns are :meth:`source`."""
         self.width = max(self.history) + 1
         if self.width > self.self_kv[0][0].size(2):
             self._grow_history(2 * self.width)
@@ -152,6 +154,10 @@ class SlotCache:
         return (self.memory[: self.n, :s], self.source_mask[: self.n, :s], positions,
                 columns[None, :] <= positions[:, None])
 
+    def source(self) -> Tensor:
+        """The source ids (n, S) of the slots in use, as wide as this step's memory."""
+        return self.source_ids[: self.n, : self.source_width]
+
     def advance(self) -> None:
         """After a decoder step has written its column in every layer."""
         self.lengths[: self.n] += 1
@@ -160,9 +166,9 @@ class SlotCache:
     # -- joining and leaving ---------------------------------------------------------------
 
     def join(self, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
-             source_mask: Tensor) -> None:
+             source_mask: Tensor, source_ids: Tensor) -> None:
         """New slots with an empty history for the rows of ``memory`` (k, S, D), with their
-        cross-attention keys and values (k, H, S, Dh) per layer."""
+        cross-attention keys and values (k, H, S, Dh) per layer, source mask and ids (k, S)."""
         k, s = source_mask.shape
         if self.n + k > self.capacity:
             raise ValueError(f"{self.n} + {k} slots exceed the capacity of {self.capacity}")
@@ -177,6 +183,7 @@ class SlotCache:
         self.memory[new, :s] = memory
         self.source_mask[new] = False
         self.source_mask[new, :s] = source_mask
+        self.source_ids[new, :s] = source_ids
         self.lengths[new] = 0
         self.n += k
         self.history += [0] * k
@@ -204,7 +211,7 @@ class SlotCache:
             for kv in self.cross_kv.values():
                 for x in kv:
                     x[to, :, :s] = x[src, :, :s]
-            for x in (self.memory, self.source_mask, self.lengths):
+            for x in (self.memory, self.source_mask, self.source_ids, self.lengths):
                 x[to] = x[src]
         self.n = n
         self.history = [self.history[i] for i in order]
@@ -219,6 +226,7 @@ class SlotCache:
         self.cross_kv = {i: (zeros(r, h, s, dh), zeros(r, h, s, dh)) for i in range(self.layers)}
         self.memory = memory.new_zeros(r, s, memory.size(2))
         self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
+        self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
         self.lengths = torch.zeros(r, dtype=torch.long, device=memory.device)
 
     @staticmethod
@@ -239,16 +247,18 @@ class SlotCache:
                     for i, kv in self.cross_kv.items()}
         memory = self._widened(self.memory, 1, columns)
         source_mask = self._widened(self.source_mask, 1, columns)
-        self.cross_kv, self.memory, self.source_mask = cross_kv, memory, source_mask
+        source_ids = self._widened(self.source_ids, 1, columns)
+        self.cross_kv, self.memory = cross_kv, memory
+        self.source_mask, self.source_ids = source_mask, source_ids
 
 
-def _concat(parts: list[tuple[dict, Tensor, Tensor]]) -> tuple[dict, Tensor, Tensor]:
+def _concat(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
     """Encoded batches (`ContinuousBatcher.encode`) as one, their sources padded to the
-    longest."""
-    s = max(mask.size(1) for _, _, mask in parts)
+    longest (masked; the ids' padding is 0, which the masked copy attention never reads)."""
+    s = max(p[2].size(1) for p in parts)
     cat = lambda xs, dim: torch.cat([SlotCache._widened(x, dim, s) for x in xs])  # noqa: E731
     cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}
-    return cross, cat([p[1] for p in parts], 1), cat([p[2] for p in parts], 1)
+    return cross, *(cat([p[k] for p in parts], 1) for k in (1, 2, 3))
 
 
 @dataclass(eq=False)
@@ -289,10 +299,10 @@ class ContinuousBatcher(DynamicBatcher):
 
     def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if not supports_continuous(seq2seq):
-            raise ValueError("continuous batching drives tformer's own Transformer, without "
-                             "copy attention, with plain greedy search; this model is "
-                             f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or has copy "
-                             "attention, or its generation config adds logits processors)")
+            raise ValueError("continuous batching drives tformer's own Transformer with plain "
+                             "greedy search; this model is "
+                             f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or its "
+                             "generation config adds logits processors)")
         super().__init__(seq2seq, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue)
         model = seq2seq.model.eval()  # no dropout, whatever state it was handed over in
@@ -320,7 +330,8 @@ class ContinuousBatcher(DynamicBatcher):
 
     def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
         """What admitting ``texts`` computes before it joins them: cross-attention keys and
-        values per layer, encoder output and source mask (see ``submit_encoded``)."""
+        values per layer, encoder output, source mask and source ids (see
+        ``submit_encoded``)."""
         return self._encode(*self._tokenize([_Job(list(texts), options, None, None)]))
 
     def _continuous(self, job: _Job) -> bool:
@@ -459,19 +470,20 @@ class ContinuousBatcher(DynamicBatcher):
         return source, source_mask
 
     @torch.inference_mode()
-    def _encode(self, source: Tensor, source_mask: Tensor) -> tuple[dict, Tensor, Tensor]:
-        """Encoder output (k, S, D) and cross-attention keys and values of the new texts."""
+    def _encode(self, source: Tensor, source_mask: Tensor) -> tuple[dict, Tensor, Tensor, Tensor]:
+        """Cross-attention keys and values, encoder output (k, S, D), source mask and ids of
+        the new texts."""
         device = self.transformer.src_embed.token.weight.device
         source, source_mask = source.to(device), source_mask.to(device)
         memory = self.transformer.encode(source, source_mask).hidden
         cross = {i: layer.cross_attn.memory_kv(memory)
                  for i, layer in enumerate(self.transformer.decoder.layers)}
-        return cross, memory, source_mask
+        return cross, memory, source_mask, source
 
     @torch.inference_mode()
     def _join(self, rows: _Rows | None, requests: list[_Request],
-              encoded: tuple[dict, Tensor, Tensor]) -> _Rows:
-        cross, memory, source_mask = encoded
+              encoded: tuple[dict, Tensor, Tensor, Tensor]) -> _Rows:
+        cross, memory, source_mask, source = encoded
         k = source_mask.size(0)
         old = rows if rows is not None else _Rows([], [], [], [], memory.new_zeros(0).long(),
                                                   self._cache)
@@ -485,7 +497,7 @@ class ContinuousBatcher(DynamicBatcher):
                                                  device=memory.device)]),
             cache=self._cache,
         )
-        self._cache.join(cross, memory, source_mask)  # last: a failure before leaves it as is
+        self._cache.join(cross, memory, source_mask, source)  # last: a failure leaves it as is
         if rows is not None:
             self.stats["joined"] += k
         return new
@@ -498,7 +510,8 @@ class ContinuousBatcher(DynamicBatcher):
         hidden = self.transformer.decode(rows.last[:, None], memory, source_mask, cache,
                                          positions=positions, target_mask=target_mask).hidden
         cache.advance()
-        rows.last = self.transformer.project(hidden[:, -1]).argmax(-1)
+        logits = self.transformer.output(hidden, memory, cache.source(), source_mask)
+        rows.last = logits[:, -1].argmax(-1)
         for tokens, token in zip(rows.tokens, rows.last.tolist()):
             tokens.append(int(token))
         self.stats["steps"] += 1
