@@ -64,6 +64,40 @@ def test_output_is_a_distribution_that_the_gate_splits(model, batch):
         gate.bias.copy_(saved)
 
 
+def test_mixture_with_repeated_source_words_equals_the_formula_with_its_gradient(model, batch):
+    """p_gen·softmax(logits) + (1 − p_gen)·Σ_{i: x_i = w} a_i, written out densely over the
+    vocabulary (See et al. 2017, eq. 9), against the layer, which adds the copy mass at the
+    source words only: same output and same gradients, with a word repeated three times."""
+    ids, mask = batch
+    ids = ids.clone()
+    ids[0, 3] = ids[0, 5] = ids[0, 0]  # one word three times in the first source
+    dec = torch.randint(4, V, (3, 5))
+    inner = model.model
+    memory = inner.encode(ids, mask.bool()).hidden
+    hidden = inner.decode(dec, memory, mask.bool()).hidden
+    logits = inner.project(hidden)
+    got = inner.copy(hidden, logits, memory, ids, mask.bool())
+
+    scores = inner.copy.query(hidden) @ inner.copy.key(memory).transpose(1, 2) / 32**0.5
+    attention = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+    p_gen = torch.sigmoid(inner.copy.gate(torch.cat([hidden, attention @ memory], -1)))
+    assert 0.01 < p_gen.min() and p_gen.max() < 0.99  # a real mixture, neither side forced
+    want = (p_gen * logits.softmax(-1) + (1 - p_gen) * copy_reference(attention, ids)).log()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    target = ids[:, :5]  # source words, the repeated one among them
+    loss = lambda log_p: compute_loss(log_p, target)  # noqa: E731  (label-smoothed)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad(loss(got), params, allow_unused=True, retain_graph=True)
+    g_want = torch.autograd.grad(loss(want), params, allow_unused=True)
+    for name, a, b in zip([n for n, p in inner.named_parameters() if p.requires_grad],
+                          g_got, g_want):
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @torch.no_grad()
 def test_padding_does_not_change_the_output(model, batch):
     ids, mask = batch
