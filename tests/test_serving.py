@@ -131,6 +131,36 @@ def test_attention_equals_the_visualization_maps(seq2seq, texts):
     assert len(maps["cross"]) == config.n_decoder_layers and len(maps["cross"][0]) == config.n_heads
 
 
+def test_attention_of_a_copy_model_adds_its_copy_attention_and_p_gen(copy_seq2seq, seq2seq,
+                                                                      texts):
+    """With copy attention, /v1/attention also returns the copy attention (T, S; rows are
+    distributions) and p_gen (T), equal to the model's own weights (`CopyGenerator.weights`,
+    teacher-forced on the same pair); "copy" can be left out; a model without it has neither."""
+    from tformer.visualization.attention import encode_pairs
+
+    with client(copy_seq2seq) as c:
+        body = c.post("/v1/attention", json={"input": texts[0], "target": "Ein Hund."}).json()
+        without = c.post("/v1/attention", json={"input": texts[0], "target": "Ein Hund.",
+                                                "include": ["cross"]}).json()
+    with client(seq2seq) as c:
+        plain = c.post("/v1/attention", json={"input": texts[0], "target": "Ein Hund."}).json()
+    t, s = len(body["target_tokens"]), len(body["source_tokens"])
+    copy, p_gen = torch.tensor(body["copy_attention"]), torch.tensor(body["p_gen"])
+    assert copy.shape == (t, s) and p_gen.shape == (t,)
+    torch.testing.assert_close(copy.sum(-1), torch.ones(t), atol=1e-3, rtol=0)
+    inner = copy_seq2seq.model.model
+    batch = encode_pairs(copy_seq2seq.model, copy_seq2seq.tokenizer, [texts[0]], ["Ein Hund."])
+    with torch.no_grad():
+        mask = batch["attention_mask"].bool()
+        memory = inner.encode(batch["input_ids"], mask).hidden
+        hidden = inner.decode(batch["decoder_input_ids"], memory, mask).hidden
+        attention, gate = inner.copy.weights(hidden, memory, mask)
+    torch.testing.assert_close(copy, attention[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(p_gen, torch.sigmoid(gate[0, :, 0]), atol=1e-4, rtol=0)
+    assert "copy_attention" not in without and "p_gen" not in without and "cross" in without
+    assert "copy_attention" not in plain and "p_gen" not in plain
+
+
 def test_page_and_its_files_are_local(seq2seq):
     with client(seq2seq) as c:
         page = c.get("/")

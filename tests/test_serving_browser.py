@@ -1,7 +1,8 @@
 """The web page of ``tformer serve`` in headless Chromium (Debian's chromium and chromedriver,
 driven by selenium): type a text, click Generate, read the output (equal to
-`Seq2Seq.generate` with the same options), see the cross-attention heatmap drawn, and no
-error in the browser's console."""
+`Seq2Seq.generate` with the same options), see the cross-attention heatmap drawn (and, for a
+model with copy attention, its copy attention and P(copy) column), and no error in the
+browser's console."""
 
 from __future__ import annotations
 
@@ -110,6 +111,39 @@ def test_page_generates_and_draws_the_cross_attention(browser, seq2seq, text):
         assert cells == maps[0] * maps[1] > 0
         assert painted > 0
     assert [entry for entry in logs if entry["level"] == "SEVERE"] == []
+    assert browser.find_element(By.ID, "heatmap").get_attribute("data-copy-column") == "0"
+
+
+def test_page_shows_copy_attention_and_p_copy(browser, reference_run, tmp_path, text):
+    """A model with copy attention: the heatmap gets a P(copy) column, and "copy attention"
+    among the layers redraws it with the copy attention, which differs from the last layer's
+    cross-attention."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    copy_model = tformer.load(served_checkpoint(reference_run, tmp_path / "copy",
+                                                copy_attention=True), device="cpu")
+    with ServerThread(create_app(copy_model, settings=ServeSettings())) as server:
+        state = _generate_on_page(browser, server.url, text, 1)
+        heatmap = browser.find_element(By.ID, "heatmap")
+        column, cross = heatmap.get_attribute("data-copy-column"), _pixels(browser)
+        layers = Select(browser.find_element(By.ID, "layer"))
+        layers.select_by_value("copy")
+        copy, cells = _pixels(browser), int(heatmap.get_attribute("data-cells"))
+        head_disabled = not browser.find_element(By.ID, "head").is_enabled()
+        logs = browser.get_log("browser")
+    assert state == "done", browser.find_element(By.ID, "status").text
+    shown = copy_model.generate(text, max_new_tokens=NEW)
+    assert column == "1" and head_disabled
+    assert cells == _cross_shape(copy_model, text, shown)[0] * _cross_shape(copy_model, text,
+                                                                             shown)[1] > 0
+    assert copy != cross  # another matrix drawn
+    assert [entry for entry in logs if entry["level"] == "SEVERE"] == []
+
+
+def _pixels(driver) -> str:
+    """The heatmap canvas as a PNG data URL: two drawings compare equal only if identical."""
+    return driver.execute_script("return document.getElementById('heatmap').toDataURL()")
 
 
 def test_page_sends_the_api_key(browser, seq2seq, text):

@@ -52,13 +52,10 @@ class CopyGenerator(nn.Module):
         self.key = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(2 * d_model, 1)
 
-    def forward(self, hidden: Tensor, logits: Tensor, memory: Tensor, source_ids: Tensor,
-                source_mask: Tensor | None) -> Tensor:
-        """hidden (B, T, D), logits (B, T, V), memory (B, S, D), source_ids (B, S), source_mask
-        (B, S) True at real tokens -> log P (B, T, V), in float32."""
-        if source_ids.shape != memory.shape[:2]:
-            raise ValueError(f"copy attention: source ids {tuple(source_ids.shape)} do not match "
-                             f"the encoder output {tuple(memory.shape[:2])}")
+    def weights(self, hidden: Tensor, memory: Tensor,
+                source_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The copy attention a (B, T, S) and the gate's logit (B, T, 1), p_gen = σ(logit),
+        both float32: what the mixture uses, and what the attention maps show."""
         # Scaled before the product, as in attention_math: (q / √D) Wk mᵀ = q Wk (m)ᵀ / √D.
         q = self.query(hidden) / math.sqrt(hidden.size(-1))
         scores = ((q @ self.key.weight) @ memory.transpose(1, 2)).float()  # (B, T, S)
@@ -66,7 +63,16 @@ class CopyGenerator(nn.Module):
             scores = scores + additive(source_mask[:, None, :], scores.dtype)
         attention = scores.softmax(-1)
         context = attention.to(memory.dtype) @ memory  # (B, T, D)
-        gate = self.gate(torch.cat([hidden, context], dim=-1)).float()  # (B, T, 1)
+        return attention, self.gate(torch.cat([hidden, context], dim=-1)).float()
+
+    def forward(self, hidden: Tensor, logits: Tensor, memory: Tensor, source_ids: Tensor,
+                source_mask: Tensor | None) -> Tensor:
+        """hidden (B, T, D), logits (B, T, V), memory (B, S, D), source_ids (B, S), source_mask
+        (B, S) True at real tokens -> log P (B, T, V), in float32."""
+        if source_ids.shape != memory.shape[:2]:
+            raise ValueError(f"copy attention: source ids {tuple(source_ids.shape)} do not match "
+                             f"the encoder output {tuple(memory.shape[:2])}")
+        attention, gate = self.weights(hidden, memory, source_mask)
         # Words absent from the source: log P = log p_gen + log P_vocab, over the whole
         # vocabulary. The mixture changes only the (at most S) words of the source, so it is
         # computed per source position and added there: a (B, T, S) computation instead of

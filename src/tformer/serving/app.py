@@ -159,8 +159,9 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
         except BatcherStopped as error:
             raise ApiError(503, error.code, str(error)) from None
         maps = await _answer(future, request, settings.timeout_s)
-        shown = {k: v for k, v in maps.items() if k not in ("encoder", "decoder", "cross")
-                 or k in parts}
+        part_of = {"encoder": "encoder", "decoder": "decoder", "cross": "cross",
+                   "copy_attention": "copy", "p_gen": "copy"}
+        shown = {k: v for k, v in maps.items() if k not in part_of or part_of[k] in parts}
         return AttentionResponse(**shown, timing_ms=(time.monotonic() - started) * 1000.0)
 
     @api.get("/openapi.json", include_in_schema=False)

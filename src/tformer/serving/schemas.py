@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Part = Literal["encoder", "decoder", "cross"]
+Part = Literal["encoder", "decoder", "cross", "copy"]
 
 
 def _encodable(text: str) -> str:
@@ -78,8 +78,9 @@ class AttentionRequest(GenerationOptions):
 
     input: str
     target: str | None = Field(None, description="teacher-forced target; null = generate it")
-    include: list[Part] = Field(["encoder", "decoder", "cross"], min_length=1,
-                                description="which maps to return")
+    include: list[Part] = Field(["encoder", "decoder", "cross", "copy"], min_length=1,
+                                description='which maps to return; "copy": copy_attention and '
+                                "p_gen, for a model with copy attention (absent otherwise)")
 
     @field_validator("input", "target")
     @classmethod
@@ -106,6 +107,12 @@ class AttentionResponse(BaseModel):
     decoder: Maps | None = Field(None, description="per layer (H, T, T)")
     cross: Maps | None = Field(None, description="per layer (H, T, S): row t = target token t "
                                "attending over the source tokens")
+    copy_attention: list[list[float]] | None = Field(
+        None, description="(T, S) copy attention, for a model with copy attention: row t = "
+        "where target token t would be copied from")
+    p_gen: list[float] | None = Field(
+        None, description="(T,) probability that target token t is generated, not copied "
+        "(with copy attention)")
     timing_ms: float
 
 

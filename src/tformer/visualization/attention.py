@@ -15,6 +15,10 @@ a cross or decoder map is where the model looked while producing ``target_tokens
 token, then the target shifted right): the key axis of decoder self-attention is best read with
 those (column j of position j holds what the decoder had read at j).
 
+A model with copy attention (`tformer.model.copy`) also gives, per target position, the copy
+attention over the source and p_gen, the probability of generating rather than copying
+(``copy_attention`` and ``p_gen``; None for other models).
+
 Dimension names: B batch, H heads, S source length, T target length.
 """
 
@@ -47,6 +51,8 @@ class AttentionMaps:
     decoder: list[np.ndarray]  # per layer, (H, T, T), causal
     cross: list[np.ndarray]  # per layer, (H, T, S)
     decoder_input_tokens: list[str] = field(default_factory=list)  # T labels: the token read
+    copy_attention: np.ndarray | None = None  # (T, S), for a model with copy attention
+    p_gen: np.ndarray | None = None  # (T,) probability of generating (1 − p_gen: copying)
 
     def kind(self, name: str) -> list[np.ndarray]:
         """The per-layer maps of ``name``: "cross", "encoder" or "decoder"."""
@@ -73,7 +79,8 @@ class AttentionMaps:
         [layer][head][query][key] (weights rounded to 4 decimals); "source_tokens",
         "target_tokens", "decoder_input_tokens"; "layers" and "heads", ints: the most over the
         three kinds (they agree for every model tformer loads; the lists' own lengths are
-        exact), and "counts": {kind: {"layers", "heads"}}."""
+        exact), and "counts": {kind: {"layers", "heads"}}; with copy attention also
+        "copy_attention" [query][key] and "p_gen" [query]."""
 
         def plain(maps: list[np.ndarray]) -> list:
             return [np.round(m.astype(np.float64), 4).tolist() for m in maps]
@@ -89,6 +96,9 @@ class AttentionMaps:
             "layers": max(c["layers"] for c in counts.values()),
             "heads": max(c["heads"] for c in counts.values()),
             "counts": counts,
+            **({} if self.copy_attention is None else {
+                "copy_attention": np.round(self.copy_attention.astype(np.float64), 4).tolist(),
+                "p_gen": np.round(self.p_gen.astype(np.float64), 4).tolist()}),
         }
 
 
@@ -144,6 +154,7 @@ def attention_maps_batch(
     model, tokenizer = seq2seq.model, seq2seq.tokenizer
     batch = encode_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
     weights = teacher_forced_attentions(model, batch)
+    copy = copy_weights(model, batch)
     maps = []
     for b in range(len(sources)):
         s = int(batch["attention_mask"][b].sum())
@@ -158,6 +169,8 @@ def attention_maps_batch(
             decoder=[_numpy(w[b, :, :t, :t]) for w in weights["decoder"]],
             cross=[_numpy(w[b, :, :t, :s]) for w in weights["cross"]],
             decoder_input_tokens=readable_tokens(tokenizer, read_ids),
+            copy_attention=None if copy is None else _numpy(copy[0][b, :t, :s]),
+            p_gen=None if copy is None else _numpy(copy[1][b, :t]),
         ))
     return maps
 
@@ -207,6 +220,27 @@ def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list
                 "output_attentions=True; this model cannot give attention maps"
             )
     return {name: [w.detach().float().cpu() for w in layers] for name, layers in result.items()}
+
+
+@torch.inference_mode()
+def copy_weights(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """For tformer's own model with copy attention: its copy attention (B, T, S) and p_gen
+    (B, T), teacher-forced as :func:`teacher_forced_attentions`, float32 on the CPU; None for
+    any other model."""
+    inner = getattr(model, "model", None)
+    if getattr(inner, "copy", None) is None:
+        return None
+    device = next(model.parameters()).device
+    source, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+    was_training = model.training
+    model.eval()
+    try:
+        memory = inner.encode(source, mask).hidden
+        hidden = inner.decode(batch["decoder_input_ids"].to(device), memory, mask).hidden
+        attention, gate = inner.copy.weights(hidden, memory, mask)
+    finally:
+        model.train(was_training)
+    return attention.cpu(), torch.sigmoid(gate[..., 0]).cpu()
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ async function run(event) {
   setState("busy", "Drawing attention…");
   try {
     maps = await api("v1/attention", {
-      input: text, target: output, include: ["cross"],
+      input: text, target: output, include: ["cross", "copy"],
       max_new_tokens: opts.max_new_tokens,
     });
   } catch (err) {
@@ -109,10 +109,14 @@ function fillSelectors() {
   };
   const layers = maps.cross.length, heads = layers ? maps.cross[0].length : 0; // (L, H, T, S)
   fill($("layer"), Array.from({ length: layers }, (_, i) => "layer " + (i + 1)), layers - 1);
+  if (maps.copy_attention) $("layer").add(new Option("copy attention", "copy")); // (T, S), one head
   fill($("head"), ["mean of heads", ...Array.from({ length: heads }, (_, i) => "head " + (i + 1))], 0);
 }
 
 function matrix() {
+  const copy = $("layer").value === "copy";
+  $("head").disabled = copy;
+  if (copy) return maps.copy_attention;
   const layer = maps.cross[Number($("layer").value)]; // (H, T, S)
   const head = Number($("head").value);
   if (head > 0) return layer[head - 1];
@@ -141,8 +145,10 @@ function draw() {
   ctx.font = font;
   const width = (tokens) => Math.max(0, ...tokens.map((t) => ctx.measureText(label(t)).width));
   const left = Math.ceil(width(maps.target_tokens)) + 10;
-  const top = Math.ceil(width(maps.source_tokens)) + 10;
-  canvas.width = left + cols * cell + 2;
+  const top = Math.ceil(Math.max(width(maps.source_tokens), ctx.measureText("P(copy)").width)) + 10;
+  const pGen = maps.p_gen || null; // with copy attention: one more column, P(copy) = 1 − p_gen
+  const extra = pGen ? cell + 8 : 0;
+  canvas.width = left + cols * cell + extra + 2;
   canvas.height = top + rows * cell + 2;
   ctx.font = font; // resizing a canvas resets its context
   ctx.fillStyle = "#fff";
@@ -153,6 +159,11 @@ function draw() {
       const v = m[t][s] / peak; // 0 white .. 1 dark blue
       ctx.fillStyle = `rgb(${Math.round(255 - 224 * v)}, ${Math.round(255 - 177 * v)}, ${Math.round(255 - 102 * v)})`;
       ctx.fillRect(left + s * cell, top + t * cell, cell - 1, cell - 1);
+    }
+    if (pGen) { // 0 white .. 1 dark orange, on its own scale: a probability
+      const v = 1 - pGen[t];
+      ctx.fillStyle = `rgb(${Math.round(255 - 38 * v)}, ${Math.round(255 - 160 * v)}, ${Math.round(255 - 240 * v)})`;
+      ctx.fillRect(left + cols * cell + 8, top + t * cell, cell - 1, cell - 1);
     }
   }
   ctx.fillStyle = "#1b1b1b";
@@ -167,7 +178,16 @@ function draw() {
     ctx.fillText(label(tok), 0, 0);
     ctx.restore();
   });
+  if (pGen) {
+    ctx.save();
+    ctx.translate(left + cols * cell + 8 + cell / 2, top - 5);
+    ctx.rotate(-Math.PI / 2);
+    ctx.textAlign = "left";
+    ctx.fillText("P(copy)", 0, 0);
+    ctx.restore();
+  }
   canvas.dataset.cells = String(rows * cols);
+  canvas.dataset.copyColumn = pGen ? "1" : "0";
 }
 
 document.addEventListener("DOMContentLoaded", () => {
