@@ -109,21 +109,10 @@ def test_attention_view_answers_hover_with_the_pair_and_weight(browser, referenc
     assert len(layer.options) == 2 + 1 and len(head.options) == 4 + 1  # and the means
     assert painted_canvases(browser)[0] > 1000
 
-    def hover(i: int, j: int) -> str:
-        """Move the mouse over cell (row i, column j) of the drawn map; the hover line."""
-        return browser.execute_script("""
-            var c = document.querySelector('canvas'), r = c.getBoundingClientRect();
-            var rows = arguments[0], cols = arguments[1];
-            var cell = Math.max(6, Math.min(28, Math.floor(640 / Math.max(rows, cols))));
-            c.dispatchEvent(new MouseEvent('mousemove', {bubbles: true,
-              clientX: r.left + 110 + (arguments[3] + 0.5) * cell,
-              clientY: r.top + 110 + (arguments[2] + 0.5) * cell}));
-            return document.querySelector('.tf-hover').textContent;""", *sizes, i, j)
-
     T, S = len(maps.target_tokens), len(maps.source_tokens)
     sizes = (T, S)
     expected = maps.cross[-1].mean(axis=0)[2, 3]  # default: last layer, mean of heads
-    text = hover(2, 3)
+    text = hover(browser, sizes, 2, 3)
     assert text.startswith(f"{maps.target_tokens[2]} (3) → {maps.source_tokens[3]} (4): ")
     assert abs(float(text.rsplit(": ", 1)[1]) - expected) < 1e-4
 
@@ -131,6 +120,43 @@ def test_attention_view_answers_hover_with_the_pair_and_weight(browser, referenc
     layer.select_by_value("0")
     head.select_by_value("1")
     sizes = (S, S)
-    text = hover(1, 0)
+    text = hover(browser, sizes, 1, 0)
     assert text.startswith(f"{maps.source_tokens[1]} (2) → {maps.source_tokens[0]} (1): ")
     assert abs(float(text.rsplit(": ", 1)[1]) - maps.encoder[0][1, 1, 0]) < 1e-4
+
+
+def hover(browser, sizes: tuple[int, int], i: int, j: int) -> str:
+    """Move the mouse over cell (row i, column j) of the drawn map of ``sizes`` (rows,
+    columns); the hover line."""
+    return browser.execute_script("""
+        var c = document.querySelector('canvas'), r = c.getBoundingClientRect();
+        var rows = arguments[0], cols = arguments[1];
+        var cell = Math.max(6, Math.min(28, Math.floor(640 / Math.max(rows, cols))));
+        c.dispatchEvent(new MouseEvent('mousemove', {bubbles: true,
+          clientX: r.left + 110 + (arguments[3] + 0.5) * cell,
+          clientY: r.top + 110 + (arguments[2] + 0.5) * cell}));
+        return document.querySelector('.tf-hover').textContent;""", *sizes, i, j)
+
+
+def test_attention_view_of_a_copy_model_shows_its_copy_attention_and_p_copy(
+        browser, reference_run, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    from .serving_helpers import served_checkpoint
+
+    model = tformer.load(served_checkpoint(reference_run, tmp_path / "copy", copy_attention=True),
+                         device="cpu")
+    maps = attention_maps(model, "Zwei Hunde spielen.", "Two dogs play.")
+    page = write_attention_html(maps, tmp_path / "attention.html")
+    assert [m for m in open_page(browser, page) if m["level"] == "SEVERE"] == []
+    kind = Select(browser.find_element("css selector", ".tf-kind"))
+    assert [o.get_attribute("value") for o in kind.options] == ["cross", "encoder", "decoder",
+                                                                 "copy"]
+    kind.select_by_value("copy")
+    T, S = len(maps.target_tokens), len(maps.source_tokens)
+    text = hover(browser, (T, S), 2, 3)
+    pair, p_copy = text.split("; P(copy) of ")
+    assert pair.startswith(f"{maps.target_tokens[2]} (3) → {maps.source_tokens[3]} (4): ")
+    assert abs(float(pair.rsplit(": ", 1)[1]) - maps.copy_attention[2, 3]) < 1e-4
+    assert p_copy.startswith(f"{maps.target_tokens[2]}: ")
+    assert abs(float(p_copy.rsplit(": ", 1)[1]) - (1 - maps.p_gen[2])) < 1e-4

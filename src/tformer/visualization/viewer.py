@@ -1,8 +1,10 @@
 """The interactive attention view: one self-contained HTML page (inline CSS and JavaScript, the
 maps as inline JSON; nothing is fetched, so it opens offline from a file).
 
-Choose the kind (cross, encoder self, decoder self), the layer and the head, or the mean over
-layers or heads; hovering a cell shows the query token, the key token and the weight. The same
+Choose the kind (cross, encoder self, decoder self, and copy attention for a model that has
+it), the layer and the head, or the mean over layers or heads; hovering a cell shows the query
+token, the key token and the weight (and, with copy attention, P(copy) = 1 − p_gen of the
+query token). The same
 viewer is embedded in the run report (:mod:`tformer.visualization.report`), once per example:
 :func:`viewer_fragment` gives the markup of one viewer, :data:`VIEWER_CSS` and
 :data:`VIEWER_JS` are included once per page.
@@ -41,10 +43,12 @@ VIEWER_JS = r"""
       .join(",") + ")";
   }
   var AXES = {cross: ["target_tokens", "source_tokens"], encoder: ["source_tokens", "source_tokens"],
-              decoder: ["target_tokens", "decoder_input_tokens"]};
+              decoder: ["target_tokens", "decoder_input_tokens"],
+              copy: ["target_tokens", "source_tokens"]};
   var NAMES = {cross: "cross-attention (target predicted × source)",
                encoder: "encoder self-attention (source × source)",
-               decoder: "decoder self-attention (predicted × read)"};
+               decoder: "decoder self-attention (predicted × read)",
+               copy: "copy attention (target predicted × source)"};
   function mean(mats) {
     var out = mats[0].map(function (row) { return row.map(function () { return 0; }); });
     mats.forEach(function (m) { m.forEach(function (row, i) { row.forEach(function (v, j) {
@@ -65,7 +69,8 @@ VIEWER_JS = r"""
         head = root.querySelector(".tf-head"), stretch = root.querySelector(".tf-stretch"),
         canvas = root.querySelector("canvas"),
         hover = root.querySelector(".tf-hover"), ctx = canvas.getContext("2d");
-    ["cross", "encoder", "decoder"].forEach(function (k) {
+    if (data.copy_attention) data.copy = [[data.copy_attention]];  // one layer, one head
+    ["cross", "encoder", "decoder", "copy"].forEach(function (k) {
       if (data[k] && data[k].length) option(kind, k, NAMES[k]); });
     var view = null;
     function fillLayers() {
@@ -122,7 +127,8 @@ VIEWER_JS = r"""
           i = Math.floor(((e.clientY - r.top) * scale - view.margin) / view.cell);
       if (i < 0 || j < 0 || i >= view.rows.length || j >= view.cols.length) return;
       hover.textContent = view.rows[i] + " (" + (i + 1) + ") → " + view.cols[j] + " (" + (j + 1) +
-        "): " + view.m[i][j].toFixed(4);
+        "): " + view.m[i][j].toFixed(4) + (data.p_gen && kind.value !== "encoder"
+          ? "; P(copy) of " + view.rows[i] + ": " + (1 - data.p_gen[i]).toFixed(4) : "");
     });
     kind.addEventListener("change", function () { fillLayers(); draw(); });
     layer.addEventListener("change", draw);
