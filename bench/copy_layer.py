@@ -26,19 +26,17 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tformer.model.copy import CopyGenerator  # noqa: E402
+from tformer.model.copy import _FLOOR, CopyGenerator  # noqa: E402
 
 
 def dense(layer: CopyGenerator, hidden, logits, memory, source_ids, source_mask):
-    """The mixture over the whole vocabulary: P = p_gen P_vocab + (1 − p_gen) P_copy."""
-    q = layer.query(hidden) / hidden.size(-1) ** 0.5
-    scores = (q @ layer.key.weight) @ memory.transpose(1, 2)
-    attention = scores.masked_fill(~source_mask[:, None, :], float("-inf")).softmax(-1)
-    gate = layer.gate(torch.cat([hidden, attention @ memory], dim=-1))
+    """The mixture over the whole vocabulary: P = p_gen P_vocab + (1 − p_gen) P_copy, with
+    the layer's own attention and gate."""
+    attention, gate = layer.weights(hidden, memory, source_mask)
     copied = logits.new_zeros(logits.shape).scatter_add_(
         -1, source_ids[:, None, :].expand_as(attention), attention)
     return torch.logaddexp(F.logsigmoid(gate) + logits.log_softmax(-1),
-                           F.logsigmoid(-gate) + copied.clamp_min(1e-20).log())
+                           F.logsigmoid(-gate) + copied.clamp_min(_FLOOR).log())
 
 
 def plain(layer, hidden, logits, memory, source_ids, source_mask):

@@ -135,8 +135,8 @@ def test_page_shows_copy_attention_and_p_copy(browser, reference_run, tmp_path, 
     assert state == "done", browser.find_element(By.ID, "status").text
     shown = copy_model.generate(text, max_new_tokens=NEW)
     assert column == "1" and head_disabled
-    assert cells == _cross_shape(copy_model, text, shown)[0] * _cross_shape(copy_model, text,
-                                                                             shown)[1] > 0
+    rows, columns = _cross_shape(copy_model, text, shown)
+    assert cells == rows * columns > 0
     assert copy != cross  # another matrix drawn
     assert [entry for entry in logs if entry["level"] == "SEVERE"] == []
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from tformer.model.masks import additive
 
 #: Floor of the copy mass before its log: a source position the attention gives exactly 0
-#: (padding) gets 1e-20, which keeps the log finite and its gradient 0.
+#: (padding, or a weight that underflows) gets 1e-20, which keeps the log finite and its
+#: gradient 0.
 _FLOOR = 1e-20
 
 
@@ -75,15 +76,23 @@ class CopyGenerator(nn.Module):
         attention, gate = self.weights(hidden, memory, source_mask)
         # Words absent from the source: log P = log p_gen + log P_vocab, over the whole
         # vocabulary. The mixture changes only the (at most S) words of the source, so it is
-        # computed per source position and added there: a (B, T, S) computation instead of
-        # building the copy distribution over the vocabulary, (B, T, V), and mixing it
-        # everywhere, which took 2.3× the time of the plain log-softmax's forward and backward
-        # (compiled, B·T = 960, S = 300, V = 8,000; this way 1.2×, `docs/model.md` §12a).
+        # computed per source position, (B, T, S), and written there, instead of building the
+        # copy distribution over the vocabulary, (B, T, V), and mixing it everywhere (several
+        # times slower: `bench/copy_layer.py`, `docs/benchmarks.md`).
         generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
-        same = source_ids[:, :, None] == source_ids[:, None, :]  # (B, S, S): same word
-        mass = attention @ same.to(attention.dtype)  # (B, T, S): attention on the word at i
+        # Each source position's word, named by the word's first position: word (B, S).
+        word = (source_ids[:, :, None] == source_ids[:, None, :]).int().argmax(-1)
+        first = (word == torch.arange(word.size(1), device=word.device))[:, None, :]  # (B, 1, S)
+        by_word = word[:, None, :].expand_as(attention)
+        # The attention summed per word, read back at each of its positions. A float32 scatter
+        # and gather, not a matmul, which autocast would run in half precision (fp16 rounds the
+        # floor to 0, and log 0 makes every gradient NaN).
+        mass = torch.zeros_like(attention).scatter_add(-1, by_word, attention).gather(-1, by_word)
         ids = source_ids[:, None, :].expand_as(attention)
-        at = generated.gather(-1, ids)
-        mixed = torch.logaddexp(at, F.logsigmoid(-gate) + mass.clamp_min(_FLOOR).log())
-        first = ~same.tril(-1).any(-1)[:, None, :]  # (B, 1, S): a word's first position adds
-        return generated.scatter_add(-1, ids, torch.where(first, mixed - at, 0.0))
+        mixed = torch.logaddexp(generated.gather(-1, ids),
+                                F.logsigmoid(-gate) + mass.clamp_min(_FLOOR).log())
+        # Written, not added as a difference (mixed − generated is -inf + inf = NaN where a
+        # logit is -inf): every position of a source word is set to 0, then its first position
+        # adds the mixture, once, so a repeated word's gradient is counted once.
+        out = generated.scatter(-1, ids, 0.0)
+        return out.scatter_add_(-1, ids, torch.where(first, mixed, 0.0))

@@ -53,6 +53,11 @@ STATIC_DIR = resources.files("tformer.serving") / "static"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
 
 
+#: The keys of `AttentionMaps.to_json` that ``include`` chooses, and the part each belongs to.
+_PART_OF = {"encoder": "encoder", "decoder": "decoder", "cross": "cross",
+            "copy_attention": "copy", "p_gen": "copy"}
+
+
 def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBatcher | ProcessPool:
     """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
@@ -140,8 +145,9 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
               tags=["model"], responses={501: {"model": ErrorResponse}})
     async def attention(body: AttentionRequest, request: Request) -> AttentionResponse:
         """Encoder, decoder and cross-attention maps (per layer, per head) of one input and
-        its target; without a target, of the output generated with the options. 501 when the
-        loaded model cannot return attention weights (e.g. another inference engine)."""
+        its target, and for a model with copy attention its copy attention and p_gen; without
+        a target, of the output generated with the options. 501 when the loaded model cannot
+        return attention weights (e.g. another inference engine)."""
         if not has_attention(seq2seq):
             raise ApiError(501, "attention_unavailable", f"the loaded model "
                            f"({type(getattr(seq2seq, 'model', seq2seq)).__name__}) has no "
@@ -159,9 +165,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
         except BatcherStopped as error:
             raise ApiError(503, error.code, str(error)) from None
         maps = await _answer(future, request, settings.timeout_s)
-        part_of = {"encoder": "encoder", "decoder": "decoder", "cross": "cross",
-                   "copy_attention": "copy", "p_gen": "copy"}
-        shown = {k: v for k, v in maps.items() if k not in part_of or part_of[k] in parts}
+        shown = {k: v for k, v in maps.items() if k not in _PART_OF or _PART_OF[k] in parts}
         return AttentionResponse(**shown, timing_ms=(time.monotonic() - started) * 1000.0)
 
     @api.get("/openapi.json", include_in_schema=False)

@@ -183,6 +183,7 @@ class SlotCache:
         self.memory[new, :s] = memory
         self.source_mask[new] = False
         self.source_mask[new, :s] = source_mask
+        self.source_ids[new] = 0  # as the mask: nothing of a previous text stays
         self.source_ids[new, :s] = source_ids
         self.lengths[new] = 0
         self.n += k
@@ -254,7 +255,7 @@ class SlotCache:
 
 def _concat(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
     """Encoded batches (`ContinuousBatcher.encode`) as one, their sources padded to the
-    longest (masked; the ids' padding is 0, which the masked copy attention never reads)."""
+    longest (masked; the ids' padding is 0, which the copy attention gives weight 0)."""
     s = max(p[2].size(1) for p in parts)
     cat = lambda xs, dim: torch.cat([SlotCache._widened(x, dim, s) for x in xs])  # noqa: E731
     cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}

@@ -154,7 +154,7 @@ def attention_maps_batch(
     model, tokenizer = seq2seq.model, seq2seq.tokenizer
     batch = encode_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
     weights = teacher_forced_attentions(model, batch)
-    copy = copy_weights(model, batch)
+    copy = weights.get("copy_attention"), weights.get("p_gen")
     maps = []
     for b in range(len(sources)):
         s = int(batch["attention_mask"][b].sum())
@@ -169,8 +169,8 @@ def attention_maps_batch(
             decoder=[_numpy(w[b, :, :t, :t]) for w in weights["decoder"]],
             cross=[_numpy(w[b, :, :t, :s]) for w in weights["cross"]],
             decoder_input_tokens=readable_tokens(tokenizer, read_ids),
-            copy_attention=None if copy is None else _numpy(copy[0][b, :t, :s]),
-            p_gen=None if copy is None else _numpy(copy[1][b, :t]),
+            copy_attention=None if copy[0] is None else _numpy(copy[0][0][b, :t, :s]),
+            p_gen=None if copy[1] is None else _numpy(copy[1][0][b, :t]),
         ))
     return maps
 
@@ -197,8 +197,14 @@ def encode_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[str
 def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
     """One forward pass with ``output_attentions=True``: {"encoder": per layer (B, H, S, S),
     "decoder": (B, H, T, T), "cross": (B, H, T, S)}, float32 on the CPU, padding included (a
-    padded source position gets weight 0 in every row)."""
+    padded source position gets weight 0 in every row). For tformer's own model with copy
+    attention also "copy_attention": [(B, T, S)] and "p_gen": [(B, T)], read in the same pass
+    (a hook on the copy layer)."""
     device = next(model.parameters()).device
+    copy = getattr(getattr(model, "model", None), "copy", None)
+    captured: list[tuple[Tensor, Tensor]] = []
+    hook = None if copy is None else copy.register_forward_hook(
+        lambda layer, args, _: captured.append(layer.weights(args[0], args[2], args[4])))
     was_training = model.training
     model.eval()
     try:
@@ -211,8 +217,13 @@ def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list
             )
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     result = {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions,
               "cross": out.cross_attentions}
+    if captured:
+        attention, gate = captured[-1]
+        result.update(copy_attention=[attention], p_gen=[torch.sigmoid(gate[..., 0])])
     for name, layers in result.items():
         if not layers or any(w is None for w in layers):
             raise ValueError(
@@ -220,27 +231,6 @@ def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list
                 "output_attentions=True; this model cannot give attention maps"
             )
     return {name: [w.detach().float().cpu() for w in layers] for name, layers in result.items()}
-
-
-@torch.inference_mode()
-def copy_weights(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
-    """For tformer's own model with copy attention: its copy attention (B, T, S) and p_gen
-    (B, T), teacher-forced as :func:`teacher_forced_attentions`, float32 on the CPU; None for
-    any other model."""
-    inner = getattr(model, "model", None)
-    if getattr(inner, "copy", None) is None:
-        return None
-    device = next(model.parameters()).device
-    source, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
-    was_training = model.training
-    model.eval()
-    try:
-        memory = inner.encode(source, mask).hidden
-        hidden = inner.decode(batch["decoder_input_ids"].to(device), memory, mask).hidden
-        attention, gate = inner.copy.weights(hidden, memory, mask)
-    finally:
-        model.train(was_training)
-    return attention.cpu(), torch.sigmoid(gate[..., 0]).cpu()
 
 
 @contextlib.contextmanager

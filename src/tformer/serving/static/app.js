@@ -129,6 +129,7 @@ function clearHeatmap() {
   canvas.width = 0;
   canvas.height = 0;
   canvas.dataset.cells = "0";
+  canvas.dataset.copyColumn = "0";
 }
 
 function label(token) {
@@ -145,8 +146,8 @@ function draw() {
   ctx.font = font;
   const width = (tokens) => Math.max(0, ...tokens.map((t) => ctx.measureText(label(t)).width));
   const left = Math.ceil(width(maps.target_tokens)) + 10;
-  const top = Math.ceil(Math.max(width(maps.source_tokens), ctx.measureText("P(copy)").width)) + 10;
   const pGen = maps.p_gen || null; // with copy attention: one more column, P(copy) = 1 − p_gen
+  const top = Math.ceil(Math.max(width(maps.source_tokens), pGen ? ctx.measureText("P(copy)").width : 0)) + 10;
   const extra = pGen ? cell + 8 : 0;
   canvas.width = left + cols * cell + extra + 2;
   canvas.height = top + rows * cell + 2;
