@@ -82,8 +82,11 @@ class AttentionMaps:
         exact), and "counts": {kind: {"layers", "heads"}}; with copy attention also
         "copy_attention" [query][key] and "p_gen" [query]."""
 
+        def rounded(m: np.ndarray) -> list:
+            return np.round(m.astype(np.float64), 4).tolist()
+
         def plain(maps: list[np.ndarray]) -> list:
-            return [np.round(m.astype(np.float64), 4).tolist() for m in maps]
+            return [rounded(m) for m in maps]
 
         counts = self.counts()
         return {
@@ -97,8 +100,7 @@ class AttentionMaps:
             "heads": max(c["heads"] for c in counts.values()),
             "counts": counts,
             **({} if self.copy_attention is None else {
-                "copy_attention": np.round(self.copy_attention.astype(np.float64), 4).tolist(),
-                "p_gen": np.round(self.p_gen.astype(np.float64), 4).tolist()}),
+                "copy_attention": rounded(self.copy_attention), "p_gen": rounded(self.p_gen)}),
         }
 
 
@@ -154,7 +156,7 @@ def attention_maps_batch(
     model, tokenizer = seq2seq.model, seq2seq.tokenizer
     batch = encode_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
     weights = teacher_forced_attentions(model, batch)
-    copy = weights.get("copy_attention"), weights.get("p_gen")
+    copy_attention, p_gen = (weights.get(name, [None])[0] for name in ("copy_attention", "p_gen"))
     maps = []
     for b in range(len(sources)):
         s = int(batch["attention_mask"][b].sum())
@@ -169,8 +171,8 @@ def attention_maps_batch(
             decoder=[_numpy(w[b, :, :t, :t]) for w in weights["decoder"]],
             cross=[_numpy(w[b, :, :t, :s]) for w in weights["cross"]],
             decoder_input_tokens=readable_tokens(tokenizer, read_ids),
-            copy_attention=None if copy[0] is None else _numpy(copy[0][0][b, :t, :s]),
-            p_gen=None if copy[1] is None else _numpy(copy[1][0][b, :t]),
+            copy_attention=None if copy_attention is None else _numpy(copy_attention[b, :t, :s]),
+            p_gen=None if p_gen is None else _numpy(p_gen[b, :t]),
         ))
     return maps
 

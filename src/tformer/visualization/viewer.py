@@ -4,10 +4,9 @@ maps as inline JSON; nothing is fetched, so it opens offline from a file).
 Choose the kind (cross, encoder self, decoder self, and copy attention for a model that has
 it), the layer and the head, or the mean over layers or heads; hovering a cell shows the query
 token, the key token and the weight (and, with copy attention, P(copy) = 1 − p_gen of the
-query token). The same
-viewer is embedded in the run report (:mod:`tformer.visualization.report`), once per example:
-:func:`viewer_fragment` gives the markup of one viewer, :data:`VIEWER_CSS` and
-:data:`VIEWER_JS` are included once per page.
+query token). The same viewer is embedded in the run report
+(:mod:`tformer.visualization.report`), once per example: :func:`viewer_fragment` gives the
+markup of one viewer, :data:`VIEWER_CSS` and :data:`VIEWER_JS` are included once per page.
 """
 
 from __future__ import annotations
