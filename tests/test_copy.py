@@ -37,6 +37,19 @@ def copy_reference(attention: torch.Tensor, source_ids: torch.Tensor) -> torch.T
     return out
 
 
+def reference_attention(inner, hidden, memory, mask):
+    """softmax(q kᵀ/√D) over the source, with its padding masked, from the layer's own
+    projections (d_model 32): the copy attention written out, (B, T, S)."""
+    scores = inner.copy.query(hidden) @ inner.copy.key(memory).transpose(1, 2) / 32**0.5
+    return scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+
+
+def decoder_states(inner, ids, mask, dec):
+    """The encoder output (B, S, D) and the decoder output (B, T, D), without a cache."""
+    memory = inner.encode(ids, mask.bool()).hidden
+    return memory, inner.decode(dec, memory, mask.bool()).hidden
+
+
 @torch.no_grad()
 def test_output_is_a_distribution_that_the_gate_splits(model, batch):
     ids, mask = batch
@@ -45,8 +58,7 @@ def test_output_is_a_distribution_that_the_gate_splits(model, batch):
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(3, 5), atol=1e-5, rtol=0)
 
     inner = model.model
-    hidden = inner.decode(dec, inner.encode(ids, mask.bool()).hidden, mask.bool()).hidden
-    memory = inner.encode(ids, mask.bool()).hidden
+    memory, hidden = decoder_states(inner, ids, mask, dec)
     gate = inner.copy.gate
     saved = gate.bias.clone()
     try:
@@ -56,8 +68,7 @@ def test_output_is_a_distribution_that_the_gate_splits(model, batch):
             inner.project(hidden).log_softmax(-1), atol=1e-5, rtol=0)
         gate.bias.fill_(-40.0)  # p_gen = 0: all mass on the source's tokens, by attention
         got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.exp()
-        scores = inner.copy.query(hidden) @ inner.copy.key(memory).transpose(1, 2) / 32**0.5
-        attention = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+        attention = reference_attention(inner, hidden, memory, mask)
         torch.testing.assert_close(got, copy_reference(attention, ids), atol=1e-5, rtol=0)
         assert got[1, :, ids[1, :6].unique()].sum(-1).allclose(torch.ones(5), atol=1e-5)
     finally:
@@ -73,13 +84,11 @@ def test_mixture_with_repeated_source_words_equals_the_formula_with_its_gradient
     ids[0, 3] = ids[0, 5] = ids[0, 0]  # one word three times in the first source
     dec = torch.randint(4, V, (3, 5))
     inner = model.model
-    memory = inner.encode(ids, mask.bool()).hidden
-    hidden = inner.decode(dec, memory, mask.bool()).hidden
+    memory, hidden = decoder_states(inner, ids, mask, dec)
     logits = inner.project(hidden)
     got = inner.copy(hidden, logits, memory, ids, mask.bool())
 
-    scores = inner.copy.query(hidden) @ inner.copy.key(memory).transpose(1, 2) / 32**0.5
-    attention = scores.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+    attention = reference_attention(inner, hidden, memory, mask)
     p_gen = torch.sigmoid(inner.copy.gate(torch.cat([hidden, attention @ memory], -1)))
     assert 0.01 < p_gen.min() and p_gen.max() < 0.99  # a real mixture, neither side forced
     want = (p_gen * logits.softmax(-1) + (1 - p_gen) * copy_reference(attention, ids)).log()
@@ -127,8 +136,7 @@ def test_a_minus_infinity_logit_at_a_source_word_is_still_copied(model, batch):
     copy probability, (1 − p_gen)·mass: finite, never NaN."""
     ids, mask = batch
     inner = model.model
-    memory = inner.encode(ids, mask.bool()).hidden
-    hidden = inner.decode(torch.randint(4, V, (3, 2)), memory, mask.bool()).hidden
+    memory, hidden = decoder_states(inner, ids, mask, torch.randint(4, V, (3, 2)))
     logits = inner.project(hidden).detach()
     logits[..., ids[0, 0]] = float("-inf")
     log_p = inner.copy(hidden, logits, memory, ids, mask.bool())
