@@ -20,6 +20,7 @@ from tformer.visualization.attention import encode_pairs, teacher_forced_attenti
 from tformer.visualization.tokens import readable_tokens
 
 from .conftest import tiny_overrides
+from .serving_helpers import served_checkpoint
 from .test_pretrained import bart_dir, dialogs, t5_dir  # noqa: F401 (fixtures)
 
 SOURCES = ["A man in a blue shirt is riding a bike down the street.", "Two dogs play."]
@@ -247,11 +248,29 @@ def test_cli_attention_writes_pngs_html_and_json(reference_run, tmp_path, capsys
     assert Image.open(out / "decoder_mean.png").size == figure_size_px(T, T, 1, 2)
     rgb = np.asarray(Image.open(out / "cross_heads.png").convert("RGB")).reshape(-1, 3)
     assert len({tuple(p) for p in rgb[::7]}) > 50  # heatmaps, not a blank page
+    assert not (out / "copy.png").exists()  # no copy attention in this model
     page = (out / "attention.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page and "<script src" not in page
 
     assert main(["attention", str(tmp_path / "nope"), "x"]) == 2
     assert "tformer attention: error:" in capsys.readouterr().err
+
+
+def test_cli_attention_of_a_copy_model_also_draws_its_copy_attention(reference_run, tmp_path):
+    from tformer.visualization.plots import copy_labels, figure_size_px
+
+    checkpoint = served_checkpoint(reference_run, tmp_path / "copy", copy_attention=True)
+    out = tmp_path / "maps"
+    assert main(["attention", str(checkpoint), "Ein Hund läuft.", "--target", "A dog runs.",
+                 "--output-dir", str(out), "--device", "cpu"]) == 0
+    data = json.loads((out / "attention.json").read_text(encoding="utf-8"))
+    S, T = len(data["source_tokens"]), len(data["target_tokens"])
+    assert Image.open(out / "copy.png").size == figure_size_px(T, S)
+    rgb = np.asarray(Image.open(out / "copy.png").convert("RGB")).reshape(-1, 3)
+    assert len({tuple(p) for p in rgb[::7]}) > 20  # a heatmap, not a blank page
+    # rows are labelled with P(copy) = 1 - p_gen first, so that cutting a long label keeps it
+    labels = copy_labels(data["target_tokens"], np.asarray(data["p_gen"]))
+    assert labels[0] == f"{1 - data['p_gen'][0]:.2f} {data['target_tokens'][0]}"
 
 
 def test_train_writes_the_report(reference_run):

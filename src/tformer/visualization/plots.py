@@ -3,7 +3,10 @@
 For each kind of attention (cross, encoder self, decoder self) two pictures:
 
 - ``{kind}_heads.png``: one panel per layer (rows) and head (columns);
-- ``{kind}_mean.png``: one panel per layer, the average over its heads.
+- ``{kind}_mean.png``: one panel per layer, the average over its heads;
+
+and for a model with copy attention (`tformer.model.copy`) ``copy.png``: one panel, the copy
+attention over the source (rows: target tokens, each labelled with its P(copy) = 1 − p_gen).
 
 Rows of a panel are queries, columns keys (see :meth:`AttentionMaps.axes`); token labels are on
 the left of the first column and below the last row. The colour scale is fixed to [0, 1] in
@@ -43,6 +46,7 @@ TITLES = {
     "cross": "cross-attention: target token predicted (rows) × source token (columns)",
     "encoder": "encoder self-attention: source token (rows) × source token (columns)",
     "decoder": "decoder self-attention: token predicted (rows) × token read (columns)",
+    "copy": "copy attention: target token predicted, with P(copy) (rows) × source token (columns)",
 }
 
 
@@ -145,7 +149,8 @@ def plot_panels(panels: list[list[np.ndarray]], row_labels: list[str], col_label
 
 
 def write_attention_pngs(maps: AttentionMaps, out_dir: Path | str) -> list[Path]:
-    """``{kind}_heads.png`` and ``{kind}_mean.png`` for the three kinds, in ``out_dir``."""
+    """``{kind}_heads.png`` and ``{kind}_mean.png`` for the three kinds, in ``out_dir``, and
+    ``copy.png`` for a model with copy attention."""
     out_dir = Path(out_dir)
     written = []
     for kind in KINDS:
@@ -160,7 +165,17 @@ def write_attention_pngs(maps: AttentionMaps, out_dir: Path | str) -> list[Path]
         mean_titles = [[f"layer {i + 1} · mean of heads" for i in range(len(layers))]]
         written.append(plot_panels(means, rows, cols, mean_titles, TITLES[kind],
                                    out_dir / f"{kind}_mean.png"))
+    if maps.copy_attention is not None:
+        rows, cols = maps.axes("cross")
+        written.append(plot_panels([[maps.copy_attention]], copy_labels(rows, maps.p_gen), cols,
+                                   [["copy attention"]], TITLES["copy"], out_dir / "copy.png"))
     return written
+
+
+def copy_labels(tokens: list[str], p_gen: np.ndarray) -> list[str]:
+    """Row labels of ``copy.png``: P(copy) first (labels are cut at MAX_LABEL_CHARS), then the
+    token."""
+    return [f"{1.0 - float(p):.2f} {token}" for token, p in zip(tokens, p_gen)]
 
 
 class _SingleWeightFilter(logging.Filter):
