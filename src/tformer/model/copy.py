@@ -80,9 +80,15 @@ class CopyGenerator(nn.Module):
         # copy distribution over the vocabulary, (B, T, V), and mixing it everywhere (1.4-3.2×
         # slower: `bench/copy_layer.py`, `docs/benchmarks.md`).
         generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
-        # Each source position's word, named by the word's first position: word (B, S).
-        word = (source_ids[:, :, None] == source_ids[:, None, :]).int().argmax(-1)
-        first = (word == torch.arange(word.size(1), device=word.device))[:, None, :]  # (B, 1, S)
+        # Each source position's word, named by the word's first position: word (B, S). The
+        # first position of every vocabulary word is a scatter-min over the source, O(B (V + S)),
+        # where comparing every pair of source positions was O(B S²), at every decoding step.
+        b, s = source_ids.shape
+        position = torch.arange(s, device=source_ids.device)
+        first_at = source_ids.new_full((b, logits.size(-1)), s).scatter_reduce(
+            1, source_ids, position.expand(b, s), "amin")
+        word = first_at.gather(1, source_ids)
+        first = (word == position)[:, None, :]  # (B, 1, S)
         by_word = word[:, None, :].expand_as(attention)
         # The attention summed per word, read back at each of its positions. A float32 scatter
         # and gather, not a matmul, which autocast would run in half precision (fp16 rounds the
