@@ -63,10 +63,6 @@ class BatchResult:
     batch_inputs: int  # texts in the generate() call that produced these outputs
     queue_ms: float
     generate_ms: float
-    #: The generated ids, from a continuous batcher that leaves detokenising to its caller
-    #: (``ContinuousBatcher(detokenize=False)``; ``outputs`` is then empty): a batcher in a
-    #: process of its own, whose server's process turns them into text.
-    token_ids: list[list[int]] | None = None
 
 
 @dataclass(eq=False)
@@ -335,17 +331,7 @@ class DynamicBatcher:
     def _count_tokens(self, outputs: list[str]) -> list[int] | None:
         # The worker thread is the only user of the model's tokenizer: Hugging Face fast
         # tokenizers are not safe to call from two threads at once ("Already borrowed").
-        return count_tokens(getattr(self.seq2seq, "tokenizer", None), outputs)
-
-
-def count_tokens(tokenizer, outputs: list[str]) -> list[int] | None:
-    """The answer's ``output_tokens``: each output text's length in the model's tokens (None
-    without a tokenizer, or without outputs)."""
-    if tokenizer is None or not outputs:
-        return None
-    return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
-
-
-def decode_outputs(tokenizer, token_ids: list[list[int]]) -> list[str]:
-    """Generated ids as the answer's texts, special tokens left out (as ``generate()``)."""
-    return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+        tokenizer = getattr(self.seq2seq, "tokenizer", None)
+        if tokenizer is None or not outputs:
+            return None
+        return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]

@@ -46,7 +46,6 @@ from tformer.serving.batching import (
     _Call,
     _Job,
     _settle,
-    decode_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -269,7 +268,7 @@ class _Request:
 
     job: _Job
     started: float
-    outputs: list[str | list[int] | None] = field(default_factory=list)  # ids: detokenize=False
+    outputs: list[str | None] = field(default_factory=list)
     remaining: int = 0
     peak: int = 0  # most rows that shared a step with this request
 
@@ -299,8 +298,7 @@ class ContinuousBatcher(DynamicBatcher):
 
     mode = "continuous"
 
-    def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 detokenize: bool = True) -> None:
+    def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if not supports_continuous(seq2seq):
             raise ValueError("continuous batching drives tformer's own Transformer with plain "
                              "greedy search; this model is "
@@ -324,9 +322,6 @@ class ContinuousBatcher(DynamicBatcher):
         #: while others were decoding; pre_encoded: rows admitted already encoded.
         self.stats.update(steps=0, row_steps=0, joined=0, pre_encoded=0)
         self._cache = SlotCache(max_batch_size, len(self.transformer.decoder.layers))
-        #: False: a finished greedy request is answered with its ids (``BatchResult.token_ids``)
-        #: and no text, for a caller that detokenises elsewhere (`tformer.serving.process`).
-        self.detokenize = detokenize
 
     def submit_encoded(self, texts: Sequence[str], options: dict[str, Any],
                        encoded: tuple) -> asyncio.Future:
@@ -540,8 +535,8 @@ class ContinuousBatcher(DynamicBatcher):
             if tokens[-1] not in self.eos_ids and len(tokens) < rows.max_new[i]:
                 keep.append(i)
                 continue
-            request.outputs[slot] = (decode_outputs(self.seq2seq.tokenizer, [tokens])[0]
-                                     if self.detokenize else tokens)
+            request.outputs[slot] = self.seq2seq.tokenizer.decode(
+                tokens, skip_special_tokens=True).strip()
             request.remaining -= 1
             if request.remaining == 0:
                 self._answer(request)
@@ -555,15 +550,12 @@ class ContinuousBatcher(DynamicBatcher):
                      rows.last[torch.tensor(order, device=rows.last.device)], rows.cache)
 
     def _answer(self, request: _Request) -> None:
+        outputs = [text or "" for text in request.outputs]
         now = time.monotonic()
-        self.stats["texts"] += len(request.outputs)
-        if self.detokenize:
-            outputs = [text or "" for text in request.outputs]
-            texts = dict(outputs=outputs, output_tokens=self._count_tokens(outputs))
-        else:
-            texts = dict(outputs=[], output_tokens=None, token_ids=list(request.outputs))
+        self.stats["texts"] += len(outputs)
         _settle(request.job, BatchResult(
-            **texts, batch_inputs=request.peak,
+            outputs=outputs, output_tokens=self._count_tokens(outputs),
+            batch_inputs=request.peak,
             queue_ms=(request.started - request.job.submitted) * 1000.0,
             generate_ms=(now - request.started) * 1000.0,
         ))

@@ -15,10 +15,7 @@ HTTP side in the server's process and moves the batcher (`ContinuousBatcher` or
   under 16 clients, a quarter of the batcher's time;
 - the child submits each job to its batcher, from an event loop of its own, and sends
   ``("done", id, result, error, stats)`` back when the job's future settles;
-- a reader thread in the parent settles the waiting request's future; a continuous job comes
-  back as ids, which it turns into text first, with a tokenizer of its own (decoding and
-  counting the output's tokens took about a tenth of the child's time, on the core that
-  decodes for everyone).
+- a reader thread in the parent settles the waiting request's future.
 
 The model is handed to the child pickled, so a model built in memory is served the same way as
 a checkpoint (a copy per process: for the small models this is for, a few MB to a few hundred).
@@ -38,8 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
-import dataclasses
 import functools
 import itertools
 import logging
@@ -60,13 +55,10 @@ import torch
 
 from tformer.serving.batching import (
     BatcherStopped,
-    BatchResult,
     DynamicBatcher,
     QueueFull,
     WorkerDown,
     _Job,
-    count_tokens,
-    decode_outputs,
     settle_future,
 )
 
@@ -96,14 +88,6 @@ class ProcessBatcher:
         self.seq2seq = seq2seq
         self.max_queue = max_queue
         self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-        # A continuous child answers greedy jobs with their ids; the reader thread turns them into
-        # text with a tokenizer of its own (fast tokenizers refuse two threads at once, and the
-        # model thread's copy encodes meanwhile). Detokenising and counting the output's tokens
-        # took about a tenth of the child's time, on the core that decodes for everyone.
-        self._texts_tokenizer = None
-        if kind == "continuous":
-            self._options["detokenize"] = False
-            self._texts_tokenizer = copy.deepcopy(seq2seq.tokenizer)
         self._lock = threading.Lock()  # the state below, and the order of messages queued
         self._pending: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
         self._sent: set[int] = set()  # pending jobs whose message is queued for the child
@@ -276,12 +260,6 @@ class ProcessBatcher:
                 if message[0] == "done":
                     _, job, result, error, stats = message
                     self.stats = stats
-                    if result is not None and result.token_ids is not None:
-                        try:
-                            result = self._with_texts(result)
-                        except Exception as failure:  # this request alone fails
-                            log.exception("detokenising an answer failed")
-                            result, error = None, failure
                     self._settle(job, result, error)
         finally:
             with self._lock:  # from here on, submit() refuses: nothing sent would be answered
@@ -291,13 +269,6 @@ class ProcessBatcher:
                 log.error("the batcher's process ended (exit code %s)", self._process.poll())
             self._fail_pending(BatcherStopped("the server is shutting down") if stopping
                                else WorkerDown("the model's process has ended"))
-
-    def _with_texts(self, result: BatchResult) -> BatchResult:
-        """A continuous child's answer (ids) as the server's answer (texts and their token
-        counts), in the reader thread."""
-        outputs = decode_outputs(self._texts_tokenizer, result.token_ids)
-        return dataclasses.replace(result, outputs=outputs, token_ids=None,
-                                   output_tokens=count_tokens(self._texts_tokenizer, outputs))
 
     def _settle(self, job: int, result: Any, error: BaseException | None) -> None:
         with self._lock:
