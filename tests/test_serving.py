@@ -841,6 +841,10 @@ def test_load_200_requests_from_16_clients(seq2seq, texts, batching, process):
     bad = [(t, r.status_code, r.text) for t, r in answers if r.status_code != 200]
     assert bad == []
     assert all(r.json()["outputs"] == [expected[t]] for t, r in answers)
+    # the output's tokens counted the same way on every path (in a child process too)
+    counts = {t: len(seq2seq.tokenizer(expected[t], add_special_tokens=False)["input_ids"])
+              for t in texts}
+    assert all(r.json()["output_tokens"] == [counts[t]] for t, r in answers)
     assert stats["texts"] == 200 and stats["failed"] == 0
     assert stats["largest_batch"] > 1, stats
     if batching == "dynamic":
