@@ -77,7 +77,7 @@ class CopyGenerator(nn.Module):
         # Words absent from the source: log P = log p_gen + log P_vocab, over the whole
         # vocabulary. The mixture changes only the (at most S) words of the source, so it is
         # computed per source position, (B, T, S), and written there, instead of building the
-        # copy distribution over the vocabulary, (B, T, V), and mixing it everywhere (1.4-3.2×
+        # copy distribution over the vocabulary, (B, T, V), and mixing it everywhere (1.4-4.1×
         # slower: `bench/copy_layer.py`, `docs/benchmarks.md`).
         generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
         # Each source position's word, named by the word's first position: word (B, S). The
