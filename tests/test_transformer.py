@@ -218,6 +218,27 @@ def test_loss_ignores_padding_labels_and_smooths():
     torch.testing.assert_close(compute_loss(logits, labels, 0.1), smoothed)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_value_and_gradient_equal_torch_cross_entropy(eps, dtype):
+    # compute_loss writes the CPU training loss out by hand (tformer.model.loss); value and
+    # gradient must be PyTorch's, over more rows than one chunk and with ignored labels.
+    torch.manual_seed(0)
+    n, vocab = 600, 301
+    base = (torch.randn(n, vocab) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,))
+    labels[::5] = -100
+    ours_in = base.clone().requires_grad_()
+    ours = compute_loss(ours_in.view(20, 30, vocab), labels.view(20, 30), eps)
+    ours.backward()
+    ref_in = base.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_in.float(), labels, label_smoothing=eps)
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    assert ours_in.grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
 def test_model_package_imports_only_torch():
     import ast
     import pathlib

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # label value of padding; the Hugging Face and PyTorch convention
+
+# Rows of the (N, V) logits handled at once by the CPU loss below: 256 rows of an 8,000-piece
+# vocabulary are 8 MB in float32, about what stays in a core's cache between the passes.
+_CHUNK_ROWS = 256
 
 
 def compute_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -15,10 +20,65 @@ def compute_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -
     the autocast dtype: bf16 log-probabilities over a large vocabulary lose too many bits.
     ``label_smoothing`` ε spreads ε of the target mass uniformly over the vocabulary (section 5.4
     of the paper uses ε = 0.1).
+
+    On CPU in eager mode the value and gradient come from :class:`_SmoothedCrossEntropy`, equal
+    to ``F.cross_entropy`` (tested) and about 3× faster at V = 8,000; elsewhere (GPU, or under
+    ``torch.compile``, which fuses the loss itself) ``F.cross_entropy`` runs.
     """
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-    )
+    logits = logits.reshape(-1, logits.size(-1)).float()  # (N, V)
+    labels = labels.reshape(-1)  # (N,)
+    if logits.device.type == "cpu" and logits.requires_grad and not torch.compiler.is_compiling():
+        return _SmoothedCrossEntropy.apply(logits, labels, label_smoothing)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=ε)``, written out.
+
+    Written by hand because PyTorch's CPU path is slow where it matters most: log_softmax
+    writes an (N, V) tensor of log-probabilities, and its backward plus the smoothing term make
+    several more full passes (at N = 4,096 and V = 8,000 about 0.2 s of a 1.1-1.5 s training
+    step on two cores). Per row, with z = logsumexp(x):
+
+        loss = (1 - ε)(z - x_y) + ε(z - mean(x))       d loss / dx = softmax(x) - (1 - ε)·1_y - ε/V
+
+    so the forward needs one logsumexp and one mean, and the backward writes the gradient in
+    one pass per chunk of rows, while the chunk is in cache. Rows labelled ``IGNORE_INDEX``
+    count for nothing; the mean is over the others, as in ``F.cross_entropy``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, eps: float) -> Tensor:  # (N, V), (N,)
+        keep = labels != IGNORE_INDEX  # (N,)
+        target = labels.clamp(min=0)  # ignored rows read column 0, then count for nothing
+        lse = torch.cat([torch.logsumexp(logits[i:i + _CHUNK_ROWS], dim=-1)
+                         for i in range(0, logits.size(0), _CHUNK_ROWS)])  # (N,)
+        x_y = logits.gather(1, target[:, None]).squeeze(1)  # (N,)
+        per_row = lse - (1 - eps) * x_y
+        if eps:
+            per_row = per_row - eps * logits.mean(dim=-1)
+        count = keep.sum()
+        ctx.save_for_backward(logits, target, keep, lse, count)
+        ctx.eps = eps
+        # 0/0 = nan when every label is ignored, as F.cross_entropy gives
+        return per_row.masked_fill(~keep, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        logits, target, keep, lse, count = ctx.saved_tensors
+        eps, vocab = ctx.eps, logits.size(1)
+        row_scale = (keep.to(logits.dtype) * (grad_output / count))[:, None]  # (N, 1)
+        on_target = torch.full((min(_CHUNK_ROWS, logits.size(0)), 1), -(1 - eps),
+                               dtype=logits.dtype)
+        grad = torch.empty_like(logits)  # (N, V)
+        for i in range(0, logits.size(0), _CHUNK_ROWS):
+            rows = slice(i, i + _CHUNK_ROWS)
+            g = grad[rows]
+            torch.sub(logits[rows], lse[rows, None], out=g)
+            g.exp_()  # softmax
+            if eps:
+                g.sub_(eps / vocab)
+            g.scatter_add_(1, target[rows, None], on_target[: g.size(0)])
+            g.mul_(row_scale[rows])
+        return grad, None, None
