@@ -3,11 +3,16 @@ Moses-normalised and Moses-tokenised (source English, target German).
 
     .venv/bin/python recipes/multi30k_moses.py prepare     # -> runs/data/multi30k_moses/*.jsonl
     .venv/bin/python recipes/multi30k_moses.py score EVAL_DIR ../shared/data/multi30k/test2016.jsonl
+    .venv/bin/python recipes/multi30k_moses.py report runs/multi30k_moses   # the whole protocol
 
 ``prepare`` writes the data ``recipes/multi30k_moses.yaml`` trains on. ``score`` reads the
 predictions of ``tformer evaluate --output-dir EVAL_DIR`` (lowercased, tokenised), detokenises
 them (sacremoses) and scores them with sacreBLEU against the original, cased references,
 case-insensitively: the nearest a lowercasing model gets to cased detokenised sacreBLEU.
+``report RUN_DIR`` runs the published protocol on a finished run with the ``tformer`` commands
+of docs/results.md: ``tformer average --last 5``, then for that average and for the last
+checkpoint ``tformer evaluate`` (beam 5, ``--moses de``) on test2016 and val, then ``score``;
+it prints one table (about 3 minutes on two CPU cores).
 
 The published 41.02 BLEU (fairseq transformer_tiny) is measured on text prepared this way, and
 models for it are trained on text prepared this way too. The German side is a fixed point of the
@@ -69,6 +74,41 @@ def score(args: argparse.Namespace) -> None:
           f"({bleu.get_signature()})")
 
 
+def report(args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+
+    from tformer.training.average import last_checkpoints
+    from tformer.training.checkpoint import CheckpointError
+
+    run = Path(args.run_dir)
+    tformer = [sys.executable, "-m", "tformer.cli"]
+    try:
+        last = last_checkpoints(run, 1)[0]  # RUN_DIR/checkpoints/step-*
+    except CheckpointError as e:
+        raise SystemExit(f"report: {e}") from None
+    average = run / f"avg{args.last}"
+    subprocess.run([*tformer, "average", str(run), "--last", str(args.last), "-o", str(average)],
+                   check=True)
+    rows = []
+    for model in (average, last):
+        for split in ("test2016", "val"):
+            out = run / f"eval-{split}-{model.name}"
+            subprocess.run([*tformer, "evaluate", str(model),
+                            "--data", str(Path(args.prepared) / f"{split}.jsonl"),
+                            "--num-beams", "5", "--max-new-tokens", "64", "--moses", "de",
+                            "--output-dir", str(out)], check=True)
+            score(argparse.Namespace(eval_dir=out, references=Path(args.data) / f"{split}.jsonl"))
+            m = json.loads((out / "metrics.json").read_text())
+            d = json.loads((out / "detok_metrics.json").read_text())
+            rows.append((model.name, split, m["bleu_moses_lc"], d["detok_bleu_lc"],
+                         d["detok_chrf_lc"]))
+    print("\n| model | split | BLEU (Moses, lc) | detok. sacreBLEU (lc) | chrF (lc) |")
+    print("|---|---|---:|---:|---:|")
+    for name, split, bleu, detok, chrf in rows:
+        print(f"| {name} | {split} | {bleu:.2f} | {detok:.2f} | {chrf:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -80,6 +120,12 @@ def main() -> None:
     p.add_argument("eval_dir", help="an output directory of tformer evaluate")
     p.add_argument("references", help="the original JSONL of the same split")
     p.set_defaults(func=score)
+    p = verbs.add_parser("report", help="average the last checkpoints, evaluate and score them")
+    p.add_argument("run_dir", help="a finished run of recipes/multi30k_moses.yaml")
+    p.add_argument("--last", type=int, default=5, help="checkpoints to average (published: 5)")
+    p.add_argument("--prepared", default="runs/data/multi30k_moses", help="prepare's --out")
+    p.add_argument("--data", default="../shared/data/multi30k", help="the original JSONL")
+    p.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
 

@@ -8,9 +8,14 @@ from torch import Tensor
 
 IGNORE_INDEX = -100  # label value of padding; the Hugging Face and PyTorch convention
 
-# Rows of the (N, V) logits handled at once by the CPU loss below: 256 rows of an 8,000-piece
-# vocabulary are 8 MB in float32, about what stays in a core's cache between the passes.
-_CHUNK_ROWS = 256
+# Elements of the (N, V) logits handled at once by the CPU loss below: 2^21 float32 are 8 MB
+# (256 rows of an 8,000-piece vocabulary), about what stays in cache between its passes.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(n_rows: int, vocab: int) -> list[slice]:
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    return [slice(i, i + rows) for i in range(0, n_rows, rows)]
 
 
 def compute_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -27,7 +32,8 @@ def compute_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -
     """
     logits = logits.reshape(-1, logits.size(-1)).float()  # (N, V)
     labels = labels.reshape(-1)  # (N,)
-    if logits.device.type == "cpu" and logits.requires_grad and not torch.compiler.is_compiling():
+    if (logits.device.type == "cpu" and logits.requires_grad and logits.numel()
+            and not torch.compiler.is_compiling()):
         return _SmoothedCrossEntropy.apply(logits, labels, label_smoothing)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing)
@@ -44,7 +50,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         loss = (1 - ε)(z - x_y) + ε(z - mean(x))       d loss / dx = softmax(x) - (1 - ε)·1_y - ε/V
 
     so the forward needs one logsumexp and one mean, and the backward writes the gradient in
-    one pass per chunk of rows, while the chunk is in cache. Rows labelled ``IGNORE_INDEX``
+    one pass per chunk of rows (8 MB), while the chunk is in cache. Rows labelled ``IGNORE_INDEX``
     count for nothing; the mean is over the others, as in ``F.cross_entropy``.
     """
 
@@ -52,8 +58,8 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, labels: Tensor, eps: float) -> Tensor:  # (N, V), (N,)
         keep = labels != IGNORE_INDEX  # (N,)
         target = labels.clamp(min=0)  # ignored rows read column 0, then count for nothing
-        lse = torch.cat([torch.logsumexp(logits[i:i + _CHUNK_ROWS], dim=-1)
-                         for i in range(0, logits.size(0), _CHUNK_ROWS)])  # (N,)
+        lse = torch.cat([torch.logsumexp(logits[rows], dim=-1)
+                         for rows in _chunks(*logits.shape)])  # (N,)
         x_y = logits.gather(1, target[:, None]).squeeze(1)  # (N,)
         per_row = lse - (1 - eps) * x_y
         if eps:
@@ -69,11 +75,11 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         logits, target, keep, lse, count = ctx.saved_tensors
         eps, vocab = ctx.eps, logits.size(1)
         row_scale = (keep.to(logits.dtype) * (grad_output / count))[:, None]  # (N, 1)
-        on_target = torch.full((min(_CHUNK_ROWS, logits.size(0)), 1), -(1 - eps),
-                               dtype=logits.dtype)
         grad = torch.empty_like(logits)  # (N, V)
-        for i in range(0, logits.size(0), _CHUNK_ROWS):
-            rows = slice(i, i + _CHUNK_ROWS)
+        chunks = _chunks(*logits.shape)
+        on_target = torch.full((chunks[0].stop - chunks[0].start, 1), -(1 - eps),
+                               dtype=logits.dtype)
+        for rows in chunks:
             g = grad[rows]
             torch.sub(logits[rows], lse[rows, None], out=g)
             g.exp_()  # softmax
