@@ -75,29 +75,28 @@ def score(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    import subprocess
-    import sys
-
+    from tformer.cli import main as tformer_cli
     from tformer.training.average import last_checkpoints
     from tformer.training.checkpoint import CheckpointError
 
+    def tformer(*argv: str) -> None:  # the documented commands, in this process
+        if tformer_cli(list(argv)):
+            raise SystemExit(f"report: tformer {' '.join(argv)} failed")
+
     run = Path(args.run_dir)
-    tformer = [sys.executable, "-m", "tformer.cli"]
     try:
         last = last_checkpoints(run, 1)[0]  # RUN_DIR/checkpoints/step-*
     except CheckpointError as e:
         raise SystemExit(f"report: {e}") from None
     average = run / f"avg{args.last}"
-    subprocess.run([*tformer, "average", str(run), "--last", str(args.last), "-o", str(average)],
-                   check=True)
+    tformer("average", str(run), "--last", str(args.last), "-o", str(average))
     rows = []
     for model in (average, last):
         for split in ("test2016", "val"):
             out = run / f"eval-{split}-{model.name}"
-            subprocess.run([*tformer, "evaluate", str(model),
-                            "--data", str(Path(args.prepared) / f"{split}.jsonl"),
-                            "--num-beams", "5", "--max-new-tokens", "64", "--moses", "de",
-                            "--output-dir", str(out)], check=True)
+            tformer("evaluate", str(model), "--data", str(Path(args.prepared) / f"{split}.jsonl"),
+                    "--num-beams", "5", "--max-new-tokens", "64", "--moses", "de",
+                    "--output-dir", str(out))
             score(argparse.Namespace(eval_dir=out, references=Path(args.data) / f"{split}.jsonl"))
             m = json.loads((out / "metrics.json").read_text())
             d = json.loads((out / "detok_metrics.json").read_text())
