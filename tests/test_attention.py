@@ -10,6 +10,17 @@ from tformer.model.masks import padding_mask
 B, T, S, D, H = 3, 7, 9, 32, 4
 
 
+# MultiHeadAttention takes the formula written out on CPU for short keys and PyTorch's kernel
+# otherwise; the module tests run through both.
+PATHS = {"written_out": MultiHeadAttention.written_out_max_keys, "kernel": 0}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch) -> str:
+    monkeypatch.setattr(MultiHeadAttention, "written_out_max_keys", PATHS[request.param])
+    return request.param
+
+
 def copy_mha(ref: nn.MultiheadAttention) -> MultiHeadAttention:
     ours = MultiHeadAttention(D, H)
     with torch.no_grad():
@@ -21,7 +32,7 @@ def copy_mha(ref: nn.MultiheadAttention) -> MultiHeadAttention:
 
 
 @pytest.fixture
-def ref() -> nn.MultiheadAttention:
+def ref(path) -> nn.MultiheadAttention:
     torch.manual_seed(0)
     module = nn.MultiheadAttention(D, H, batch_first=True).eval()
     with torch.no_grad():  # non-zero biases so a mis-copied bias shows
@@ -103,3 +114,36 @@ def test_causal_mask_with_cached_prefix_is_bottom_right_aligned():
 def test_head_count_must_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(30, 4)
+
+
+@pytest.mark.parametrize(("keys", "queries", "expected"),
+                         [(T, T, "written_out"), (80, T, "kernel"), (T, 1, "kernel")])
+def test_written_out_path_is_taken_for_short_keys_only(monkeypatch, keys, queries, expected):
+    import tformer.model.attention as attention
+
+    taken = []
+    for name in ("attention_math", "attention_fast"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **k:
+                            taken.append(_name) or _real(*a, **k))
+    mha = MultiHeadAttention(D, H).eval()
+    mha(torch.randn(B, queries, D), torch.randn(B, keys, D))
+    assert taken == [{"written_out": "attention_math", "kernel": "attention_fast"}[expected]]
+
+
+def test_both_paths_give_the_same_gradients():
+    """Training goes through the written-out path on CPU: its gradients equal the kernel's."""
+    torch.manual_seed(2)
+    x, memory = torch.randn(B, T, D), torch.randn(B, S, D)
+    keep = padding_mask(lengths_mask([9, 2, 5], S))
+    grads = {}
+    for name, max_keys in PATHS.items():
+        torch.manual_seed(0)
+        mha = MultiHeadAttention(D, H).train()
+        mha.written_out_max_keys = max_keys
+        inputs = (x.clone().requires_grad_(), memory.clone().requires_grad_())
+        (mha(inputs[0], is_causal=True).output.square().sum()
+         + mha(inputs[0], inputs[1], mask=keep).output.square().sum()).backward()
+        grads[name] = [inputs[0].grad, inputs[1].grad] + [p.grad for p in mha.parameters()]
+    for ours, theirs in zip(grads["written_out"], grads["kernel"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

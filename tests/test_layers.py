@@ -105,3 +105,47 @@ def test_encoder_decoder_stack_equals_torch_transformer(norm_first):
     memory = ours.encoder(src, padding_mask(keep)).hidden
     got = ours.decoder(tgt, memory, padding_mask(keep)).hidden
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- Dropout: tformer's CPU mask against the definition of dropout ----------------------------
+
+def test_cpu_dropout_drops_p_of_every_lane_and_keeps_the_mean():
+    """Each element is zeroed with probability p and the rest scaled by 1 / (1 - p). Checked per
+    lane of the 64-bit random words (each gives 4 elements) as well as overall: a lane of
+    biased bits (e.g. the top bit of torch's default int64 range, always 0) would show there."""
+    from tformer.model.layers import Dropout
+
+    torch.manual_seed(0)
+    p, n = 0.3, 1 << 20
+    x = torch.ones(n // 4, 4, requires_grad=True)
+    out = Dropout(p).train()(x)
+    dropped = (out == 0).float()
+    sigma = (p * (1 - p) / (n // 4)) ** 0.5  # of one lane's fraction
+    assert (dropped.mean(0) - p).abs().max() < 5 * sigma, dropped.mean(0)
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)), atol=1e-4, rtol=0)
+    assert abs(out.mean().item() - 1.0) < 0.01  # E[dropout(x)] = x
+    out.sum().backward()  # the gradient is the same mask, the same scale
+    torch.testing.assert_close(x.grad, out.detach())
+
+
+def test_cpu_dropout_is_seeded_and_off_in_eval_mode():
+    from tformer.model.layers import Dropout
+
+    x = torch.randn(64, 33)  # numel not a multiple of 4
+    layer = Dropout(0.5).train()
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(layer(x), first)  # the generator moved on
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_cpu_dropout_keeps_the_dtype_and_the_shape():
+    from tformer.model.layers import Dropout
+
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    out = Dropout(0.1).train()(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape

@@ -1,0 +1,156 @@
+"""Dropout and attention on CPU: tformer's own paths against PyTorch's kernels, side by side.
+
+    .venv/bin/python bench/cpu_kernels.py                # all three parts (~1.5 min)
+    .venv/bin/python bench/cpu_kernels.py --repeats 9    # steadier medians
+
+tformer's model takes two hand-written paths on CPU (float32, eager), because PyTorch's are slow
+at the sizes of a small model:
+
+- ``tformer.model.layers.Dropout`` builds its mask from 16-bit slices of 64-bit random words,
+  where ``F.dropout`` draws one Bernoulli sample per element;
+- ``MultiHeadAttention`` uses the formula written out (``attention_math``) instead of
+  ``F.scaled_dot_product_attention`` when the keys are at most
+  ``MultiHeadAttention.written_out_max_keys`` long and there is more than one query.
+
+Three measurements, each side by side in one process, the sides alternating at every repetition
+so that the machine's drifting load falls on both alike (medians printed, ratio torch / tformer):
+
+1. **Dropout alone**, forward and backward, p 0.3, on a (256, 16, 128) tensor (a sublayer output
+   of the Multi30k recipe's model on a 4,096-token batch).
+2. **Attention alone**, forward and backward, 4 heads of 32, padding mask, 4,096 query positions
+   split into sequences of 16 to 512 (where the written-out path is used up to 64 keys).
+3. **A whole training step** (forward, loss, backward, AdamW step) of the Multi30k recipe's model
+   (``recipes/multi30k_moses.yaml``: d_model 128, 4+4 layers, d_ff 256, V 8,000, dropout 0.3)
+   on 256 random pairs of 16 + 16 tokens: the model as it is, against the same model with
+   ``nn.Dropout`` modules and ``written_out_max_keys = 0`` (PyTorch's kernels everywhere).
+
+Both paths give the same results (``tests/test_attention.py``, ``tests/test_layers.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tformer.model import MultiHeadAttention, build_transformer, compute_loss  # noqa: E402
+from tformer.model.attention import attention_math  # noqa: E402
+from tformer.model.config import TransformerConfig  # noqa: E402
+from tformer.model.layers import Dropout  # noqa: E402
+
+
+def side_by_side(name: str, sides: dict, repeats: int) -> None:
+    for fn in sides.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(repeats):
+        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            start = time.perf_counter()
+            sides[k]()
+            times[k].append((time.perf_counter() - start) * 1000)
+    ours, theirs = (statistics.median(times[k]) for k in ("tformer", "torch"))
+    print(f"{name}: tformer {ours:.2f} ms, torch {theirs:.2f} ms, ratio {theirs / ours:.2f}x "
+          f"(medians of {repeats})", flush=True)
+
+
+def forward_backward(fn, *inputs: torch.Tensor):
+    grad = None
+
+    def step():
+        nonlocal grad
+        out = fn()
+        grad = torch.randn_like(out) if grad is None else grad
+        out.backward(grad)
+        for x in inputs:
+            x.grad = None
+    return step
+
+
+def dropout_alone(repeats: int) -> None:
+    x = torch.randn(256, 16, 128, requires_grad=True)
+    ours = Dropout(0.3).train()
+    side_by_side("dropout alone, (256, 16, 128), p 0.3, forward + backward",
+                 {"tformer": forward_backward(lambda: ours(x), x),
+                  "torch": forward_backward(lambda: F.dropout(x, 0.3, True), x)}, repeats)
+
+
+def attention_alone(repeats: int) -> None:
+    heads, head_dim, positions = 4, 32, 4096
+    for length in (16, 32, 64, 128, 256, 512):
+        batch = positions // length
+        q, k, v = (torch.randn(batch, heads, length, head_dim, requires_grad=True)
+                   for _ in range(3))
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+        mask[::3, ..., length * 3 // 4:] = False  # a third of the sequences padded by a quarter
+        def ours(q=q, k=k, v=v, mask=mask):
+            return attention_math(q, k, v, mask).output
+
+        def theirs(q=q, k=k, v=v, mask=mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        side_by_side(f"attention alone, {batch} x {length} positions, forward + backward",
+                     {"tformer": forward_backward(ours, q, k, v),
+                      "torch": forward_backward(theirs, q, k, v)}, repeats)
+
+
+def with_torch_kernels(model: nn.Module) -> nn.Module:
+    """The same model on PyTorch's kernels: nn.Dropout modules, no written-out attention."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+        if isinstance(module, MultiHeadAttention):
+            module.written_out_max_keys = 0
+    return model
+
+
+def training_step(repeats: int) -> None:
+    vocab, batch, length = 8000, 256, 16
+    config = TransformerConfig(vocab_size=vocab, d_model=128, n_heads=4, n_encoder_layers=4,
+                               n_decoder_layers=4, d_ff=256, dropout=0.3)
+    src = torch.randint(4, vocab, (batch, length))  # (B, S)
+    tgt = torch.randint(4, vocab, (batch, length))  # (B, T)
+    labels = torch.randint(4, vocab, (batch, length))  # (B, T)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+
+    def run(model: nn.Module):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            compute_loss(model(src, tgt, mask).logits, labels, 0.1).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    torch.manual_seed(0)
+    ours = build_transformer(config).train()
+    torch.manual_seed(0)
+    theirs = with_torch_kernels(build_transformer(config).train())
+    side_by_side("training step, Multi30k recipe model, B=256 S=T=16",
+                 {"tformer": run(ours), "torch": run(theirs)}, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, "
+          f"written_out_max_keys {MultiHeadAttention.written_out_max_keys}")
+    dropout_alone(args.repeats)
+    attention_alone(args.repeats)
+    training_step(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
