@@ -29,36 +29,19 @@ Both paths give the same results (``tests/test_attention.py``, ``tests/test_laye
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from side_by_side import RECIPE_MODEL, parse_args, recipe_step, side_by_side  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tformer.model import MultiHeadAttention, build_transformer, compute_loss  # noqa: E402
 from tformer.model.attention import attention_math  # noqa: E402
-from tformer.model.config import TransformerConfig  # noqa: E402
 from tformer.model.layers import Dropout  # noqa: E402
-
-
-def side_by_side(name: str, sides: dict, repeats: int) -> None:
-    for fn in sides.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(repeats):
-        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            start = time.perf_counter()
-            sides[k]()
-            times[k].append((time.perf_counter() - start) * 1000)
-    ours, theirs = (statistics.median(times[k]) for k in ("tformer", "torch"))
-    print(f"{name}: tformer {ours:.2f} ms, torch {theirs:.2f} ms, ratio {theirs / ours:.2f}x "
-          f"(medians of {repeats})", flush=True)
 
 
 def forward_backward(fn, *inputs: torch.Tensor):
@@ -113,40 +96,18 @@ def with_torch_kernels(model: nn.Module) -> nn.Module:
 
 
 def training_step(repeats: int) -> None:
-    vocab, batch, length = 8000, 256, 16
-    config = TransformerConfig(vocab_size=vocab, d_model=128, n_heads=4, n_encoder_layers=4,
-                               n_decoder_layers=4, d_ff=256, dropout=0.3)
-    src = torch.randint(4, vocab, (batch, length))  # (B, S)
-    tgt = torch.randint(4, vocab, (batch, length))  # (B, T)
-    labels = torch.randint(4, vocab, (batch, length))  # (B, T)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-
-    def run(model: nn.Module):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            compute_loss(model(src, tgt, mask).logits, labels, 0.1).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
     torch.manual_seed(0)
-    ours = build_transformer(config).train()
+    ours = build_transformer(RECIPE_MODEL).train()
     torch.manual_seed(0)
-    theirs = with_torch_kernels(build_transformer(config).train())
+    theirs = with_torch_kernels(build_transformer(RECIPE_MODEL).train())
     side_by_side("training step, Multi30k recipe model, B=256 S=T=16",
-                 {"tformer": run(ours), "torch": run(theirs)}, repeats)
+                 {"tformer": recipe_step(ours, compute_loss),
+                  "torch": recipe_step(theirs, compute_loss)}, repeats)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, "
-          f"written_out_max_keys {MultiHeadAttention.written_out_max_keys}")
+    args = parse_args(__doc__)
+    print(f"written_out_max_keys {MultiHeadAttention.written_out_max_keys}")
     dropout_alone(args.repeats)
     attention_alone(args.repeats)
     training_step(args.repeats)

@@ -19,41 +19,22 @@ Prints the median milliseconds of each side and the ratio torch / tformer.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tformer.model import build_transformer, compute_loss
-from tformer.model.config import TransformerConfig
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from side_by_side import RECIPE_MODEL, parse_args, recipe_step, side_by_side  # noqa: E402
+
+from tformer.model import build_transformer, compute_loss  # noqa: E402
 
 
 def torch_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     # PyTorch's own, as compute_loss called it before (float32 softmax, -100 ignored)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=-100, label_smoothing=eps)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000
-
-
-def side_by_side(name: str, sides: dict, repeats: int) -> None:
-    for fn in sides.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(repeats):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))
-        for k in order:
-            times[k].append(timed(sides[k]))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ours, theirs = med["tformer"], med["torch"]
-    print(f"{name}: tformer {ours:.1f} ms, F.cross_entropy {theirs:.1f} ms, "
-          f"ratio {theirs / ours:.2f}x  (medians of {repeats})", flush=True)
 
 
 def loss_alone(n: int, vocab: int, repeats: int) -> None:
@@ -71,39 +52,20 @@ def loss_alone(n: int, vocab: int, repeats: int) -> None:
     a, b = compute_loss(logits, labels, 0.1).item(), torch_loss(logits, labels, 0.1).item()
     print(f"loss N={n} V={vocab}: values {a:.6f} (tformer) {b:.6f} (torch)")
     side_by_side(f"loss alone, N={n} V={vocab}", {"tformer": run(compute_loss),
-                                                   "torch": run(torch_loss)}, repeats)
+                                                   "torch": run(torch_loss)}, repeats,
+                 peer="F.cross_entropy")
 
 
 def training_step(repeats: int) -> None:
     torch.manual_seed(0)
-    vocab, batch, length = 8000, 256, 16
-    config = TransformerConfig(vocab_size=vocab, d_model=128, n_heads=4, n_encoder_layers=4,
-                               n_decoder_layers=4, d_ff=256, dropout=0.3)
-    model = build_transformer(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    src = torch.randint(4, vocab, (batch, length))  # (B, S)
-    tgt = torch.randint(4, vocab, (batch, length))  # (B, T)
-    labels = torch.randint(4, vocab, (batch, length))  # (B, T)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-
-    def run(loss_fn):
-        def step():
-            loss_fn(model(src, tgt, mask).logits, labels, 0.1).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
+    model = build_transformer(RECIPE_MODEL).train()
     side_by_side("training step, Multi30k recipe model, B=256 S=T=16",
-                 {"tformer": run(compute_loss), "torch": run(torch_loss)}, repeats)
+                 {"tformer": recipe_step(model, compute_loss),
+                  "torch": recipe_step(model, torch_loss)}, repeats, peer="F.cross_entropy")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    args = parse_args(__doc__)
     for vocab in (8000, 32000):
         loss_alone(4096, vocab, args.repeats)
     training_step(args.repeats)
