@@ -141,6 +141,7 @@ def test_cpu_dropout_is_seeded_and_off_in_eval_mode():
     assert not torch.equal(layer(x), first)  # the generator moved on
     assert torch.equal(layer.eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))  # as nn.Dropout
 
 
 def test_cpu_dropout_keeps_the_dtype_and_the_shape():

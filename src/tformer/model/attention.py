@@ -110,7 +110,7 @@ class MultiHeadAttention(nn.Module):
     # F.scaled_dot_product_attention on CPU, in float32, for more than one query. PyTorch's
     # CPU flash kernel pays a fixed cost per (batch, head) block that dominates for short
     # sequences; with 4,096 query positions, 4 heads of 32, forward and backward, the written-out
-    # formula was 2.6x faster at 16 keys, 1.6x at 64, even at 128 and slower beyond
+    # formula was 2.9x faster at 16 keys, 1.3-1.4x at 32 and 64, 0.77x at 128 and slower beyond
     # (bench/cpu_kernels.py). It stores the (B, H, Tq, Tk) weights, small at these lengths.
     # One query (a cached decoding step) keeps the kernel, which is faster there. 0 = never.
     written_out_max_keys: int = 64

@@ -23,17 +23,17 @@ class Dropout(nn.Dropout):
     with a faster mask on CPU.
 
     Written by hand because PyTorch's CPU dropout draws one Bernoulli sample per element: for
-    the (256, 16, 128) sublayer outputs of the Multi30k recipe it took 5.7 ms forward and
+    the (256, 16, 128) sublayer outputs of the Multi30k recipe it took 6.1 ms forward and
     backward, about 13% of a training step over the step's 22 dropouts. Here the mask compares
     16-bit slices of 64-bit random words with a threshold (4 elements per draw of the generator):
-    1.5 ms (``bench/cpu_kernels.py``). The probability is rounded to a multiple of 1/65536 and
+    1.9 ms (``bench/cpu_kernels.py``). The probability is rounded to a multiple of 1/65536 and
     the scale is exact for it, so the expected output still equals the input. Seeded by
     ``torch.manual_seed`` like every CPU draw. On other devices and under ``torch.compile``
     (whose compiler generates its own fused random numbers) this is ``nn.Dropout``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.training or self.p == 0 or x.device.type != "cpu"
+        if (not self.training or self.p in (0, 1) or x.device.type != "cpu"
                 or torch.compiler.is_compiling()):
             return super().forward(x)
         return cpu_dropout(x, self.p)
