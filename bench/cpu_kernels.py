@@ -1,6 +1,6 @@
 """Dropout and attention on CPU: tformer's own paths against PyTorch's kernels, side by side.
 
-    .venv/bin/python bench/cpu_kernels.py                # all three parts (~1.5 min)
+    .venv/bin/python bench/cpu_kernels.py                # all three parts (~20 s, quiet machine)
     .venv/bin/python bench/cpu_kernels.py --repeats 9    # steadier medians
 
 tformer's model takes two hand-written paths on CPU (float32, eager), because PyTorch's are slow
@@ -24,7 +24,9 @@ so that the machine's drifting load falls on both alike (medians printed, ratio 
    on 256 random pairs of 16 + 16 tokens: the model as it is, against the same model with
    ``nn.Dropout`` modules and ``written_out_max_keys = 0`` (PyTorch's kernels everywhere).
 
-Both paths give the same results (``tests/test_attention.py``, ``tests/test_layers.py``).
+The two attention paths give the same outputs and gradients (``tests/test_attention.py``); the
+dropout mask draws other random numbers than ``F.dropout`` and is tested against the definition
+of dropout (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
