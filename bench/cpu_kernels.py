@@ -75,6 +75,7 @@ def attention_alone(repeats: int) -> None:
                    for _ in range(3))
         mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
         mask[::3, ..., length * 3 // 4:] = False  # a third of the sequences padded by a quarter
+
         def ours(q=q, k=k, v=v, mask=mask):
             return attention_math(q, k, v, mask).output
 
