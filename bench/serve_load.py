@@ -150,7 +150,7 @@ async def drive(server: Server, texts: list[str], clients: int, requests: int,
 
     The clients are aiohttp's, not httpx's: the load generator shares the machine's cores with
     the server, and httpx's pure-Python HTTP/1.1 client cost 2.1-2.9 ms of CPU per request where
-    aiohttp's C parser costs 0.7-1.4 ms (measured side by side against the same server): at 100
+    aiohttp's C parser costs 0.7-1.4 ms (CPU time, side by side against the same server): at 100
     requests/s that is 15-20% of a core handed back to the server being measured."""
     jobs = asyncio.Queue()
     for i in range(start, start + requests):
