@@ -52,16 +52,12 @@ def tokenize_examples(
     for name, value in limits.items():
         if value < 2:
             raise ValueError(f"{name} must be at least 2 (a token and </s>), got {value}")
-    # A trailing <unk> is text, not a marker the post-processor added.
-    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
 
     def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
-        # text_target selects the target-side tokenizer where one exists (e.g. Marian).
-        sources = tokenizer(batch["source"])["input_ids"]
-        targets = tokenizer(text_target=batch["target"])["input_ids"]
+        sources, targets = encode_pairs(tokenizer, batch["source"], batch["target"])
         return {
-            "input_ids": [_truncate(ids, max_source_length, special) for ids in sources],
-            "labels": [_truncate(ids, max_target_length, special) for ids in targets],
+            "input_ids": truncate_all(sources, max_source_length, tokenizer),
+            "labels": truncate_all(targets, max_target_length, tokenizer),
             "source_truncated": [len(ids) > max_source_length for ids in sources],
             "target_truncated": [len(ids) > max_target_length for ids in targets],
         }
@@ -82,6 +78,23 @@ def tokenize_examples(
     )
     logger.info("%s", report)
     return encoded.remove_columns(["source_truncated", "target_truncated"]), report
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, sources: list[str], targets: list[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of sources and targets, with special tokens, not truncated."""
+    # text_target selects the target-side tokenizer where one exists (e.g. Marian).
+    return tokenizer(sources)["input_ids"], tokenizer(text_target=targets)["input_ids"]
+
+
+def truncate_all(
+    sequences: list[list[int]], max_length: int, tokenizer: PreTrainedTokenizerBase
+) -> list[list[int]]:
+    """Each sequence cut to ``max_length`` as `tokenize_examples` cuts it (``</s>`` kept)."""
+    # A trailing <unk> is text, not a marker the post-processor added.
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    return [_truncate(ids, max_length, special) for ids in sequences]
 
 
 def sequence_lengths(dataset: Dataset, column: str) -> list[int]:

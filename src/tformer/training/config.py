@@ -113,11 +113,16 @@ class DataSection:
     # same text give different vocabularies), so a run could not be repeated exactly.
     tokenizer_kind: Literal["unigram", "bpe"] = "bpe"
     vocab_size: int = 8000
+    # BPE-dropout (Provilkov et al. 2020): each epoch the training split is encoded afresh with
+    # every BPE merge skipped with this probability; validation, test and inference are not.
+    bpe_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_source_length", "max_target_length", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.bpe_dropout < 1:
+            raise ConfigError(f"data.bpe_dropout must be in [0, 1), got {self.bpe_dropout!r}")
         if self.tokenizer_kind not in ("unigram", "bpe"):
             raise ConfigError(
                 f"data.tokenizer_kind must be 'unigram' or 'bpe', got {self.tokenizer_kind!r}"

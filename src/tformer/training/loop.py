@@ -42,7 +42,14 @@ from tformer.training.checkpoint import (
 )
 from tformer.training.config import Config
 from tformer.training.schedule import lr_factor
-from tformer.training.setup import RunData, build_model, get_tokenizer, load_texts, tokenize_splits
+from tformer.training.setup import (
+    RunData,
+    build_model,
+    epoch_tokens,
+    get_tokenizer,
+    load_texts,
+    tokenize_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     last_ckpt = resume_from
     interrupted = _InterruptFlag()
     batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
+    train_tokens = epoch_tokens(config, data, tokenizer)  # data.bpe_dropout: new ids per epoch
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
     # Only the training step is compiled: validation runs in eval mode (no dropout) and
@@ -131,7 +139,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         while state.step < t.max_steps:
             loss_value = 0.0
             for _ in range(t.grad_accum):
-                batch = collate_batch(collate, data.tokens["train"], next(batches), accelerator)
+                indices = next(batches)  # state.epoch is now this batch's epoch
+                batch = collate_batch(collate, train_tokens(state.epoch), indices, accelerator)
                 with accelerator.accumulate(model):
                     loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)

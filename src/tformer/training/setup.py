@@ -3,11 +3,14 @@ the model. Kept apart from the loop so the loop reads as the loop."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
+from tokenizers import models as tokenizer_models
 
 from tformer.data import (
     load_examples,
@@ -15,6 +18,7 @@ from tformer.data import (
     stdlib_docstring_corpus,
     tokenize_examples,
 )
+from tformer.data.encoding import encode_pairs, truncate_all
 from tformer.tokenization import load_tokenizer, train_tokenizer
 from tformer.training.config import Config, ConfigError
 
@@ -24,12 +28,15 @@ VALIDATION_FRACTION = 0.02  # carved from train when no validation split is give
 VALIDATION_MAX = 500
 
 
+TokenLists = tuple[list[list[int]], list[list[int]]]  # (input_ids, labels) of a split
+
+
 @dataclass
 class RunData:
     """Texts and token ids of every split, plus the statistics the report shows."""
 
     texts: DatasetDict  # columns source, target
-    tokens: dict[str, tuple[list[list[int]], list[list[int]]]]  # split -> (input_ids, labels)
+    tokens: dict[str, TokenLists]  # split -> (input_ids, labels)
     stats: dict = field(default_factory=dict)
 
 
@@ -99,6 +106,42 @@ def tokenize_splits(config: Config, texts: DatasetDict, tokenizer) -> RunData:
             data.stats["train_source_lengths"] = sequence_lengths(encoded, "input_ids")
             data.stats["train_target_lengths"] = sequence_lengths(encoded, "labels")
     return data
+
+
+def epoch_tokens(config: Config, data: RunData, tokenizer) -> Callable[[int], TokenLists]:
+    """The training split's token ids for an epoch: ``data.tokens["train"]`` every epoch, or
+    with ``data.bpe_dropout`` p > 0 a fresh encoding per epoch (BPE-dropout, Provilkov et al.
+    2020): a copy of the tokenizer skips each BPE merge with probability p, so a word reaches
+    the model split in different ways from epoch to epoch, a regulariser for small corpora.
+
+    Only the ids change: batches stay cut on the lengths of the plain encoding, so every process
+    of a distributed run still computes the same batches (each process draws its own splits).
+    A batch's padded size can therefore exceed ``train.max_tokens`` by what the dropout adds
+    (at p = 0.1 on Multi30k, 14% more tokens in all). The `tokenizers` library draws the skips
+    from its own unseeded generator: with p > 0 two runs, or a run and its resumption, see
+    different splits of the same batches.
+    """
+    p, d = config.data.bpe_dropout, config.data
+    if p == 0:
+        return lambda epoch: data.tokens["train"]
+    dropping = copy.deepcopy(tokenizer)
+    model = dropping.backend_tokenizer.model
+    if not isinstance(model, tokenizer_models.BPE):
+        raise ConfigError(f"data.bpe_dropout={p} needs a BPE tokenizer; this run's tokenizer "
+                          f"is {type(model).__name__} (set data.tokenizer_kind: bpe)")
+    model.dropout = p
+    sources_text, targets_text = list(data.texts["train"]["source"]), list(data.texts["train"]["target"])
+    cache: dict[int, TokenLists] = {}
+
+    def tokens(epoch: int) -> TokenLists:
+        if epoch not in cache:
+            cache.clear()
+            sources, targets = encode_pairs(dropping, sources_text, targets_text)
+            cache[epoch] = (truncate_all(sources, d.max_source_length, tokenizer),
+                            truncate_all(targets, d.max_target_length, tokenizer))
+        return cache[epoch]
+
+    return tokens
 
 
 def build_model(config: Config, tokenizer):
