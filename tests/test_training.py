@@ -350,3 +350,59 @@ def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypa
     assert resumed.state.elapsed_seconds == whole.state.elapsed_seconds == 100.0
     assert _train_lrs(tmp_path / "parts") == pytest.approx(_train_lrs(tmp_path / "whole"))
     assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))
+
+
+def test_bpe_dropout_splits_words_anew_each_epoch_and_only_in_training(data_files, tmp_path,
+                                                                       monkeypatch):
+    """data.bpe_dropout: the batches of each epoch carry a fresh segmentation of the same text
+    (decoding gives the text back), the plain encoding is untouched for validation, and the
+    tokenizer the run saves segments deterministically."""
+    from tformer.training import loop
+
+    seen: list[tuple[object, list[int]]] = []  # (the token lists collated from, row indices)
+    real_collate = loop.collate_batch
+
+    def recording(collate, tokens, indices, accelerator):
+        if len(tokens[0]) == 300:  # the training split (validation batches come here too)
+            seen.append((tokens, list(indices)))  # holding the lists keeps their id() unique
+        return real_collate(collate, tokens, indices, accelerator)
+
+    monkeypatch.setattr(loop, "collate_batch", recording)
+    out = tmp_path / "run"
+    result = train(load_config(None, overrides(data_files, out, **{
+        "data.bpe_dropout": 0.3, "train.max_tokens": 3000, "train.max_steps": 16,
+        "train.eval_every": 16})))
+    assert result.state.epoch >= 2  # the 16 steps span at least two epoch boundaries
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert tokenizer.backend_tokenizer.model.dropout is None
+    sources = [json.loads(x)["source"] for x in data_files["train"].read_text().splitlines()]
+    plain = {i: tokenizer(s)["input_ids"] for i, s in enumerate(sources)}
+    assert all(tokenizer(s)["input_ids"] == plain[i] for i, s in enumerate(sources[:20]))
+
+    by_epoch: dict[int, dict[int, list[int]]] = {}
+    for tokens, indices in seen:
+        by_epoch.setdefault(id(tokens), {}).update({i: tokens[0][i] for i in indices})
+    # one encoding per epoch (not per batch): the epochs begun are state.epoch or one more
+    assert len(by_epoch) in (result.state.epoch, result.state.epoch + 1)
+    differ_from_plain = differ_between_epochs = 0
+    first, second = list(by_epoch.values())[:2]
+    for rows in by_epoch.values():
+        for i, ids in rows.items():
+            assert tokenizer.decode(ids, skip_special_tokens=True) == sources[i]
+            differ_from_plain += ids != plain[i]
+    for i in first.keys() & second.keys():
+        differ_between_epochs += first[i] != second[i]
+    total = sum(len(rows) for rows in by_epoch.values())
+    assert differ_from_plain > total / 2
+    assert differ_between_epochs > len(first.keys() & second.keys()) / 2
+
+
+def test_bpe_dropout_needs_a_bpe_tokenizer_and_a_probability(data_files, tmp_path):
+    from tformer.training import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.bpe_dropout must be in \[0, 1\), got 1\.0"):
+        load_config(None, overrides(data_files, tmp_path / "a", **{"data.bpe_dropout": 1.0}))
+    config = load_config(None, overrides(data_files, tmp_path / "b", **{
+        "data.bpe_dropout": 0.1, "data.tokenizer_kind": "unigram"}))
+    with pytest.raises(ConfigError, match="data.bpe_dropout=0.1 needs a BPE tokenizer.*Unigram"):
+        train(config)

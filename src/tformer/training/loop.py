@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from tformer.data import Seq2SeqCollator, TokenBudgetBatchSampler, padding_fraction
 from tformer.generation import generate_texts
@@ -44,10 +44,11 @@ from tformer.training.config import Config
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
     RunData,
+    TrainSplit,
     build_model,
-    epoch_tokens,
     get_tokenizer,
     load_texts,
+    token_lengths,
     tokenize_splits,
 )
 
@@ -101,12 +102,11 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                                        progress=_time_progress(clock, t))
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    sampler = TokenBudgetBatchSampler(
-        *_lengths(data.tokens["train"]), max_tokens=t.max_tokens, seed=t.seed
-    )
+    train_split = TrainSplit(config, data, tokenizer, _sharer(accelerator),
+                             accelerator.is_main_process)
     collate = Seq2SeqCollator(tokenizer.pad_token_id, _decoder_start(model, accelerator))
     data.stats["padding_fraction"] = padding_fraction(
-        sampler.batches(0), *(_lengths(data.tokens["train"]))
+        train_split.sampler.batches(0), *token_lengths(data.tokens["train"])
     )
     log.info("data: %s", {k: v for k, v in data.stats.items() if "lengths" not in k})
 
@@ -121,8 +121,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     stopped_by = "max_steps"
     last_ckpt = resume_from
     interrupted = _InterruptFlag()
-    batches = micro_batches(sampler, state, accelerator.num_processes, accelerator.process_index)
-    train_tokens = epoch_tokens(config, data, tokenizer)  # data.bpe_dropout: new ids per epoch
+    batches = micro_batches(train_split, state, accelerator.num_processes,
+                            accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
     window = _Window(state)
     # Only the training step is compiled: validation runs in eval mode (no dropout) and
@@ -140,7 +140,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
             loss_value = 0.0
             for _ in range(t.grad_accum):
                 indices = next(batches)  # state.epoch is now this batch's epoch
-                batch = collate_batch(collate, train_tokens(state.epoch), indices, accelerator)
+                batch = collate_batch(collate, train_split.tokens(state.epoch), indices, accelerator)
                 with accelerator.accumulate(model):
                     loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)
@@ -266,7 +266,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
 
 
-def micro_batches(sampler: TokenBudgetBatchSampler, state: TrainState, world: int, rank: int):
+def micro_batches(sampler: TrainSplit, state: TrainState, world: int, rank: int):
     """This process's batches, forever, epoch after epoch, from ``state``'s position.
 
     Every process computes the same global batch order from (seed, epoch) and takes every
@@ -288,6 +288,13 @@ def micro_batches(sampler: TokenBudgetBatchSampler, state: TrainState, world: in
         state.batches_in_epoch = 0
 
 
+def _sharer(accelerator: Accelerator):
+    """The main process's object, on every process (``data.bpe_dropout``'s epoch encodings)."""
+    if accelerator.num_processes == 1:
+        return lambda obj: obj
+    return lambda obj: broadcast_object_list([obj], from_process=0)[0]
+
+
 def collate_batch(collate, tokens, indices: list[int], accelerator: Accelerator) -> dict:
     sources, labels = tokens
     features = [{"input_ids": sources[i], "labels": labels[i]} for i in indices]
@@ -307,7 +314,7 @@ def forward_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
 def validation_loss(model, collate, tokens, config: Config, accelerator: Accelerator) -> float:
     """Token-mean cross-entropy (no smoothing) over the whole validation split."""
     sampler = TokenBudgetBatchSampler(
-        *_lengths(tokens), max_tokens=config.train.max_tokens, shuffle=False
+        *token_lengths(tokens), max_tokens=config.train.max_tokens, shuffle=False
     )
     total, count = 0.0, 0
     for indices in sampler.batches(0):
@@ -487,10 +494,6 @@ def _resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:
 def _decoder_start(model, accelerator: Accelerator) -> int:
     config = accelerator.unwrap_model(model).config
     return config.decoder_start_token_id
-
-
-def _lengths(tokens) -> tuple[list[int], list[int]]:
-    return [len(x) for x in tokens[0]], [len(y) for y in tokens[1]]
 
 
 def _patience_exhausted(state: TrainState, patience: int | None) -> bool:

@@ -13,6 +13,7 @@ from datasets import Dataset, DatasetDict
 from tokenizers import models as tokenizer_models
 
 from tformer.data import (
+    TokenBudgetBatchSampler,
     load_examples,
     sequence_lengths,
     stdlib_docstring_corpus,
@@ -108,40 +109,70 @@ def tokenize_splits(config: Config, texts: DatasetDict, tokenizer) -> RunData:
     return data
 
 
-def epoch_tokens(config: Config, data: RunData, tokenizer) -> Callable[[int], TokenLists]:
-    """The training split's token ids for an epoch: ``data.tokens["train"]`` every epoch, or
-    with ``data.bpe_dropout`` p > 0 a fresh encoding per epoch (BPE-dropout, Provilkov et al.
-    2020): a copy of the tokenizer skips each BPE merge with probability p, so a word reaches
-    the model split in different ways from epoch to epoch, a regulariser for small corpora.
+class TrainSplit:
+    """The training split's token ids and token-budget batches, epoch by epoch.
 
-    Only the ids change: batches stay cut on the lengths of the plain encoding, so every process
-    of a distributed run still computes the same batches (each process draws its own splits).
-    A batch's padded size can therefore exceed ``train.max_tokens`` by what the dropout adds
-    (at p = 0.1 on Multi30k, 14% more tokens in all). The `tokenizers` library draws the skips
-    from its own unseeded generator: with p > 0 two runs, or a run and its resumption, see
-    different splits of the same batches.
+    Without BPE-dropout both are the same every epoch (the batches shuffled by epoch). With
+    ``data.bpe_dropout`` p > 0 (BPE-dropout, Provilkov et al. 2020) each epoch is encoded afresh
+    by a copy of the tokenizer that skips each BPE merge with probability p, so a word reaches
+    the model split in different ways from epoch to epoch, a regulariser for small corpora; the
+    epoch's batches are then cut on its own lengths (cut on the plain ones, a batch's longest
+    row grows and Multi30k batches were 31% padding instead of 5%). The main process encodes
+    and ``share`` hands its ids to the others, so every process cuts the same batches.
+
+    The `tokenizers` library draws the skips from its own unseeded generator: with p > 0 two
+    runs, or a run and its resumption, see different splits (and batches) of the same text.
     """
-    p, d = config.data.bpe_dropout, config.data
-    if p == 0:
-        return lambda epoch: data.tokens["train"]
-    dropping = copy.deepcopy(tokenizer)
-    model = dropping.backend_tokenizer.model
-    if not isinstance(model, tokenizer_models.BPE):
-        raise ConfigError(f"data.bpe_dropout={p} needs a BPE tokenizer; this run's tokenizer "
-                          f"is {type(model).__name__} (set data.tokenizer_kind: bpe)")
-    model.dropout = p
-    sources_text, targets_text = list(data.texts["train"]["source"]), list(data.texts["train"]["target"])
-    cache: dict[int, TokenLists] = {}
 
-    def tokens(epoch: int) -> TokenLists:
-        if epoch not in cache:
-            cache.clear()
-            sources, targets = encode_pairs(dropping, sources_text, targets_text)
-            cache[epoch] = (truncate_all(sources, d.max_source_length, tokenizer),
-                            truncate_all(targets, d.max_target_length, tokenizer))
-        return cache[epoch]
+    def __init__(self, config: Config, data: RunData, tokenizer,
+                 share: Callable[[TokenLists | None], TokenLists], is_main: bool) -> None:
+        t, d = config.train, config.data
+        self._plain = data.tokens["train"]
+        self._budget = {"max_tokens": t.max_tokens, "seed": t.seed}
+        self.sampler = TokenBudgetBatchSampler(*token_lengths(self._plain), **self._budget)
+        self._epoch: int | None = None
+        self._tokens, self._sampler = self._plain, self.sampler
+        self._share, self._is_main = share, is_main
+        self._limits = (d.max_source_length, d.max_target_length)
+        self._dropping = None
+        if d.bpe_dropout > 0:
+            self._dropping = copy.deepcopy(tokenizer)
+            model = self._dropping.backend_tokenizer.model
+            if not isinstance(model, tokenizer_models.BPE):
+                raise ConfigError(
+                    f"data.bpe_dropout={d.bpe_dropout} needs a BPE tokenizer; this run's "
+                    f"tokenizer is {type(model).__name__} (set data.tokenizer_kind: bpe)"
+                )
+            model.dropout = d.bpe_dropout
+            self._texts = (list(data.texts["train"]["source"]),
+                           list(data.texts["train"]["target"]))
+            self._tokenizer = tokenizer
 
-    return tokens
+    def tokens(self, epoch: int) -> TokenLists:
+        """(input_ids, labels) of every training example in ``epoch``."""
+        self._encode(epoch)
+        return self._tokens
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches (lists of example indices) of ``epoch``, in training order."""
+        self._encode(epoch)
+        return self._sampler.batches(epoch)
+
+    def _encode(self, epoch: int) -> None:
+        if self._dropping is None or epoch == self._epoch:
+            return
+        tokens = None
+        if self._is_main:
+            sources, targets = encode_pairs(self._dropping, *self._texts)
+            tokens = (truncate_all(sources, self._limits[0], self._tokenizer),
+                      truncate_all(targets, self._limits[1], self._tokenizer))
+        self._tokens = self._share(tokens)
+        self._sampler = TokenBudgetBatchSampler(*token_lengths(self._tokens), **self._budget)
+        self._epoch = epoch
+
+
+def token_lengths(tokens: TokenLists) -> tuple[list[int], list[int]]:
+    return [len(x) for x in tokens[0]], [len(y) for y in tokens[1]]
 
 
 def build_model(config: Config, tokenizer):
