@@ -204,10 +204,15 @@ json.dump(seen, open(os.path.join(sys.argv[1], f"batches-{rank}.json"), "w"))
 
 
 @pytest.mark.slow
-def test_two_processes_ddp_replicas_identical_and_batches_differ(data_files, tmp_path):
+@pytest.mark.parametrize("bpe_dropout", [0.0, 0.3])
+def test_two_processes_ddp_replicas_identical_and_batches_differ(data_files, tmp_path,
+                                                                 bpe_dropout):
+    """With data.bpe_dropout each process would draw its own segmentation, and cut its own
+    batches from it; the main process's ids are broadcast, so the batches still partition."""
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
-    args = overrides(data_files, tmp_path / "run", **{"train.max_steps": 6, "train.eval_every": 6})
+    args = overrides(data_files, tmp_path / "run", **{
+        "train.max_steps": 6, "train.eval_every": 6, "data.bpe_dropout": bpe_dropout})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
