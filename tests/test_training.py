@@ -409,5 +409,5 @@ def test_bpe_dropout_needs_a_bpe_tokenizer_and_a_probability(data_files, tmp_pat
         load_config(None, overrides(data_files, tmp_path / "a", **{"data.bpe_dropout": 1.0}))
     config = load_config(None, overrides(data_files, tmp_path / "b", **{
         "data.bpe_dropout": 0.1, "data.tokenizer_kind": "unigram"}))
-    with pytest.raises(ConfigError, match="data.bpe_dropout=0.1 needs a BPE tokenizer.*Unigram"):
+    with pytest.raises(ConfigError, match="data.bpe_dropout=0.1 needs a fast BPE tokenizer.*Unigram"):
         train(config)

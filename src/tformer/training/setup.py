@@ -137,11 +137,13 @@ class TrainSplit:
         self._dropping = None
         if d.bpe_dropout > 0:
             self._dropping = copy.deepcopy(tokenizer)
-            model = self._dropping.backend_tokenizer.model
+            backend = getattr(self._dropping, "backend_tokenizer", None)  # None: a slow one
+            model = None if backend is None else backend.model
             if not isinstance(model, tokenizer_models.BPE):
+                kind = type(tokenizer).__name__ if model is None else type(model).__name__
                 raise ConfigError(
-                    f"data.bpe_dropout={d.bpe_dropout} needs a BPE tokenizer; this run's "
-                    f"tokenizer is {type(model).__name__} (set data.tokenizer_kind: bpe)"
+                    f"data.bpe_dropout={d.bpe_dropout} needs a fast BPE tokenizer; this run's "
+                    f"tokenizer is {kind} (set data.tokenizer_kind: bpe)"
                 )
             model.dropout = d.bpe_dropout
             self._texts = (list(data.texts["train"]["source"]),
