@@ -364,11 +364,12 @@ def test_bpe_dropout_splits_words_anew_each_epoch_and_only_in_training(data_file
     tokenizer the run saves segments deterministically."""
     from tformer.training import loop
 
+    train_size = len(data_files["train"].read_text().splitlines())
     seen: list[tuple[object, list[int]]] = []  # (the token lists collated from, row indices)
     real_collate = loop.collate_batch
 
     def recording(collate, tokens, indices, accelerator):
-        if len(tokens[0]) == 300:  # the training split (validation batches come here too)
+        if len(tokens[0]) == train_size:  # training batches (validation ones come here too)
             seen.append((tokens, list(indices)))  # holding the lists keeps their id() unique
         return real_collate(collate, tokens, indices, accelerator)
 

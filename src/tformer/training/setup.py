@@ -127,11 +127,11 @@ class TrainSplit:
     def __init__(self, config: Config, data: RunData, tokenizer,
                  share: Callable[[TokenLists | None], TokenLists], is_main: bool) -> None:
         t, d = config.train, config.data
-        self._plain = data.tokens["train"]
         self._budget = {"max_tokens": t.max_tokens, "seed": t.seed}
-        self.sampler = TokenBudgetBatchSampler(*token_lengths(self._plain), **self._budget)
+        self._tokens = data.tokens["train"]
+        self.sampler = TokenBudgetBatchSampler(*token_lengths(self._tokens), **self._budget)
+        self._sampler = self.sampler  # this epoch's; self.sampler stays the plain encoding's
         self._epoch: int | None = None
-        self._tokens, self._sampler = self._plain, self.sampler
         self._share, self._is_main = share, is_main
         self._limits = (d.max_source_length, d.max_target_length)
         self._dropping = None
@@ -148,7 +148,6 @@ class TrainSplit:
             model.dropout = d.bpe_dropout
             self._texts = (list(data.texts["train"]["source"]),
                            list(data.texts["train"]["target"]))
-            self._tokenizer = tokenizer
 
     def tokens(self, epoch: int) -> TokenLists:
         """(input_ids, labels) of every training example in ``epoch``."""
@@ -166,8 +165,8 @@ class TrainSplit:
         tokens = None
         if self._is_main:
             sources, targets = encode_pairs(self._dropping, *self._texts)
-            tokens = (truncate_all(sources, self._limits[0], self._tokenizer),
-                      truncate_all(targets, self._limits[1], self._tokenizer))
+            tokens = (truncate_all(sources, self._limits[0], self._dropping),
+                      truncate_all(targets, self._limits[1], self._dropping))
         self._tokens = self._share(tokens)
         self._sampler = TokenBudgetBatchSampler(*token_lengths(self._tokens), **self._budget)
         self._epoch = epoch
