@@ -269,8 +269,9 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
 def micro_batches(sampler: TrainSplit, state: TrainState, world: int, rank: int):
     """This process's batches, forever, epoch after epoch, from ``state``'s position.
 
-    Every process computes the same global batch order from (seed, epoch) and takes every
-    ``world``-th batch: processes see different batches, and the position in the data is one
+    Every process computes the same global batch order from (seed, epoch; with
+    ``data.bpe_dropout``, also the main process's encoding of that epoch, which every process
+    receives) and takes every ``world``-th batch: processes see different batches, and the position in the data is one
     number (global batches consumed) that survives a resume. The epoch's last
     ``len % world`` batches are dropped so all processes take the same number of steps.
     """
