@@ -227,10 +227,12 @@ def resolve_precision(precision: str, config: Config) -> str:
     """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise, but never for T5,
     whose activations overflow fp16: fp32 then); fp32 on CPU.
 
-    On this project's 2-core AVX2 CPU (no bf16 units) bf16 is emulated: matmuls ran at
+    On a CPU without bf16 units (this project's AVX2 host) bf16 is emulated: matmuls ran at
     1.2 GFLOP/s against 121-142 in fp32, and a training step of the ``small`` model was 4-5x
-    slower under autocast (docs/benchmarks.md, "Training throughput"). So CPU runs default
-    to fp32; ask for ``train.precision=bf16`` on a CPU with native bf16 units."""
+    slower under autocast. On a host with AVX512-BF16 the ``small`` model's step was only
+    1.04x faster under autocast (Hugging Face T5: 1.3-1.4x), and the Multi30k recipe's
+    d_model-128 model slower (docs/benchmarks.md, "Training throughput"). So CPU runs default
+    to fp32; ``train.precision=bf16`` asks for autocast anyway."""
     if precision == "fp16" and _overflows_fp16(config):
         log.warning("train.precision=fp16 with a T5-family model: T5's activations overflow "
                     "fp16 (inf/NaN loss). Use train.precision=bf16 (or fp32).")
@@ -271,9 +273,10 @@ def micro_batches(sampler: TrainSplit, state: TrainState, world: int, rank: int)
 
     Every process computes the same global batch order from (seed, epoch; with
     ``data.bpe_dropout``, also the main process's encoding of that epoch, which every process
-    receives) and takes every ``world``-th batch: processes see different batches, and the position in the data is one
-    number (global batches consumed) that survives a resume. The epoch's last
-    ``len % world`` batches are dropped so all processes take the same number of steps.
+    receives) and takes every ``world``-th batch: processes see different batches, and the
+    position in the data is one number (global batches consumed) that survives a resume. The
+    epoch's last ``len % world`` batches are dropped so all processes take the same number of
+    steps.
     """
     while True:
         order = sampler.batches(state.epoch)
