@@ -256,6 +256,38 @@ def test_gradient_accumulation_steps_once_per_n_micro_batches(data_files, tmp_pa
     assert lrs == pytest.approx([1.5e-3, 2.25e-3, 3e-3, 3e-3 * (4 / 5) ** 0.5])
 
 
+def test_logged_gradient_norm_is_the_pre_clipping_norm_of_each_window(data_files, tmp_path,
+                                                                      monkeypatch):
+    from accelerate import Accelerator
+
+    norms = []
+    real_clip = Accelerator.clip_grad_norm_
+
+    def measuring_clip(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        grads = [p.grad.flatten() for p in parameters if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))  # before clipping
+        return real_clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", measuring_clip)
+    config = load_config(None, overrides(data_files, tmp_path / "run", **{
+        "train.max_steps": 6, "train.log_every": 3, "train.eval_every": 6,
+        "train.clip_grad_norm": 0.5}))
+    train(config)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["split"] == "train"]
+    assert len(norms) == 6 and [r["step"] for r in logged] == [3, 6]
+    for record, window in zip(logged, (norms[:3], norms[3:])):
+        assert record["grad_norm"] == pytest.approx(sum(window) / 3, rel=1e-5)
+        assert record["clipped"] == pytest.approx(sum(n > 0.5 for n in window) / 3)
+
+    off = load_config(None, overrides(data_files, tmp_path / "off", **{
+        "train.max_steps": 2, "train.eval_every": 2, "train.clip_grad_norm": "null"}))
+    train(off)
+    records = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("grad_norm" in r or "clipped" in r for r in records)
+
+
 def test_early_stopping_after_patience_without_improvement(data_files, tmp_path, monkeypatch):
     from tformer.training import loop
 

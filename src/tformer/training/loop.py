@@ -124,7 +124,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     batches = micro_batches(train_split, state, accelerator.num_processes,
                             accelerator.process_index)
     progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
-    window = _Window(state)
+    window = _Window(state, t.clip_grad_norm)
     # Only the training step is compiled: validation runs in eval mode (no dropout) and
     # generation in other shapes, and each would be a compilation of its own. dynamic=True:
     # token-budget batches change shape at every step.
@@ -145,7 +145,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
                     loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.clip_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                        window.add_grad_norm(
+                            accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += accelerator.num_processes
@@ -569,13 +570,26 @@ def _time_progress(clock: _RunClock, t) -> float | None:
 
 
 class _Window:
-    """Running figures between two log lines."""
+    """Running figures between two log lines.
 
-    def __init__(self, state: TrainState) -> None:
+    With ``train.clip_grad_norm`` set, a record also carries ``grad_norm`` (the mean over the
+    window of the gradient norm before clipping) and ``clipped`` (the share of those steps whose
+    norm was above the limit, so were scaled down). The norms stay tensors until the log line:
+    one host sync per line, not per step. Under DeepSpeed, which clips inside its own step,
+    accelerate 1.15 hands back the engine's last recorded norm, so the previous step's (read
+    in its source, not run here: DeepSpeed is not installed on the test machine), or none.
+    """
+
+    def __init__(self, state: TrainState, clip: float | None = None) -> None:
         self.state, self.losses, self.tokens, self.start = state, [], 0, time.perf_counter()
+        self.clip, self.grad_norms = clip, []
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
+
+    def add_grad_norm(self, norm: torch.Tensor | float | None) -> None:
+        if norm is not None:
+            self.grad_norms.append(torch.as_tensor(norm, dtype=torch.float32).detach())
 
     def flush(self, accelerator: Accelerator, lr: float) -> dict[str, float]:
         now = time.perf_counter()
@@ -587,7 +601,11 @@ class _Window:
         self.state.tokens_seen += tokens
         record = {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr,
                   "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens_seen": self.state.tokens_seen}
-        self.losses, self.tokens, self.start = [], 0, now
+        if self.grad_norms:
+            norms = torch.stack([n.to(self.grad_norms[0].device) for n in self.grad_norms])
+            record["grad_norm"] = float(norms.mean())
+            record["clipped"] = float((norms > self.clip).float().mean())
+        self.losses, self.tokens, self.start, self.grad_norms = [], 0, now, []
         return record
 
 
