@@ -20,7 +20,8 @@ so that the machine's drifting load falls on both alike (medians printed, ratio 
 2. **Attention alone**, forward and backward, 4 heads of 32, padding mask, 4,096 query positions
    split into sequences of 16 to 512 (where the written-out path is used up to 64 keys).
 3. **A whole training step** (forward, loss, backward, AdamW step) of the Multi30k recipe's model
-   (``recipes/multi30k_moses.yaml``: d_model 128, 4+4 layers, d_ff 256, V 8,000, dropout 0.3)
+   (``recipes/multi30k_moses.yaml`` for runs six to ten: d_model 128, 4+4 layers, d_ff 256,
+   V 8,000, dropout 0.3; the recipe has V 5,000 since the eleventh run)
    on 256 random pairs of 16 + 16 tokens: the model as it is, against the same model with
    ``nn.Dropout`` modules and ``written_out_max_keys = 0`` (PyTorch's kernels everywhere).
 

@@ -10,8 +10,9 @@ repetition so that the machine's drifting load falls on both alike:
    (N, V) float32 logits with a tenth of the labels ignored (padding), at N = 4,096 target
    positions (a 4,096-token Multi30k batch) and V = 8,000 and 32,000.
 2. **A whole training step** (forward, loss, backward, AdamW step; eager fp32) of the Multi30k
-   recipe's model (``recipes/multi30k_moses.yaml``: d_model 128, 4+4 layers, 4 heads, d_ff 256,
-   V 8,000, dropout 0.3), on a batch of 256 random pairs of 16 + 16 tokens, with either loss.
+   recipe's model (``recipes/multi30k_moses.yaml`` for runs six to ten: d_model 128, 4+4 layers,
+   4 heads, d_ff 256, V 8,000, dropout 0.3; V 5,000 since the eleventh run), on a batch of
+   256 random pairs of 16 + 16 tokens, with either loss.
 
 Both losses give the same value (printed) and gradient (``tests/test_transformer.py``).
 Prints the median milliseconds of each side and the ratio torch / tformer.
