@@ -589,7 +589,7 @@ class _Window:
 
     def add_grad_norm(self, norm: torch.Tensor | float | None) -> None:
         if norm is not None:
-            self.grad_norms.append(torch.as_tensor(norm, dtype=torch.float32).detach())
+            self.grad_norms.append(torch.as_tensor(norm, dtype=torch.float32))
 
     def flush(self, accelerator: Accelerator, lr: float) -> dict[str, float]:
         now = time.perf_counter()
@@ -602,7 +602,7 @@ class _Window:
         record = {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr,
                   "tokens_per_s": tokens / max(elapsed, 1e-9), "tokens_seen": self.state.tokens_seen}
         if self.grad_norms:
-            norms = torch.stack([n.to(self.grad_norms[0].device) for n in self.grad_norms])
+            norms = torch.stack(self.grad_norms)
             record["grad_norm"] = float(norms.mean())
             record["clipped"] = float((norms > self.clip).float().mean())
         self.losses, self.tokens, self.start, self.grad_norms = [], 0, now, []
