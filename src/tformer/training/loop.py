@@ -580,7 +580,7 @@ class _Window:
     in its source, not run here: DeepSpeed is not installed on the test machine), or none.
     """
 
-    def __init__(self, state: TrainState, clip: float | None = None) -> None:
+    def __init__(self, state: TrainState, clip: float | None) -> None:
         self.state, self.losses, self.tokens, self.start = state, [], 0, time.perf_counter()
         self.clip, self.grad_norms = clip, []
 
