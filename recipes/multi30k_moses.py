@@ -121,7 +121,9 @@ def main() -> None:
     p.set_defaults(func=score)
     p = verbs.add_parser("report", help="average the last checkpoints, evaluate and score them")
     p.add_argument("run_dir", help="a finished run of recipes/multi30k_moses.yaml")
-    p.add_argument("--last", type=int, default=5, help="checkpoints to average (published: 5)")
+    p.add_argument("--last", type=int, default=5,
+                   help="checkpoints to average; the recipe's last 5 (500 steps apart) span about "
+                        "the last 8-10 epochs, like the published average of 10 epoch checkpoints")
     p.add_argument("--prepared", default="runs/data/multi30k_moses", help="prepare's --out")
     p.add_argument("--data", default="../shared/data/multi30k", help="the original JSONL")
     p.set_defaults(func=report)
