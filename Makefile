@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-data lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	# Headless Chromium + ChromeDriver for the browser tests, a CJK font for attention maps of
@@ -25,6 +25,11 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The tests that need real datasets: set TFORMER_DATA_DIR to a mirror (`tformer data`) first.
+test-data: install
+	@test -n "$$TFORMER_DATA_DIR" || (echo "set TFORMER_DATA_DIR to a mirror (tformer data)"; exit 2)
+	$(PY) -m pytest -q -m mirror
 
 # Train a small model on the embedded docstring corpus (no download), <= 10 min on 2 cores.
 demo: install

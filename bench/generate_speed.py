@@ -46,6 +46,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -58,7 +59,8 @@ import tformer
 from tformer import ct2
 from tformer.metrics import all_metrics
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k" / "test2016.jsonl"
+# The Multi30k test split of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
+DATA = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k" / "test2016.jsonl"
 PATHS = ("HF generate", "tformer torch", "CT2 float32", "CT2 int8")
 
 

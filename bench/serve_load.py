@@ -51,7 +51,8 @@ import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INPUTS = ROOT.parent / "shared" / "data" / "multi30k" / "val.jsonl"
+# The Multi30k validation split of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
+DEFAULT_INPUTS = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k" / "val.jsonl"
 
 
 @dataclass

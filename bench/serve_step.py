@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,8 @@ import tformer  # noqa: E402
 from tformer.serving.batching import _Job  # noqa: E402
 from tformer.serving.continuous import ContinuousBatcher, _Request  # noqa: E402
 
-DEFAULT_INPUTS = ROOT.parent / "shared" / "data" / "multi30k" / "val.jsonl"
+# The Multi30k validation split of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
+DEFAULT_INPUTS = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k" / "val.jsonl"
 
 
 def main() -> None:

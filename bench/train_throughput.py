@@ -105,7 +105,8 @@ from tformer.data import (  # noqa: E402
 )
 from tformer.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+# The multi30k folder of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
+DATA = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k"
 LR, BETAS, EPS, WEIGHT_DECAY, WARMUP_LR = 5e-4, (0.9, 0.98), 1e-9, 0.01, 400
 LABEL_SMOOTHING, CLIP, DROPOUT = 0.1, 1.0, 0.1
 HF_SAMPLING = ("random", "group_by_length")

@@ -7,7 +7,7 @@ The copied version loads t5-small, calls ``model(input_ids)``, ``loss.backward()
 it passes no labels (there is no loss), builds no optimizer, lets padding count in the loss,
 never switches to eval mode, and ``generate()`` stops at 20 tokens.
 
-    python examples/t5_summarization.py --model t5-small/ --data ../shared/data/dialogsum/train.jsonl
+    python examples/t5_summarization.py --model t5-small/ --data $TFORMER_DATA_DIR/dialogsum/train.jsonl
 
 ``--model`` is a local directory: on a machine with a network, make one with
 ``hf download google-t5/t5-small --local-dir t5-small``.

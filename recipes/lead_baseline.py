@@ -1,7 +1,7 @@
 """The lead baseline of a summarization set: the first N lines (dialogue turns) or sentences
 of each source, scored like a model with ``tformer evaluate``'s metrics.
 
-    .venv/bin/python recipes/lead_baseline.py ../shared/data/dialogsum/test.jsonl --lines 1 2 3
+    .venv/bin/python recipes/lead_baseline.py $TFORMER_DATA_DIR/dialogsum/test.jsonl --lines 1 2 3
 
 Speaker tags (``#Person1#:``) are kept: DialogSum's summaries name speakers the same way.
 """

@@ -2,13 +2,16 @@
 Moses-normalised and Moses-tokenised (source English, target German).
 
     .venv/bin/python recipes/multi30k_moses.py prepare     # -> runs/data/multi30k_moses/*.jsonl
-    .venv/bin/python recipes/multi30k_moses.py score EVAL_DIR ../shared/data/multi30k/test2016.jsonl
+    .venv/bin/python recipes/multi30k_moses.py score EVAL_DIR runs/data/multi30k_moses/test2016.jsonl
     .venv/bin/python recipes/multi30k_moses.py report runs/multi30k_moses   # the whole protocol
 
-``prepare`` writes the data ``recipes/multi30k_moses.yaml`` trains on. ``score`` reads the
-predictions of ``tformer evaluate --output-dir EVAL_DIR`` (lowercased, tokenised), detokenises
-them (sacremoses) and scores them with sacreBLEU against the original, cased references,
-case-insensitively: the nearest a lowercasing model gets to cased detokenised sacreBLEU.
+``prepare`` reads Multi30k as every recipe does (the ``multi30k`` folder of the mirror
+``$TFORMER_DATA_DIR``, else ``bentrevett/multi30k`` on the Hub) and writes the data
+``recipes/multi30k_moses.yaml`` trains on; each record keeps its original, cased target as
+``reference``. ``score`` reads the predictions of ``tformer evaluate --output-dir EVAL_DIR``
+(lowercased, tokenised), detokenises them (sacremoses) and scores them with sacreBLEU against
+those original references, case-insensitively: the nearest a lowercasing model gets to cased
+detokenised sacreBLEU.
 ``report RUN_DIR`` runs the published protocol on a finished run with the ``tformer`` commands
 of docs/results.md: ``tformer average --last 5``, then for that average and for the last
 checkpoint ``tformer evaluate`` (beam 5, ``--moses de``) on test2016 and val, then ``score``;
@@ -28,24 +31,30 @@ from pathlib import Path
 
 from tformer.metrics import moses_lowercase
 
-SPLITS = ("train", "val", "test2016")
+#: The prepared files, by role: the names of the original Multi30k files.
+SPLITS = {"train": "train", "validation": "val", "test": "test2016"}
 
 
 def prepare(args: argparse.Namespace) -> None:
+    from tformer.data import load_examples
+    from tformer.data.sources import locate
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        path = Path(args.data) / f"{split}.jsonl"
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-        sources = moses_lowercase([r["source"] for r in rows], "en")
-        targets = moses_lowercase([r["target"] for r in rows], "de")
-        tmp = out / f"{split}.jsonl.tmp"  # written whole, then renamed: no half file on a crash
+    for role, where in locate("multi30k").items():
+        rows, _ = load_examples(where.path_or_name, split=where.split,
+                                source_column=where.source_column,
+                                target_column=where.target_column)
+        sources = moses_lowercase(rows["source"], "en")
+        targets = moses_lowercase(rows["target"], "de")
+        name = SPLITS[role]
+        tmp = out / f"{name}.jsonl.tmp"  # written whole, then renamed: no half file on a crash
         with tmp.open("w", encoding="utf-8") as f:
-            for row, source, target in zip(rows, sources, targets):
-                f.write(json.dumps({**row, "source": source, "target": target},
-                                   ensure_ascii=False) + "\n")
-        tmp.replace(out / f"{split}.jsonl")
-        print(f"{path} -> {out / f'{split}.jsonl'}: {len(rows)} pairs")
+            for i, (original, source, target) in enumerate(zip(rows["target"], sources, targets)):
+                f.write(json.dumps({"id": f"{name}-{i}", "source": source, "target": target,
+                                    "reference": original}, ensure_ascii=False) + "\n")
+        tmp.replace(out / f"{name}.jsonl")
+        print(f"{where.path_or_name} -> {out / f'{name}.jsonl'}: {len(rows)} pairs")
 
 
 def score(args: argparse.Namespace) -> None:
@@ -55,8 +64,9 @@ def score(args: argparse.Namespace) -> None:
     detok = MosesDetokenizer(lang="de")
     predicted = [json.loads(line) for line in
                  (Path(args.eval_dir) / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    original = {r["id"]: r["target"] for r in map(json.loads, Path(args.references).read_text(
-        encoding="utf-8").splitlines())}
+    # prepare's files keep the cased original as "reference"; any other file: its "target"
+    original = {r["id"]: r.get("reference", r["target"]) for r in map(
+        json.loads, Path(args.references).read_text(encoding="utf-8").splitlines())}
     missing = [p["id"] for p in predicted if p["id"] not in original]
     if missing:
         raise SystemExit(f"{args.references}: no reference for ids {missing[:5]}")
@@ -97,7 +107,8 @@ def report(args: argparse.Namespace) -> None:
             tformer("evaluate", str(model), "--data", str(Path(args.prepared) / f"{split}.jsonl"),
                     "--num-beams", "5", "--max-new-tokens", "64", "--moses", "de",
                     "--output-dir", str(out))
-            score(argparse.Namespace(eval_dir=out, references=Path(args.data) / f"{split}.jsonl"))
+            score(argparse.Namespace(eval_dir=out,
+                                     references=Path(args.prepared) / f"{split}.jsonl"))
             m = json.loads((out / "metrics.json").read_text())
             d = json.loads((out / "detok_metrics.json").read_text())
             rows.append((model.name, split, m["bleu_moses_lc"], d["detok_bleu_lc"],
@@ -111,13 +122,14 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
-    p = verbs.add_parser("prepare", help="write the prepared JSONL")
-    p.add_argument("--data", default="../shared/data/multi30k", help="the original JSONL")
+    p = verbs.add_parser("prepare", help="write the prepared JSONL (reads $TFORMER_DATA_DIR/"
+                         "multi30k, else the Hub)")
     p.add_argument("--out", default="runs/data/multi30k_moses", help="where to write")
     p.set_defaults(func=prepare)
     p = verbs.add_parser("score", help="detokenised, case-insensitive sacreBLEU of an evaluation")
     p.add_argument("eval_dir", help="an output directory of tformer evaluate")
-    p.add_argument("references", help="the original JSONL of the same split")
+    p.add_argument("references", help="prepare's JSONL of the same split (or any JSONL with "
+                   "the same ids and the original targets)")
     p.set_defaults(func=score)
     p = verbs.add_parser("report", help="average the last checkpoints, evaluate and score them")
     p.add_argument("run_dir", help="a finished run of recipes/multi30k_moses.yaml")
@@ -126,7 +138,6 @@ def main() -> None:
                         "last where time ran out) spanned 6.4 and 7.9 epochs in its two runs; "
                         "the published figure averages 10 epoch checkpoints, 9 epochs apart")
     p.add_argument("--prepared", default="runs/data/multi30k_moses", help="prepare's --out")
-    p.add_argument("--data", default="../shared/data/multi30k", help="the original JSONL")
     p.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)

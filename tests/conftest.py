@@ -1,19 +1,33 @@
-"""Shared test fixtures: where the real datasets are, and one tiny trained model."""
+"""Shared test fixtures: data the tests write themselves, one tiny trained model, and the
+optional mirror of real datasets (``TFORMER_DATA_DIR``) for the tests that need one."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-# ../shared/data beside the repository (as on the developers' machines and in CI);
-# TFORMER_SHARED_DATA overrides it.
-SHARED_DATA = Path(
-    os.environ.get("TFORMER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+from .synthetic import captions, write_jsonl
+
+#: A local mirror of the recipes' datasets (`tformer data`), or None: the tests that need real
+#: data run only when it is set, and skip with the reason otherwise.
+MIRROR = Path(os.environ["TFORMER_DATA_DIR"]) if os.environ.get("TFORMER_DATA_DIR") else None
+
+
+def needs_mirror(*files: str):
+    """Mark a test ``mirror`` (`make test-data` runs those) and skip it unless the mirror holds
+    every one of ``files`` (``"multi30k/train.jsonl"``)."""
+    missing = [f for f in files if MIRROR is None or not (MIRROR / f).is_file()]
+    reason = ("needs TFORMER_DATA_DIR (a mirror of real datasets, see `tformer data`)"
+              if MIRROR is None else f"the mirror {MIRROR} has no {', '.join(missing)}")
+
+    def mark(test):
+        return pytest.mark.mirror(pytest.mark.skipif(bool(missing), reason=reason)(test))
+
+    return mark
 
 
 def tiny_overrides(data_files: dict[str, Path], out: Path, **extra) -> list[str]:
-    """A tiny model trained for 12 steps on 300 Multi30k pairs: seconds on a CPU."""
+    """A tiny model trained for 12 steps on 300 synthetic caption pairs: seconds on a CPU."""
     values = {
         "data.train": data_files["train"], "data.validation": data_files["validation"],
         "data.vocab_size": 400, "model.size": "tiny", "model.dropout": 0.1,
@@ -41,11 +55,11 @@ def padded_batch(vocab: int, lengths: list[int]):
 
 @pytest.fixture(scope="session")
 def data_files(tmp_path_factory) -> dict[str, Path]:
+    """300 training and 40 validation pairs of the synthetic English -> German captions."""
     root = tmp_path_factory.mktemp("data")
-    lines = (SHARED_DATA / "multi30k" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    (root / "train.jsonl").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
-    (root / "val.jsonl").write_text("\n".join(lines[300:340]) + "\n", encoding="utf-8")
-    return {"train": root / "train.jsonl", "validation": root / "val.jsonl"}
+    records = captions(340)
+    return {"train": write_jsonl(root / "train.jsonl", records[:300]),
+            "validation": write_jsonl(root / "val.jsonl", records[300:])}
 
 
 @pytest.fixture(scope="session")

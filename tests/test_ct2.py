@@ -20,7 +20,8 @@ from tformer.ct2.own_spec import NotExportableError, check_exportable  # noqa: E
 from tformer.metrics import chrf  # noqa: E402
 from tformer.model import TransformerConfig  # noqa: E402
 
-from .conftest import SHARED_DATA, build_tiny_t5, tiny_overrides  # noqa: E402
+from .conftest import build_tiny_t5, tiny_overrides  # noqa: E402
+from .synthetic import captions  # noqa: E402
 
 # Beam search is compared with early_stopping=True: CTranslate2 stops once num_beams
 # hypotheses are finished, which is generate(early_stopping=True) (see tformer.ct2.engine).
@@ -36,8 +37,8 @@ DECODINGS = {
 
 
 def multi30k(n: int, start: int = 0) -> list[dict]:
-    lines = (SHARED_DATA / "multi30k" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[start : start + n]]
+    """``n`` synthetic caption pairs from ``start`` (a Multi30k look-alike, tests/synthetic.py)."""
+    return captions(start + n)[start:]
 
 
 def assert_close_log_probs(seq2seq, engine, texts, max_new_tokens: int, atol: float) -> None:

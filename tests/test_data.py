@@ -27,10 +27,9 @@ from tformer.data import (
 )
 from tformer.tokenization import train_tokenizer
 
-from .conftest import SHARED_DATA
+from .conftest import MIRROR, needs_mirror
 
-MULTI30K = SHARED_DATA / "multi30k"
-needs_multi30k = pytest.mark.skipif(not MULTI30K.exists(), reason="shared data not present")
+needs_multi30k = needs_mirror("multi30k/train.jsonl", "multi30k/val.jsonl")
 ROWS = [
     {"id": "1", "source": "Ein Hund läuft.", "target": "A dog runs."},
     {"id": "2", "source": "中文", "target": "Chinese"},
@@ -215,11 +214,12 @@ def test_hub_dataset_goes_through_the_same_checks(monkeypatch):
 
 @needs_multi30k
 def test_loads_a_slice_of_multi30k():
-    dataset, report = load_examples(MULTI30K / "train.jsonl", max_examples=200)
+    multi30k = MIRROR / "multi30k"
+    dataset, report = load_examples(multi30k / "train.jsonl", max_examples=200)
     assert len(dataset) == 200 and report.kept == 200
     assert dataset[0]["source"].startswith("Two young, White males")
     splits, reports = load_splits(
-        {"train": MULTI30K / "train.jsonl", "validation": MULTI30K / "val.jsonl"},
+        {"train": multi30k / "train.jsonl", "validation": multi30k / "val.jsonl"},
         max_examples=50,
     )
     assert {name: len(split) for name, split in splits.items()} == {"train": 50, "validation": 50}

@@ -22,7 +22,8 @@ from tformer.evaluation import evaluate
 from tformer.training import load_config, train
 from tformer.training.config import ConfigError
 
-from .conftest import SHARED_DATA, build_tiny_t5
+from .conftest import build_tiny_t5
+from .synthetic import dialogues, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,13 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dialogs(tmp_path_factory) -> dict[str, Path]:
-    """96 training and 16 validation dialogues of DialogSum (source = dialogue, target =
-    summary), plus a text file of both sides for the tokenizers."""
+    """96 training and 16 validation synthetic dialogues (source = dialogue, target =
+    summary; a DialogSum look-alike), plus a text file of both sides for the tokenizers."""
     root = tmp_path_factory.mktemp("dialogsum")
-    lines = (SHARED_DATA / "dialogsum" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    (root / "train.jsonl").write_text("\n".join(lines[:96]) + "\n", encoding="utf-8")
-    (root / "val.jsonl").write_text("\n".join(lines[96:112]) + "\n", encoding="utf-8")
-    records = [json.loads(line) for line in lines[:400]]
+    records = dialogues(400)
+    write_jsonl(root / "train.jsonl", records[:96])
+    write_jsonl(root / "val.jsonl", records[96:112])
     text = "\n".join(r[k].replace("\n", " ") for r in records for k in ("source", "target"))
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     return {"train": root / "train.jsonl", "validation": root / "val.jsonl",

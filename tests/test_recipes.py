@@ -11,15 +11,15 @@ SCRIPT = Path(__file__).parents[1] / "recipes" / "multi30k_moses.py"
 
 def test_report_averages_evaluates_and_scores_a_run(reference_run, data_files, tmp_path):
     # The tiny reference run stands in for a Multi30k run: five pairs of its validation file
-    # are both the "prepared" and the "original" val and test2016 splits. A copy: report writes
+    # are the prepared val and test2016 splits (their targets are the references). A copy: report writes
     # into the run directory, which other tests share.
     run = Path(shutil.copytree(reference_run, tmp_path / "run"))
     lines = data_files["validation"].read_text(encoding="utf-8").splitlines()[:5]
     for split in ("val", "test2016"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "report", str(run), "--prepared", str(tmp_path),
-         "--data", str(tmp_path)], capture_output=True, text=True, timeout=600,
+        [sys.executable, str(SCRIPT), "report", str(run), "--prepared", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| avg5 |")

@@ -1,6 +1,5 @@
 """Tokenizers: byte-fallback round trips, fixed special ids, save/reload through AutoTokenizer."""
 
-import json
 
 import pytest
 from transformers import AutoTokenizer
@@ -13,9 +12,8 @@ from tformer.tokenization import (
     train_tokenizer,
 )
 
-from .conftest import SHARED_DATA
+from .synthetic import captions
 
-DATA = SHARED_DATA
 # Text that NFKC leaves unchanged (asserted below), none of it in the training data.
 ROUND_TRIP = [
     "中文的句子、机器翻译。",
@@ -30,22 +28,13 @@ ROUND_TRIP = [
 
 
 def _training_texts() -> list[str]:
-    """2,000 Multi30k pairs and 500 Tatoeba pairs (en-zh), or the embedded corpus without them."""
-    texts: list[str] = []
-    for name, count in (("multi30k/train.jsonl", 2000), ("tatoeba_cmn_eng/train.jsonl", 500)):
-        path = DATA / name
-        if not path.exists():
-            continue
-        with path.open(encoding="utf-8") as lines:
-            for _, line in zip(range(count), lines, strict=False):
-                record = json.loads(line)
-                texts += [record["source"], record["target"]]
-    if not texts:  # a clean clone without the shared data
-        from tformer.data import stdlib_docstring_corpus
+    """Both sides of 2,000 synthetic English -> German captions and of 1,000 examples of the
+    embedded docstring corpus (code, punctuation, mixed case)."""
+    from tformer.data import stdlib_docstring_corpus
 
-        train = stdlib_docstring_corpus(max_examples=1000)["train"]
-        texts = train["source"] + train["target"]
-    return texts
+    pairs = captions(2000)
+    train = stdlib_docstring_corpus(max_examples=1000)["train"]
+    return [r[k] for r in pairs for k in ("source", "target")] + train["source"] + train["target"]
 
 
 @pytest.fixture(scope="module")

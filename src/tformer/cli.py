@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,6 +23,47 @@ def _demo(args: argparse.Namespace) -> int:
     from tformer.demo import run_demo
 
     run_demo(args.recipe, args.overrides)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from tformer.data import sources
+
+    if args.action == "list":
+        root = sources.data_dir()
+        for source in sources.DATASETS.values():
+            config = f", config {source.hub_config}" if source.hub_config else ""
+            print(f"{source.name}: {source.task}; {source.license}")
+            print(f"  Hub: {source.hub_id}{config}, columns {source.source_column} -> source, "
+                  f"{source.target_column} -> target")
+            for role, split in source.splits.items():
+                print(f"  {role:<10} Hub split {split.hub_split:<12} mirror "
+                      f"{source.name}/{split.file} ({split.rows:,} rows in the reference mirror)")
+            print(f"  note: {source.note}")
+        where = root if root is not None else f"unset: set {sources.DATA_DIR_ENV} to use one"
+        print(f"\nmirror ({sources.DATA_DIR_ENV}): {where}")
+        return 0
+    root = args.to or args.dir or sources.data_dir()
+    if root is None:
+        raise ValueError(f"no mirror directory: pass --to DIR or set {sources.DATA_DIR_ENV}")
+    root = Path(root).expanduser()
+    names = args.names or list(sources.DATASETS)
+    for name in names:
+        sources.get_source(name)  # an unknown name fails before any download
+    if args.action == "write":
+        for name in names:
+            for path, rows in sources.write_mirror(name, root).items():
+                print(f"wrote {path} ({rows:,} rows)")
+        return 0
+    checks = list(sources.verify_mirror(root, names))
+    for check in checks:
+        print(check)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        print(f"{len(bad)} of {len(checks)} files differ from the reference mirror: figures "
+              "measured on this mirror are not comparable with docs/results.md")
+        return 1
+    print(f"all {len(checks)} files match the reference mirror")
     return 0
 
 
@@ -272,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe (default: recipes/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_demo)
+
+    p = verbs.add_parser("data", help="the datasets the recipes use: list them, write a Hub "
+                         "dataset into a local mirror, verify a mirror")
+    p.add_argument("action", choices=["list", "write", "verify"])
+    p.add_argument("names", nargs="*", help="dataset names (default: all)")
+    p.add_argument("--to", default=None, help="write: the mirror directory (default: "
+                   "$TFORMER_DATA_DIR)")
+    p.add_argument("--dir", default=None, help="verify: the mirror directory (default: "
+                   "$TFORMER_DATA_DIR)")
+    p.set_defaults(func=_data)
 
     p = verbs.add_parser("generate", help="generate outputs for texts from a file or stdin")
     p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")

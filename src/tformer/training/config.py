@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tformer.data.sources import DATASETS
 from tformer.model import SIZES, TransformerConfig, config_for
 
 
@@ -95,9 +96,12 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the examples come from and how they are cut. ``train`` None = the embedded corpus
-    of standard-library docstrings (no download)."""
+    """Where the examples come from and how they are cut: a named public dataset (``dataset``,
+    read from the local mirror ``$TFORMER_DATA_DIR`` or the Hub, see `tformer.data.sources`),
+    files or a Hub name per split (``train``, ``validation``, ``test``), or neither: the embedded
+    corpus of docstrings (no download)."""
 
+    dataset: str | None = None  # a name of `tformer data list`, e.g. "multi30k"
     train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
     hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
     validation: str | None = None
@@ -118,6 +122,15 @@ class DataSection:
     bpe_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.dataset is not None:
+            if self.dataset not in DATASETS:
+                raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)} "
+                                  f"(tformer data list), got {self.dataset!r}")
+            given = [f"data.{k}" for k in ("train", "validation", "test", "hub_config")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"data.dataset={self.dataset} names every split; drop "
+                                  f"{', '.join(given)} (or drop data.dataset to give files)")
         for name in ("max_source_length", "max_target_length", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")

@@ -13,9 +13,11 @@ from datasets import Dataset, DatasetDict
 from tokenizers import models as tokenizer_models
 
 from tformer.data import (
+    DataError,
     TokenBudgetBatchSampler,
     load_examples,
     sequence_lengths,
+    sources,
     stdlib_docstring_corpus,
     tokenize_examples,
 )
@@ -45,7 +47,9 @@ def load_texts(config: Config) -> tuple[DatasetDict, dict]:
     """The splits as text. ``data.train`` None = the embedded stdlib docstring corpus."""
     d = config.data
     stats: dict = {}
-    if d.train is None:
+    if d.dataset is not None:
+        splits = _load_dataset(d, stats)
+    elif d.train is None:
         corpus = stdlib_docstring_corpus(seed=config.train.seed)
         splits = dict(corpus)
         stats["corpus"] = "stdlib docstrings (embedded)"
@@ -59,7 +63,7 @@ def load_texts(config: Config) -> tuple[DatasetDict, dict]:
             cap = d.max_train_examples if split == "train" else None
             splits[split], report = load_examples(path, split=split, max_examples=cap, **options)
             stats[f"{split}_load"] = str(report)
-    if d.train is None and d.max_train_examples:
+    if d.train is None and d.dataset is None and d.max_train_examples:
         splits["train"] = splits["train"].select(range(min(d.max_train_examples,
                                                            len(splits["train"]))))
     if "validation" not in splits:
@@ -69,6 +73,25 @@ def load_texts(config: Config) -> tuple[DatasetDict, dict]:
         log.info("no validation split given: held out %d training examples", n)
     stats["sizes"] = {k: len(v) for k, v in splits.items()}
     return DatasetDict(splits), stats
+
+
+def _load_dataset(d, stats: dict) -> dict[str, Dataset]:
+    """Every split of the named dataset, from the mirror or the Hub (`tformer.data.sources`)."""
+    splits: dict[str, Dataset] = {}
+    for role, where in sources.locate(d.dataset).items():
+        cap = d.max_train_examples if role == "train" else None
+        try:
+            splits[role], report = load_examples(
+                where.path_or_name, split=where.split, hub_config=where.hub_config,
+                source_column=where.source_column, target_column=where.target_column,
+                prefix=d.prefix, max_examples=cap)
+        except DataError as error:
+            if where.is_file:
+                raise
+            raise sources.unavailable(d.dataset, error) from error
+        stats[f"{role}_load"] = str(report)
+    stats["dataset"] = d.dataset
+    return splits
 
 
 def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: bool = True):
