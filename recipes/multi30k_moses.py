@@ -15,7 +15,7 @@ detokenised sacreBLEU.
 ``report RUN_DIR`` runs the published protocol on a finished run with the ``tformer`` commands
 of docs/results.md: ``tformer average --last 5``, then for that average and for the last
 checkpoint ``tformer evaluate`` (beam 5, ``--moses de``) on test2016 and val, then ``score``;
-it prints one table (98 s for the recipe's model on two CPU cores).
+it prints one table (about a minute for the recipe's model on two CPU cores).
 
 The published 41.02 BLEU (fairseq transformer_tiny) is measured on text prepared this way, and
 models for it are trained on text prepared this way too. The German side is a fixed point of the

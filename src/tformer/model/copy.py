@@ -82,8 +82,7 @@ class CopyGenerator(nn.Module):
         generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
         # Each source position's word, named by the word's first position: word (B, S). The
         # first position of every vocabulary word is a scatter-min over the source, O(B (V + S)),
-        # where comparing every pair of source positions, O(B S²) at every decoding step, took
-        # 5-6× the time and 0.4 GB more at S = 2,048 (docs/benchmarks.md).
+        # where comparing every pair of source positions is O(B S²) at every decoding step.
         b, s = source_ids.shape
         position = torch.arange(s, device=source_ids.device)
         first_at = source_ids.new_full((b, logits.size(-1)), s).scatter_reduce(
