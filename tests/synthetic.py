@@ -100,3 +100,15 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
     return path
+
+
+def tokenizer_corpus(path: Path) -> Path:
+    """A text file to train small SentencePiece / BPE tokenizers on (a vocabulary of a few
+    hundred pieces needs more distinct words than the grammars above have): the captions and
+    dialogues, then the prose of this repository's own docs (docs/*.md)."""
+    lines = [r[k] for r in captions(400) + dialogues(200) for k in ("source", "target")]
+    for page in sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md")):
+        lines += [line for line in page.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8")
+    return path

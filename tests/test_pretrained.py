@@ -23,7 +23,7 @@ from tformer.training import load_config, train
 from tformer.training.config import ConfigError
 
 from .conftest import build_tiny_t5
-from .synthetic import dialogues, write_jsonl
+from .synthetic import dialogues, tokenizer_corpus, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dialogs(tmp_path_factory) -> dict[str, Path]:
     """96 training and 16 validation synthetic dialogues (source = dialogue, target =
-    summary; a DialogSum look-alike), plus a text file of both sides for the tokenizers."""
+    summary; a DialogSum look-alike), plus a text file for the tokenizers."""
     root = tmp_path_factory.mktemp("dialogsum")
     records = dialogues(400)
     write_jsonl(root / "train.jsonl", records[:96])
     write_jsonl(root / "val.jsonl", records[96:112])
-    text = "\n".join(r[k].replace("\n", " ") for r in records for k in ("source", "target"))
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
     return {"train": root / "train.jsonl", "validation": root / "val.jsonl",
-            "corpus": root / "corpus.txt"}
+            "corpus": tokenizer_corpus(root / "corpus.txt")}
 
 
 @pytest.fixture(scope="module")
