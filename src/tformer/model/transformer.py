@@ -5,7 +5,6 @@ Dimension names: B batch, S source length, T target length, H heads, D d_model, 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -73,6 +72,11 @@ class KVCache:
                 store[layer] = (k.index_select(0, index), v.index_select(0, index))
 
 
+def _checkpoint(function, *args):
+    """``function(*args)`` under ``torch.utils.checkpoint`` (non-reentrant, as Hugging Face's)."""
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 class _Stack(nn.Module):
     """N identical layers; pre-norm stacks end with a LayerNorm, post-norm ones already do.
 
@@ -89,7 +93,7 @@ class _Stack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = final_norm
-        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        self._gradient_checkpointing_func = _checkpoint
 
     def run(self, layer: nn.Module, *args):
         """``layer(*args)``, checkpointed when enabled and a backward pass will follow."""
