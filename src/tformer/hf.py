@@ -237,9 +237,10 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``; a checkpoint saved without a length in its
         ``generation_config.json`` (before tformer wrote one) gets ``DEFAULT_MAX_NEW_TOKENS``."""
-        model = super().from_pretrained(*args, **kwargs)
-        _give_length(model.generation_config)
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)
+        # (model, loading_info) with output_loading_info=True
+        _give_length((loaded[0] if isinstance(loaded, tuple) else loaded).generation_config)
+        return loaded
 
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
         """Hugging Face's, except that a ``max_length`` asked for in the call (without
