@@ -10,18 +10,20 @@ runs in a fresh process (one thread), after one warm-up step:
 
 - **peak memory of the step**: the process's peak resident memory during the step (``VmHWM``,
   reset before it through ``/proc/self/clear_refs``) less its resident memory before it (model,
-  gradients and batch already there): what the step's activations add;
+  gradients and batch already there; glibc's free memory given back by ``malloc_trim``): what
+  the step's activations add;
 - **saved for backward**: bytes of the tensors autograd keeps outside the checkpoints, weights
   excepted (a ``saved_tensors_hooks`` count; with checkpointing the layers' inputs are kept
   besides);
 - **time**: median of 3 steps; checkpointing runs each layer's forward a second time.
 
-Linux only (``/proc``). The figures are in ``docs/model.md`` (section 13).
+Linux and glibc only. The figures are in ``docs/model.md`` (section 13).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -78,6 +80,8 @@ def one_side(size: str, batch: int, length: int, checkpointed: bool) -> dict:
         loss.backward()
 
     step()  # warm-up: gradients allocated, allocator settled
+    # give the heap's free memory back to the system, else the step could reuse it unseen
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
     step(count=True)
