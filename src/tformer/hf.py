@@ -4,17 +4,23 @@ It wraps :class:`tformer.model.Transformer` as a ``PreTrainedModel`` + ``Generat
 registers it with the ``Auto*`` classes under ``model_type = "tformer"``. Through it the own model
 gets ``save_pretrained`` / ``from_pretrained`` (safetensors), ``generate()`` (greedy, beam,
 sampling, with the key/value cache) and the same code path as any pretrained seq2seq checkpoint.
+It behaves as Hugging Face's own models do: ``labels`` give the plain cross-entropy,
+``output_hidden_states``, ``resize_token_embeddings`` and ``gradient_checkpointing_enable()`` work,
+and a saved model's ``generation_config`` has a length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
@@ -31,6 +37,47 @@ from tformer.model import (
 
 MODEL_TYPE = "tformer"
 _MODEL_FIELDS = [f.name for f in dataclasses.fields(TransformerConfig)]
+
+# Loading a checkpoint without ``import tformer``. Transformers knows no "tformer" model type
+# until tformer registers it, and for an unknown type it says to update Transformers, a message
+# no checkpoint can change. What a checkpoint can carry is Hugging Face's way to custom code: an
+# ``auto_map`` in config.json naming a module in the directory. Transformers then says that the
+# checkpoint "contains custom code" and asks for ``trust_remote_code=True``; given it, it runs
+# that module, which only imports the installed tformer (or, where tformer is missing, says to
+# install and import it). With ``import tformer`` first (tformer's own loaders) the registered
+# classes are used and the module never runs.
+SHIM_FILE = "modeling_tformer.py"
+AUTO_MAP = {"AutoConfig": "modeling_tformer.TformerConfig",
+            "AutoModelForSeq2SeqLM": "modeling_tformer.TformerForConditionalGeneration"}
+_SHIM = '''"""This directory is a tformer checkpoint: tformer's own encoder-decoder Transformer.
+
+Load it with `import tformer` first, then any `transformers` Auto class (no code of this
+directory runs then), or with `trust_remote_code=True`, which runs this file: it only imports
+the installed `tformer` package.
+"""
+
+try:
+    from tformer import hf
+except ImportError as error:
+    raise ImportError(
+        "This is a tformer checkpoint: install tformer (pip install tformer) and `import tformer` "
+        "before loading it with transformers."
+    ) from error
+
+
+# Subclasses, so that what transformers records on the classes it loads from here stays off
+# tformer's own.
+class TformerConfig(hf.TformerConfig):
+    pass
+
+
+class TformerForConditionalGeneration(hf.TformerForConditionalGeneration):
+    config_class = TformerConfig
+'''
+
+#: ``max_new_tokens`` of a model whose generation config has no length: the CLI's default.
+#: Without one, ``generate()`` stops every output at 20 tokens (``max_length``'s default).
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class TformerConfig(PreTrainedConfig):
@@ -65,7 +112,6 @@ class TformerConfig(PreTrainedConfig):
     tie_embeddings: bool = True
     copy_attention: bool = False
     layer_norm_eps: float = 1e-5
-    label_smoothing: float = 0.0  # used by forward(labels=...); the trainer passes its own
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 3
@@ -74,9 +120,21 @@ class TformerConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        # Checkpoints written before label smoothing became the trainer's alone (train.
+        # label_smoothing) stored it here; forward(labels=...) is now plain cross-entropy.
+        kwargs.pop("label_smoothing", None)
         self.tie_word_embeddings = self.tie_embeddings
         super().__post_init__(**kwargs)
         self.transformer_config()  # validate now: a bad value fails here, naming the field
+        self.auto_map = dict(AUTO_MAP)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """``PreTrainedConfig.save_pretrained``, plus the module ``auto_map`` names (see
+        ``SHIM_FILE``), written first so that a push to the Hub includes it."""
+        os.makedirs(save_directory, exist_ok=True)
+        (Path(save_directory) / SHIM_FILE).write_text(_SHIM, encoding="utf-8")
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
@@ -134,9 +192,10 @@ class _Encoder:
         return_dict: bool | None = None, **kwargs,
     ) -> BaseModelOutput:
         mask = None if attention_mask is None else attention_mask.bool()
-        out = self.owner.model.encode(input_ids, mask, need_weights=bool(output_attentions))
+        out = self.owner.model.encode(input_ids, mask, need_weights=bool(output_attentions),
+                                      need_hidden=bool(output_hidden_states))
         return TformerEncoderOutput(last_hidden_state=out.hidden, attentions=out.attentions,
-                                    source_ids=input_ids)
+                                    hidden_states=out.hidden_states, source_ids=input_ids)
 
 
 class TformerPreTrainedModel(PreTrainedModel):
@@ -145,6 +204,9 @@ class TformerPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _supports_sdpa = True
     _no_split_modules = ["EncoderLayer", "DecoderLayer"]  # FSDP auto-wrap / device maps
+    # gradient_checkpointing_enable() sets gradient_checkpointing on the encoder and decoder
+    # stacks (tformer.model.transformer._Stack), which then checkpoint each layer
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module) -> None:
         # build_transformer() already initialised every weight (tformer.model.init_weights);
@@ -156,9 +218,11 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
     """The own Transformer behind the Hugging Face seq2seq interface.
 
     ``forward`` returns a ``Seq2SeqLMOutput``; given ``labels`` (pad = -100) it builds the
-    decoder inputs by shifting them right and returns the token-mean cross-entropy, with
-    ``config.label_smoothing``. ``output_attentions=True`` returns encoder, decoder and cross
-    attention per layer, each (B, H, Tq, Tk).
+    decoder inputs by shifting them right and returns the token-mean cross-entropy, without
+    label smoothing, as every Hugging Face seq2seq model (training smooths through
+    ``train.label_smoothing``). ``output_attentions=True`` returns encoder, decoder and cross
+    attention per layer, each (B, H, Tq, Tk); ``output_hidden_states=True`` the embedding output
+    and each layer's, N + 1 tensors (B, S or T, D) per side.
     """
 
     _tied_weights_keys = {"model.tgt_embed.token.weight": "model.src_embed.token.weight"}
@@ -167,12 +231,55 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = build_transformer(config.transformer_config())
         self.post_init()
+        _give_length(self.generation_config)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; a checkpoint saved without a length in its
+        ``generation_config.json`` (before tformer wrote one) gets ``DEFAULT_MAX_NEW_TOKENS``."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        # (model, loading_info) with output_loading_info=True
+        _give_length((loaded[0] if isinstance(loaded, tuple) else loaded).generation_config)
+        return loaded
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
+        """Hugging Face's, except that a ``max_length`` asked for in the call (without
+        ``max_new_tokens``) wins over the ``max_new_tokens`` this model's generation config
+        carries: ``generate()`` would otherwise let the stored one take precedence."""
+        prepared, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        asked = [kwargs, {} if generation_config is None else generation_config.to_dict()]
+        if (any(a.get("max_length") is not None for a in asked)
+                and all(a.get("max_new_tokens") is None for a in asked)):
+            prepared.max_new_tokens = None
+        return prepared, model_kwargs
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.src_embed.token
 
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.model.src_embed.token = value
+        if self.config.tie_embeddings:
+            self.model.tgt_embed.token = value
+        self.model.config = dataclasses.replace(self.model.config,
+                                                vocab_size=value.num_embeddings)
+
     def get_output_embeddings(self):
         return self.model.lm_head  # None when tied to the input embedding
+
+    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
+        self.model.lm_head = value
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None,
+                                 mean_resizing=True):
+        """Hugging Face resizes the input embedding and ``lm_head``; an untied model has a third
+        table, the target embedding, resized here the same way."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of,
+                                                      mean_resizing)
+        target = self.model.tgt_embed.token
+        if target is not embeddings:
+            self.model.tgt_embed.token = self._get_resized_embeddings(
+                target, embeddings.num_embeddings, mean_resizing=mean_resizing)
+        return embeddings
 
     def get_encoder(self, modality: str | None = None) -> _Encoder:
         return _Encoder(self)
@@ -199,10 +306,11 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
         past_key_values: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        need_weights = bool(output_attentions)
+        need_weights, need_hidden = bool(output_attentions), bool(output_hidden_states)
         source_mask = None if attention_mask is None else attention_mask.bool()
         if encoder_outputs is None:
-            encoder_outputs = self.get_encoder()(input_ids, attention_mask, need_weights)
+            encoder_outputs = self.get_encoder()(input_ids, attention_mask, need_weights,
+                                                 need_hidden)
         elif isinstance(encoder_outputs, tuple):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         if decoder_input_ids is None:
@@ -217,7 +325,8 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
         view = _HFCacheView(cache) if (use_cache and cache is not None) else None
 
         dec = self.model.decode(
-            decoder_input_ids, encoder_outputs.last_hidden_state, source_mask, view, need_weights
+            decoder_input_ids, encoder_outputs.last_hidden_state, source_mask, view, need_weights,
+            need_hidden=need_hidden,
         )
         source_ids = getattr(encoder_outputs, "source_ids", None)
         logits = self.model.output(  # (B, T, V)
@@ -225,16 +334,24 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
             source_ids if source_ids is not None else input_ids, source_mask)
         loss = None
         if labels is not None:
-            loss = compute_loss(logits, labels, self.config.label_smoothing)
+            loss = compute_loss(logits, labels)  # no label smoothing: comparable with T5, BART
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
             cache=cache if view is not None else None,
+            decoder_hidden_states=dec.hidden_states,
             decoder_attentions=dec.self_attentions,
             cross_attentions=dec.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states if need_hidden else None,
             encoder_attentions=encoder_outputs.attentions,
         )
+
+
+def _give_length(generation: GenerationConfig) -> None:
+    """Set ``max_new_tokens`` to ``DEFAULT_MAX_NEW_TOKENS`` where no length is set."""
+    if generation.max_new_tokens is None and generation.max_length is None:
+        generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
 
 AutoConfig.register(MODEL_TYPE, TformerConfig)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tformer.model.attention import MultiHeadAttention
 from tformer.model.config import TransformerConfig
@@ -21,12 +22,16 @@ from tformer.model.masks import padding_mask
 class EncoderOutput(NamedTuple):
     hidden: Tensor  # (B, S, D)
     attentions: tuple[Tensor, ...] | None  # per layer (B, H, S, S)
+    # the embedding output, then each layer's (the last after the final norm, if any): N + 1
+    # tensors (B, S, D), as Hugging Face's ``output_hidden_states``
+    hidden_states: tuple[Tensor, ...] | None = None
 
 
 class DecoderOutput(NamedTuple):
     hidden: Tensor  # (B, T, D)
     self_attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, T_past + T)
     cross_attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, S)
+    hidden_states: tuple[Tensor, ...] | None = None  # N + 1 tensors (B, T, D), as the encoder's
 
 
 class Seq2SeqOutput(NamedTuple):
@@ -67,44 +72,74 @@ class KVCache:
                 store[layer] = (k.index_select(0, index), v.index_select(0, index))
 
 
-class Encoder(nn.Module):
-    """N identical layers; pre-norm stacks end with a LayerNorm, post-norm ones already do."""
+def _checkpoint(function, *args):
+    """``function(*args)`` under ``torch.utils.checkpoint`` (non-reentrant, as Hugging Face's)."""
+    return checkpoint(function, *args, use_reentrant=False)
 
-    def __init__(self, layers: list[EncoderLayer], final_norm: nn.LayerNorm | None) -> None:
+
+class _Stack(nn.Module):
+    """N identical layers; pre-norm stacks end with a LayerNorm, post-norm ones already do.
+
+    Gradient checkpointing (``gradient_checkpointing = True``, what Hugging Face's
+    ``gradient_checkpointing_enable()`` sets, with its own ``_gradient_checkpointing_func``) keeps
+    only each layer's input for the backward pass and runs the layer again there: activation
+    memory of one layer instead of N, for about one more forward pass. Dropout draws the same
+    mask again (the checkpoint restores the random state), so the gradients are unchanged.
+    """
+
+    gradient_checkpointing = False
+
+    def __init__(self, layers: list[nn.Module], final_norm: nn.LayerNorm | None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = final_norm
+        self._gradient_checkpointing_func = _checkpoint
 
-    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> EncoderOutput:
-        weights = []
+    def run(self, layer: nn.Module, *args):
+        """``layer(*args)``, checkpointed when enabled and a backward pass will follow."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return layer(*args)
+
+
+class Encoder(_Stack):
+    def forward(
+        self, x: Tensor, mask: Tensor | None, need_weights: bool = False,
+        need_hidden: bool = False,
+    ) -> EncoderOutput:
+        weights, states = [], [x]
         for layer in self.layers:
-            x, w = layer(x, mask, need_weights)
+            x, w = self.run(layer, x, mask, need_weights)
             weights.append(w)
+            states.append(x)
         if self.norm is not None:
             x = self.norm(x)
-        return EncoderOutput(x, tuple(weights) if need_weights else None)
+            states[-1] = x
+        return EncoderOutput(x, tuple(weights) if need_weights else None,
+                             tuple(states) if need_hidden else None)
 
 
-class Decoder(nn.Module):
-    def __init__(self, layers: list[DecoderLayer], final_norm: nn.LayerNorm | None) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = final_norm
-
+class Decoder(_Stack):
     def forward(
         self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, cache=None,
-        need_weights: bool = False, self_mask: Tensor | None = None,
+        need_weights: bool = False, self_mask: Tensor | None = None, need_hidden: bool = False,
     ) -> DecoderOutput:
-        self_w, cross_w = [], []
+        self_w, cross_w, states = [], [], [x]
         for layer in self.layers:
-            x, ws, wc = layer(x, memory, memory_mask, cache, need_weights, self_mask)
+            if cache is None:
+                x, ws, wc = self.run(layer, x, memory, memory_mask, None, need_weights, self_mask)
+            else:  # never checkpointed: running the layer again would write the cache twice
+                x, ws, wc = layer(x, memory, memory_mask, cache, need_weights, self_mask)
             self_w.append(ws)
             cross_w.append(wc)
+            states.append(x)
         if self.norm is not None:
             x = self.norm(x)
+            states[-1] = x
+        hidden_states = tuple(states) if need_hidden else None
         if not need_weights:
-            return DecoderOutput(x, None, None)
-        return DecoderOutput(x, tuple(self_w), tuple(cross_w))
+            return DecoderOutput(x, None, None, hidden_states)
+        return DecoderOutput(x, tuple(self_w), tuple(cross_w), hidden_states)
 
 
 class Transformer(nn.Module):
@@ -127,15 +162,17 @@ class Transformer(nn.Module):
         self.copy = copy  # None: no copy attention (the paper's model)
 
     def encode(
-        self, input_ids: Tensor, source_mask: Tensor | None = None, need_weights: bool = False
+        self, input_ids: Tensor, source_mask: Tensor | None = None, need_weights: bool = False,
+        need_hidden: bool = False,
     ) -> EncoderOutput:
+        """``need_hidden``: also return the embedding output and every layer's (``hidden_states``)."""
         mask = None if source_mask is None else padding_mask(source_mask)  # (B, 1, 1, S)
-        return self.encoder(self.src_embed(input_ids), mask, need_weights)
+        return self.encoder(self.src_embed(input_ids), mask, need_weights, need_hidden)
 
     def decode(
         self, decoder_input_ids: Tensor, memory: Tensor, source_mask: Tensor | None = None,
         cache=None, need_weights: bool = False, *, positions: Tensor | None = None,
-        target_mask: Tensor | None = None,
+        target_mask: Tensor | None = None, need_hidden: bool = False,
     ) -> DecoderOutput:
         """Decode target prefixes against the encoder output ``memory`` (B, S, D).
 
@@ -155,7 +192,7 @@ class Transformer(nn.Module):
         x = self.tgt_embed(decoder_input_ids, offset=offset)  # (B, T, D)
         mask = None if source_mask is None else padding_mask(source_mask)
         self_mask = None if target_mask is None else padding_mask(target_mask)
-        return self.decoder(x, memory, mask, cache, need_weights, self_mask)
+        return self.decoder(x, memory, mask, cache, need_weights, self_mask, need_hidden)
 
     def project(self, hidden: Tensor) -> Tensor:  # (..., D) -> (..., V)
         if self.lm_head is not None:

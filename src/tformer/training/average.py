@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 # What a model directory needs beside its weights (the trainer state is left behind).
-_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "special_tokens_map.json", "spiece.model", "vocab.json", "merges.txt")
+_COPIED = ("config.json", "generation_config.json", "modeling_tformer.py", "tokenizer.json",
+           "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "vocab.json",
+           "merges.txt")
 
 
 def last_checkpoints(run_dir: str | Path, n: int) -> list[Path]:

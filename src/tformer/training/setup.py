@@ -215,6 +215,9 @@ def build_model(config: Config, tokenizer):
     m = config.model
     if m.pretrained is not None:
         model = load_model(m.pretrained, dtype=torch.float32)
+        generation = model.generation_config
+        if generation.max_new_tokens is None and generation.max_length is None:
+            generation.max_new_tokens = config.train.max_new_tokens  # else generate() stops at 20
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ConfigError(
                 f"model.pretrained {m.pretrained!r}: its tokenizer has {len(tokenizer)} tokens but "
@@ -237,9 +240,11 @@ def build_model(config: Config, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.bos_token_id,
-        label_smoothing=config.train.label_smoothing,
     )
-    return TformerForConditionalGeneration(hf_config)
+    model = TformerForConditionalGeneration(hf_config)
+    # checkpoints carry the recipe's output length: a bare generate() would stop at 20 tokens
+    model.generation_config.max_new_tokens = config.train.max_new_tokens
+    return model
 
 
 def pretrained_model_type(config: Config) -> str | None:
