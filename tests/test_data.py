@@ -194,7 +194,8 @@ def test_hub_failure_is_one_clear_line(monkeypatch):
     def offline(name, split):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)\n...")
 
-    monkeypatch.setattr(loading.datasets, "load_dataset", offline)
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)  # the Hub answers...
+    monkeypatch.setattr(loading.datasets, "load_dataset", offline)  # ...but not for this name
     with pytest.raises(DataError) as caught:
         load_examples("someone/summaries", split="validation")
     message = str(caught.value)
@@ -203,8 +204,20 @@ def test_hub_failure_is_one_clear_line(monkeypatch):
     assert "split 'validation'" in message and "ConnectionError: Couldn't reach" in message
 
 
+def test_an_unreachable_hub_is_one_quick_error_without_retries(monkeypatch):
+    def load_dataset(*args, **kwargs):  # `datasets` would retry with back-off for 24 s
+        raise AssertionError("load_dataset called although the probe failed")
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(loading.datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=r"'someone/summaries' is not a local file and the "
+                       r"Hugging Face Hub cannot be reached \(split 'test'\); set HF_HUB_OFFLINE"):
+        load_examples("someone/summaries", split="test")
+
+
 def test_hub_dataset_goes_through_the_same_checks(monkeypatch):
     hub = Dataset.from_dict({"document": ["d1", "", "d3"], "summary": ["s1", "s2", "s3"]})
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(loading.datasets, "load_dataset", lambda name, split: hub)
     dataset, report = load_examples("org/name", source_column="document", target_column="summary")
     assert dataset["source"] == ["d1", "d3"] and report.empty_source == 1

@@ -136,7 +136,9 @@ def test_labels_and_decoder_inputs_follow_the_models_conventions(dialogs, t5_dir
     batch = Seq2SeqCollator(tokenizer.pad_token_id, start)(
         [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)])
     assert (batch["decoder_input_ids"][:, 0] == start).all()
-    kept = batch["labels"][:, :-1] != -100  # teacher forcing: inputs are labels shifted right
+    # teacher forcing: inputs are each row's labels shifted right (its last label, </s>, is
+    # never an input): compare where the next label is still part of the row
+    kept = batch["labels"][:, 1:] != -100
     assert (batch["decoder_input_ids"][:, 1:][kept] == batch["labels"][:, :-1][kept]).all()
 
 
@@ -292,6 +294,7 @@ def test_hub_dataset_configuration_reaches_datasets(monkeypatch):
         return Dataset.from_dict({"article": ["An article.", "Another one."],
                                   "highlights": ["A summary.", "Another."]})
 
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(loading.datasets, "load_dataset", fake_load_dataset)
     config = load_config(ROOT / "recipes" / "t5_small_cnn_dailymail.yaml")
     texts, _ = load_texts(config)

@@ -34,7 +34,8 @@ def _training_texts() -> list[str]:
 
     pairs = captions(2000)
     train = stdlib_docstring_corpus(max_examples=1000)["train"]
-    return [r[k] for r in pairs for k in ("source", "target")] + train["source"] + train["target"]
+    return [r[k] for r in pairs for k in ("source", "target")] + list(train["source"]) + list(
+        train["target"])
 
 
 @pytest.fixture(scope="module")
