@@ -17,8 +17,9 @@ figure measured side by side by a committed script (``docs/benchmarks.md`` has t
 - ``bench/loss.py``: the loss 1.5× faster at V = 8,000 and 2.5× at V = 32,000, 1.11× on a
   training step.
 
-``enabled = False`` turns all three off (PyTorch's path everywhere): the baseline of
-``bench/cpu_kernels.py``, and what a test comparing eager and compiled runs wants.
+``enabled = False`` turns all three off: PyTorch's path everywhere, e.g. to compare draw for
+draw with ``F.dropout``. (``bench/cpu_kernels.py``'s baseline replaces only ``dropout`` and
+``written_out_max_keys``, keeping the loss, which ``bench/loss.py`` measures.)
 """
 
 from __future__ import annotations
