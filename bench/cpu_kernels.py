@@ -6,11 +6,12 @@
 tformer's model takes two hand-written paths on CPU (float32, eager), because PyTorch's are slow
 at the sizes of a small model:
 
-- ``tformer.model.layers.Dropout`` builds its mask from 16-bit slices of 64-bit random words,
+- ``tformer.model.kernels.dropout`` builds its mask from 16-bit slices of 64-bit random words,
   where ``F.dropout`` draws one Bernoulli sample per element;
 - ``MultiHeadAttention`` uses the formula written out (``attention_math``) instead of
   ``F.scaled_dot_product_attention`` when the keys are at most
-  ``MultiHeadAttention.written_out_max_keys`` long and there is more than one query.
+  ``tformer.model.kernels.written_out_max_keys`` long and there is more than one query
+  (``kernels.written_out_attention_is_faster``).
 
 Three measurements, each side by side in one process, the sides alternating at every repetition
 so that the machine's drifting load falls on both alike (medians printed, ratio torch / tformer):
@@ -23,16 +24,19 @@ so that the machine's drifting load falls on both alike (medians printed, ratio 
    (``recipes/multi30k_moses.yaml`` for runs six to ten: d_model 128, 4+4 layers, d_ff 256,
    V 8,000, dropout 0.3; the recipe has V 5,000 since the eleventh run)
    on 256 random pairs of 16 + 16 tokens: the model as it is, against the same model with
-   ``nn.Dropout`` modules and ``written_out_max_keys = 0`` (PyTorch's kernels everywhere).
+   ``kernels.dropout = F.dropout`` and ``kernels.written_out_max_keys = 0`` (PyTorch's kernels
+   for both; the loss is ``compute_loss`` on both sides, ``bench/loss.py`` measures it).
 
 The two attention paths give the same outputs and gradients (``tests/test_attention.py``); the
 dropout mask draws other random numbers than ``F.dropout`` and is tested against the definition
-of dropout (``tests/test_layers.py``).
+of dropout (``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,11 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from side_by_side import RECIPE_MODEL, parse_args, recipe_step, side_by_side  # noqa: E402
-from torch import nn  # noqa: E402
 
-from tformer.model import MultiHeadAttention, build_transformer, compute_loss  # noqa: E402
+from tformer.model import build_transformer, compute_loss, kernels  # noqa: E402
 from tformer.model.attention import attention_math  # noqa: E402
-from tformer.model.layers import Dropout  # noqa: E402
 
 
 def forward_backward(fn, *inputs: torch.Tensor):
@@ -62,9 +64,8 @@ def forward_backward(fn, *inputs: torch.Tensor):
 
 def dropout_alone(repeats: int) -> None:
     x = torch.randn(256, 16, 128, requires_grad=True)
-    ours = Dropout(0.3).train()
     side_by_side("dropout alone, (256, 16, 128), p 0.3, forward + backward",
-                 {"tformer": forward_backward(lambda: ours(x), x),
+                 {"tformer": forward_backward(lambda: kernels.dropout(x, 0.3, True), x),
                   "torch": forward_backward(lambda: F.dropout(x, 0.3, True), x)}, repeats)
 
 
@@ -88,30 +89,35 @@ def attention_alone(repeats: int) -> None:
                       "torch": forward_backward(theirs, q, k, v)}, repeats)
 
 
-def with_torch_kernels(model: nn.Module) -> nn.Module:
-    """The same model on PyTorch's kernels: nn.Dropout modules, no written-out attention."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, Dropout):
-                setattr(module, name, nn.Dropout(child.p))
-        if isinstance(module, MultiHeadAttention):
-            module.written_out_max_keys = 0
-    return model
+@contextmanager
+def torch_dropout_and_attention() -> Iterator[None]:
+    """The model on PyTorch's kernels: F.dropout, no written-out attention."""
+    saved = kernels.dropout, kernels.written_out_max_keys
+    kernels.dropout, kernels.written_out_max_keys = F.dropout, 0
+    try:
+        yield
+    finally:
+        kernels.dropout, kernels.written_out_max_keys = saved
 
 
 def training_step(repeats: int) -> None:
     torch.manual_seed(0)
     ours = build_transformer(RECIPE_MODEL).train()
     torch.manual_seed(0)
-    theirs = with_torch_kernels(build_transformer(RECIPE_MODEL).train())
+    theirs = build_transformer(RECIPE_MODEL).train()
+    theirs_step = recipe_step(theirs, compute_loss)
+
+    def torch_step() -> None:
+        with torch_dropout_and_attention():
+            theirs_step()
+
     side_by_side("training step, Multi30k recipe model, B=256 S=T=16",
-                 {"tformer": recipe_step(ours, compute_loss),
-                  "torch": recipe_step(theirs, compute_loss)}, repeats)
+                 {"tformer": recipe_step(ours, compute_loss), "torch": torch_step}, repeats)
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    print(f"written_out_max_keys {MultiHeadAttention.written_out_max_keys}")
+    print(f"written_out_max_keys {kernels.written_out_max_keys}")
     dropout_alone(args.repeats)
     attention_alone(args.repeats)
     training_step(args.repeats)

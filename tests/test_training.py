@@ -65,12 +65,12 @@ def test_compiled_training_step_equals_the_eager_one(data_files, tmp_path, monke
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
-    from tformer.model.layers import Dropout
+    from tformer.model import kernels
 
-    # Compiled, tformer's Dropout is F.dropout (inductor's own fused random numbers); eager on
-    # CPU it draws its mask another way (tests/test_layers.py). Both runs here use F.dropout,
+    # Compiled, tformer's dropout is F.dropout (inductor's own fused random numbers); eager on
+    # CPU it draws its mask another way (tests/test_kernels.py). Both runs here use F.dropout,
     # whose masks fallback_random reproduces.
-    monkeypatch.setattr(Dropout, "forward", torch.nn.Dropout.forward)
+    monkeypatch.setattr(kernels, "dropout", torch.nn.functional.dropout)
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     reference_run = tmp_path / "eager"
     train(load_config(None, overrides(data_files, reference_run)))

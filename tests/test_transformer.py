@@ -221,12 +221,12 @@ def test_loss_ignores_padding_labels_and_smooths():
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_value_and_gradient_equal_torch_cross_entropy(eps, dtype, monkeypatch):
-    # compute_loss writes the CPU training loss out by hand (tformer.model.loss); value and
+    # compute_loss writes the CPU training loss out by hand (tformer.model.kernels); value and
     # gradient must be PyTorch's, over several chunks of rows (the last one short) and with
     # ignored labels.
-    import tformer.model.loss
+    from tformer.model import kernels
 
-    monkeypatch.setattr(tformer.model.loss, "_CHUNK_ELEMENTS", 64 * 301)  # 64 rows a chunk
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 64 * 301)  # 64 rows a chunk
     torch.manual_seed(0)
     n, vocab = 600, 301
     base = (torch.randn(n, vocab) * 3).to(dtype)

@@ -2,7 +2,9 @@
 
 Read in this order: ``masks`` -> ``attention`` -> ``layers`` -> ``transformer``; ``config`` holds
 the sizes and ``loss`` the training objective; ``copy`` is an optional output layer that is not
-in the paper (copy attention). The math is in ``docs/model.md``.
+in the paper (copy attention). ``kernels`` holds the CPU-speed paths the others call (dropout,
+short-sequence attention, cross-entropy), each equal to PyTorch's and with its measured reason.
+The math is in ``docs/model.md``.
 """
 
 from tformer.model.attention import (

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.model import kernels
 from tformer.model.masks import additive, causal_mask
 
 
@@ -106,19 +106,6 @@ class MultiHeadAttention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    # Longest key sequence for which the formula written out (attention_math) is used instead of
-    # F.scaled_dot_product_attention on CPU, in float32, for more than one query. PyTorch's
-    # CPU flash kernel pays a fixed cost per (batch, head) block that dominates for short
-    # sequences; with 4,096 query positions, 4 heads of 32, forward and backward, the written-out
-    # formula was 2.9x faster at 16 keys, 1.3-1.4x at 32 and 64, 0.77x at 128 and slower beyond
-    # (bench/cpu_kernels.py). It stores the (B, H, Tq, Tk) weights, small at these lengths.
-    # One query (a cached decoding step) keeps the kernel, which is faster there. 0 = never.
-    written_out_max_keys: int = 64
-
-    def _written_out_is_faster(self, q: Tensor, k: Tensor) -> bool:
-        return (q.device.type == "cpu" and q.dtype == torch.float32 and q.size(2) > 1
-                and k.size(2) <= self.written_out_max_keys and not torch.compiler.is_compiling())
-
     def _split_heads(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
@@ -170,7 +157,9 @@ class MultiHeadAttention(nn.Module):
             # One query at the end of the sequence (a cached decoding step) sees every key:
             # no mask at all, so the kernel can take its fastest path.
             is_causal = False
-        written_out = need_weights or self._written_out_is_faster(q, k)
+        # The formula written out when the weights are wanted, or where it is the faster path
+        # (short keys on CPU); PyTorch's kernel otherwise.
+        written_out = need_weights or kernels.written_out_attention_is_faster(q, k)
         if is_causal and (mask is not None or tq != tk or written_out):
             # The kernel's own causal flag assumes Tq == Tk and no other mask: build it instead.
             causal = causal_mask(tq, tk, x.device)

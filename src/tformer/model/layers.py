@@ -2,6 +2,8 @@
 encoder and decoder layers (Vaswani et al. 2017, sections 3.1, 3.3-3.5).
 
 Dimension names: B batch, S source length, T target length, D d_model, F d_ff, V vocabulary.
+Dropout (section 5.4) is ``kernels.dropout(x, P_drop, training)``: ``F.dropout``, with a faster
+mask on CPU (``tformer.model.kernels``).
 """
 
 from __future__ import annotations
@@ -13,43 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.model import kernels
 from tformer.model.attention import DecoderCache, MultiHeadAttention
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` (zero each element with probability p, scale the rest by 1 / (1 - p)),
-    with a faster mask on CPU.
-
-    Written by hand because PyTorch's CPU dropout draws one Bernoulli sample per element: for
-    the (256, 16, 128) sublayer outputs of the Multi30k recipe it took 6.1 ms forward and
-    backward, about 13% of a training step over the step's 22 dropouts. Here the mask compares
-    16-bit slices of 64-bit random words with a threshold (4 elements per draw of the generator):
-    1.9 ms (``bench/cpu_kernels.py``). The probability is rounded to a multiple of 1/65536 and
-    the scale is exact for it, so the expected output still equals the input. Seeded by
-    ``torch.manual_seed`` like every CPU draw. On other devices and under ``torch.compile``
-    (whose compiler generates its own fused random numbers) this is ``nn.Dropout``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x  # what F.dropout returns then, without its call (a decoding step makes 13)
-        if self.p in (0, 1) or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().forward(x)
-        return cpu_dropout(x, self.p)
-
-
-def cpu_dropout(x: Tensor, p: float) -> Tensor:
-    """Dropout with a mask from 16 random bits per element; see :class:`Dropout`."""
-    threshold = min(round(p * 65536), 65535)  # drop where the 16 bits, unsigned, are below it
-    n = x.numel()
-    # random_ over the whole int64 range gives 64 uniform bits per word (its default range
-    # leaves the top bit 0); each word is read as four int16 values.
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-    bits = words.view(torch.int16)[:n].view(x.shape)
-    keep = bits >= threshold - 32768  # int16 is signed: unsigned value = bits + 32768
-    return (x * keep).mul_(65536 / (65536 - threshold))  # autograd keeps the bool mask only
 
 
 class FeedForward(nn.Module):
@@ -114,7 +83,7 @@ class Embeddings(nn.Module):
         self.learned = nn.Embedding(max_positions, d_model) if positional == "learned" else None
         self.max_positions = max_positions
         self.scale = math.sqrt(d_model) if scale else 1.0
-        self.dropout = Dropout(dropout)
+        self.p_drop = dropout  # P_drop, section 5.4
 
     def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:  # (B, T) -> (B, T, D)
         """``offset``: position of ``ids[:, 0]``, one int for the batch or a (B,) tensor, one per
@@ -136,7 +105,7 @@ class Embeddings(nn.Module):
             pos = self.learned(positions)
         else:
             pos = sinusoidal_positions(positions, x.size(-1)).to(x.dtype)
-        return self.dropout(x + pos)
+        return kernels.dropout(x + pos, self.p_drop, self.training)
 
 
 class EncoderLayerOutput(NamedTuple):
@@ -166,18 +135,18 @@ class EncoderLayer(nn.Module):
         self.self_attn, self.ffn = self_attn, ffn
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.p_drop = dropout  # P_drop, section 5.4
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False) -> EncoderLayerOutput:
         if self.norm_first:
             a, w = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
-            x = x + self.dropout(a)
-            x = x + self.dropout(self.ffn(self.norm2(x)))
+            x = x + kernels.dropout(a, self.p_drop, self.training)
+            x = x + kernels.dropout(self.ffn(self.norm2(x)), self.p_drop, self.training)
         else:
             a, w = self.self_attn(x, mask=mask, need_weights=need_weights)
-            x = self.norm1(x + self.dropout(a))
-            x = self.norm2(x + self.dropout(self.ffn(x)))
+            x = self.norm1(x + kernels.dropout(a, self.p_drop, self.training))
+            x = self.norm2(x + kernels.dropout(self.ffn(x), self.p_drop, self.training))
         return EncoderLayerOutput(x, w)
 
 
@@ -193,7 +162,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.norm3 = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.p_drop = dropout  # P_drop, section 5.4
         self.norm_first = norm_first
 
     def forward(
@@ -215,14 +184,14 @@ class DecoderLayer(nn.Module):
 
         if self.norm_first:
             a, ws = self_block(self.norm1(x))
-            x = x + self.dropout(a)
+            x = x + kernels.dropout(a, self.p_drop, self.training)
             c, wc = cross_block(self.norm2(x))
-            x = x + self.dropout(c)
-            x = x + self.dropout(self.ffn(self.norm3(x)))
+            x = x + kernels.dropout(c, self.p_drop, self.training)
+            x = x + kernels.dropout(self.ffn(self.norm3(x)), self.p_drop, self.training)
         else:
             a, ws = self_block(x)
-            x = self.norm1(x + self.dropout(a))
+            x = self.norm1(x + kernels.dropout(a, self.p_drop, self.training))
             c, wc = cross_block(x)
-            x = self.norm2(x + self.dropout(c))
-            x = self.norm3(x + self.dropout(self.ffn(x)))
+            x = self.norm2(x + kernels.dropout(c, self.p_drop, self.training))
+            x = self.norm3(x + kernels.dropout(self.ffn(x), self.p_drop, self.training))
         return DecoderLayerOutput(x, ws, wc)
