@@ -191,7 +191,39 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
 
     app.include_router(api)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    default_openapi = app.openapi
+
+    def openapi_with_limits() -> dict:
+        if app.openapi_schema is None:  # built once; FastAPI caches it in openapi_schema
+            state_limits(default_openapi(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi_with_limits
     return app
+
+
+def state_limits(schema: dict, settings: ServeSettings) -> dict:
+    """Write the server's caps into its OpenAPI schema (``maximum``, ``maxItems``,
+    ``maxLength``), so that what the schema calls valid is what the server accepts (a client
+    or a fuzzer reads them there). The token cap (``max_input_tokens``, 413) has no JSON Schema
+    form: a text within ``max_input_chars`` may still hold too many tokens."""
+    caps = {
+        "max_new_tokens": {"maximum": settings.max_new_tokens_cap},
+        "num_beams": {"maximum": settings.max_beams},
+        "inputs": {"maxItems": settings.max_inputs},
+        "input": {"maxLength": settings.max_input_chars},
+        "target": {"maxLength": settings.max_input_chars},
+    }
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        for name, prop in model.get("properties", {}).items():
+            if name not in caps:
+                continue
+            branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+            for branch in branches:
+                branch.update(caps[name])
+                if name == "inputs":
+                    branch.setdefault("items", {})["maxLength"] = settings.max_input_chars
+    return schema
 
 
 def has_attention(seq2seq) -> bool:

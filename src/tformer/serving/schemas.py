@@ -28,6 +28,9 @@ def _integral(value):
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
+# The bound inside the type: on an optional field, Field(ge=1) would reach the schema as a
+# "ge" keyword that JSON Schema does not know (pydantic 2.14), not as "minimum".
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 
 def _encodable(text: str) -> str:
@@ -44,8 +47,8 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_new_tokens: Integer | None = Field(
-        None, ge=1, description="longest output in tokens; default: the server's "
+    max_new_tokens: Positive | None = Field(
+        None, description="longest output in tokens; default: the server's "
         "default_max_new_tokens; at most max_new_tokens_cap (else 422)")
     num_beams: Integer = Field(1, ge=1, description="1 = greedy; at most max_beams (else 422)")
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
@@ -55,7 +58,7 @@ class GenerationOptions(BaseModel):
                                description="sampling only; at least 1e-4 (lower overflows)")
     top_k: Integer = Field(0, ge=0, le=1_000_000, description="sampling only; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="sampling only")
-    max_source_length: Integer | None = Field(None, ge=1, description="truncate inputs to this "
+    max_source_length: Positive | None = Field(None, description="truncate inputs to this "
                                           "many tokens (the server's max_input_tokens at most)")
 
 
