@@ -40,7 +40,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="seed for sampling")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-source-length", type=int, default=None, help="truncate inputs")
+    g.add_argument("--max-source-length", type=int, default=None, help="truncate sources to "
+                   "this many tokens (default: the checkpoint's limit, the smaller of its "
+                   "tokenizer's model_max_length and its position table; 1024 for tformer's)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
 
 
