@@ -143,6 +143,20 @@ def test_resume_names_every_difference_and_refuses_those_that_change_results(
     assert result.state.step == 13
 
 
+def test_resume_refuses_data_files_changed_under_the_same_name(data_files, tmp_path):
+    files = {split: tmp_path / path.name for split, path in data_files.items()}
+    for split, path in data_files.items():
+        shutil.copy(path, files[split])
+    run = tmp_path / "run"
+    short = {"train.max_steps": 2, "train.eval_every": 2}
+    train(load_config(None, tiny_overrides(files, run, **short)))
+    lines = files["train"].read_text(encoding="utf-8").splitlines()
+    files["train"].write_text("\n".join(lines[::-1]) + "\n", encoding="utf-8")  # same size
+    with pytest.raises(RunDirError, match=rf"data files changed.*data\.train: {files['train']}"):
+        train(load_config(None, tiny_overrides(files, run, **{"train.max_steps": 3})),
+              resume=True)
+
+
 def test_pruning_deletes_only_the_checkpoints_this_run_wrote(tmp_path):
     for step in (1, 2, 3, 4, 5):
         (tmp_path / f"step-{step:07d}").mkdir()

@@ -44,9 +44,11 @@ from tformer.training.config import Config
 from tformer.training.rundir import (
     RunDirError,
     RunLock,
+    check_data_files,
     compare_configs,
     drop_metrics_after,
     prepare_fresh,
+    record_data_files,
 )
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
@@ -129,6 +131,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
+        record_data_files(run_dir, config)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 
@@ -536,6 +539,7 @@ def _resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:
         changed = compare_configs(load_config(saved), config, saved)
         if changed:
             log.info("--resume with changed settings: %s", "; ".join(changed))
+    check_data_files(run_dir, config)
     path = latest_checkpoint(ckpt_dir, checksums=True)
     if path is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", ckpt_dir)

@@ -9,6 +9,9 @@
   ``train.output_dir``); ``--overwrite`` deletes them first.
 - :func:`compare_configs`: ``--resume`` names every difference between the recipe and the run's
   saved ``config.yaml``; those that change results are refused.
+- :func:`record_data_files` / :func:`check_data_files`: the size and sha256 of the run's local
+  data and tokenizer files, recorded when it starts; ``--resume`` refuses files that changed
+  under the same name.
 - :func:`drop_metrics_after`: on resume, ``metrics.jsonl`` lines past the checkpoint's step are
   dropped, so each step is logged once.
 """
@@ -27,11 +30,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+DATA_FILES = "data_files.json"
 
 #: What a run writes into its directory; ``--overwrite`` removes these and nothing else.
 RUN_FILES = ("checkpoints", "tokenizer", "metrics.jsonl", "tensorboard", "summary.json",
-             "data_stats.json", "config.yaml", "loss.png", "report.html", "test_metrics.json",
-             "test_predictions.jsonl")
+             "data_stats.json", DATA_FILES, "config.yaml", "loss.png", "report.html",
+             "test_metrics.json", "test_predictions.jsonl")
 
 #: Settings a resumed run may change: they decide when to stop, what to log and how to
 #: evaluate, not what the optimizer does with the data. Every other difference is refused.
@@ -145,6 +149,51 @@ def compare_configs(saved, current, saved_path: Path) -> list[str]:
             "new run (--overwrite or a new train.output_dir)"
         )
     return allowed
+
+
+def _data_files(config) -> dict[str, dict[str, Any]]:
+    """{setting: {path, size, sha256}} of the local files among data.train, data.validation,
+    data.test and data.tokenizer (a tokenizer directory: its tokenizer.json). Hub names and
+    the embedded corpus have no file and are compared by name only, in config.yaml."""
+    from tformer.weights import sha256_file
+
+    found = {}
+    for key in ("train", "validation", "test", "tokenizer"):
+        value = getattr(config.data, key)
+        path = Path(value) if value is not None else None
+        if path is not None and path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        if path is not None and path.is_file():
+            found[f"data.{key}"] = {"path": str(path), "size": path.stat().st_size,
+                                    "sha256": sha256_file(path)}
+    return found
+
+
+def record_data_files(run_dir: Path, config) -> None:
+    """Write ``RUN_DIR/data_files.json`` (see :func:`check_data_files`)."""
+    (run_dir / DATA_FILES).write_text(json.dumps(_data_files(config), indent=2))
+
+
+def check_data_files(run_dir: Path, config) -> None:
+    """On ``--resume``: RunDirError naming every local data or tokenizer file whose content
+    differs from what the run started with (same name, other data)."""
+    saved = run_dir / DATA_FILES
+    if not saved.is_file():
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is damaged; the data files cannot be compared", saved)
+        return
+    now = _data_files(config)
+    changed = [f"{key}: {now[key]['path']} (sha256 {before[key]['sha256'][:12]} when the run "
+               f"started, {now[key]['sha256'][:12]} now)"
+               for key in sorted(set(before) & set(now))
+               if before[key]["sha256"] != now[key]["sha256"]]
+    if changed:
+        raise RunDirError(f"--resume: data files changed since the run started: "
+                          f"{'; '.join(changed)}. Resume with the same data, or start a new run "
+                          "(--overwrite or a new train.output_dir)")
 
 
 def drop_metrics_after(path: Path, step: int) -> int:
