@@ -146,7 +146,7 @@ class Seq2Seq:
         """Generate for one text (returns a string) or many (returns a list, input order).
         Options: see :func:`generate_texts` (num_beams, length_penalty, early_stopping,
         no_repeat_ngram_size, do_sample, temperature, top_k, top_p, batch_size,
-        max_source_length, progress)."""
+        max_source_length, progress, report)."""
         single = isinstance(texts, str)
         out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),
                              max_new_tokens=max_new_tokens, **options)
@@ -191,7 +191,7 @@ def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
         model, info = from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
                                       trust_remote_code=False, dtype=dtype,
                                       output_loading_info=True)
-    except (RuntimeError, ValueError) as error:  # e.g. a tensor of the wrong shape
+    except RuntimeError as error:  # e.g. a tensor of the wrong shape
         raise CheckpointError(f"{local}: its weights do not fit its config.json "
                               f"({str(error).strip().splitlines()[0][:300]})") from error
     missing, mismatched = info.get("missing_keys") or [], info.get("mismatched_keys") or []
