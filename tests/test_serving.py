@@ -1074,18 +1074,15 @@ def test_schemathesis_finds_no_server_error(seq2seq):
     type, headers, body), data the schema calls valid is accepted (an integral float such as
     ``0.0`` for an integer field too) and data it calls invalid is refused."""
     from schemathesis.checks import CHECKS, load_all_checks
-    from schemathesis.config import SchemathesisConfig
-    from schemathesis.config._checks import (
-        NegativeDataRejectionConfig,
-        PositiveDataAcceptanceConfig,
-    )
+    from schemathesis.config import ChecksConfig, SchemathesisConfig
 
     load_all_checks()
     # The server states its caps in the schema (maximum, maxItems, maxLength) and answers a
     # size over them with 413, a rejection schemathesis does not list by default; the token
     # cap (413 input_too_long) has no JSON Schema form, so a schema-valid text may exceed it.
-    accepted = [*PositiveDataAcceptanceConfig._DEFAULT_EXPECTED_STATUSES, "413"]
-    rejected = [*NegativeDataRejectionConfig._DEFAULT_EXPECTED_STATUSES, "413"]
+    defaults = ChecksConfig()
+    accepted = [*defaults.positive_data_acceptance.expected_statuses, "413"]
+    rejected = [*defaults.negative_data_rejection.expected_statuses, "413"]
     config = SchemathesisConfig.from_dict({"checks": {
         "positive_data_acceptance": {"expected-statuses": accepted},
         "negative_data_rejection": {"expected-statuses": rejected}}})
