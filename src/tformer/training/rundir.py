@@ -27,6 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tformer.weights import sha256_file
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
@@ -155,8 +157,6 @@ def _data_files(config) -> dict[str, dict[str, Any]]:
     """{setting: {path, size, sha256}} of the local files among data.train, data.validation,
     data.test and data.tokenizer (a tokenizer directory: its tokenizer.json). Hub names and
     the embedded corpus have no file and are compared by name only, in config.yaml."""
-    from tformer.weights import sha256_file
-
     found = {}
     for key in ("train", "validation", "test", "tokenizer"):
         value = getattr(config.data, key)
