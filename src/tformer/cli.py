@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     from tformer.training import load_config, train
 
     config = load_config(args.recipe, args.overrides)
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {result.run_dir}")
     print(f"best checkpoint: {result.best_checkpoint}")
     print(f"stopped by: {result.stopped_by} at step {result.state.step}")
@@ -82,7 +82,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="seed for sampling")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-source-length", type=int, default=None, help="truncate inputs")
+    g.add_argument("--max-source-length", type=int, default=None, help="truncate sources to "
+                   "this many tokens (default: the checkpoint's limit, the smaller of its "
+                   "tokenizer's model_max_length and its position table; 1024 for tformer's)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
 
 
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in train.output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a train.output_dir that holds another run: delete its "
+                   "checkpoints, tokenizer, metrics, config and report first (other files stay)")
     p.set_defaults(func=_train)
 
     p = verbs.add_parser("demo", help="train on the embedded docstring corpus and show results")
@@ -405,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     from tformer.data import DataError
-    from tformer.training import CheckpointError, ConfigError, TrainingError
+    from tformer.training import CheckpointError, ConfigError, RunDirError, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError,
-            ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, RunDirError,
+            FileNotFoundError, ValueError) as e:
         print(f"tformer {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

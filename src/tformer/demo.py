@@ -19,7 +19,9 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
     recipe = recipe or (DEMO_RECIPE if DEMO_RECIPE.is_file() else None)
     config = load_config(recipe, list(overrides))
     start = time.perf_counter()
-    result = train(config)
+    # the demo owns its output_dir: a second demo replaces the first one's checkpoints,
+    # tokenizer and metrics (the run directory's lock still stops two demos at once)
+    result = train(config, overwrite=True)
     minutes = (time.perf_counter() - start) / 60
     run_dir = result.run_dir
     metrics = json.loads((run_dir / "test_metrics.json").read_text())

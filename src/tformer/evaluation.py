@@ -41,7 +41,11 @@ def evaluate(
     if max_examples is not None:
         ids, sources, references = ids[:max_examples], sources[:max_examples], references[:max_examples]
     start = time.perf_counter()
-    predictions = generator.generate(sources, **generation)
+    truncation: dict = {}
+    if getattr(generator, "engine", "torch") == "torch":  # generate_texts reports truncation
+        predictions = generator.generate(sources, report=truncation, **generation)
+    else:
+        predictions = generator.generate(sources, **generation)
     seconds = time.perf_counter() - start
     metrics = {
         "model": generator.path,
@@ -51,6 +55,7 @@ def evaluate(
         "references_per_example": max(len(r) for r in references),
         "generation": generation,
         "generation_seconds": round(seconds, 2),
+        **truncation,  # truncated_sources, max_source_length
         **all_metrics(predictions, references, language, moses_lang),
     }
     if output_dir is not None:

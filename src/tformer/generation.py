@@ -18,6 +18,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The source limit of a model that states none (no position table, no tokenizer limit).
+DEFAULT_MAX_SOURCE_LENGTH = 1024
+_UNBOUNDED = 1_000_000  # transformers' "no limit" model_max_length is larger than this
+
+
+def max_source_length_of(model, tokenizer) -> int:
+    """The longest source the checkpoint reads, in tokens: the smaller of its tokenizer's
+    ``model_max_length`` and its position table (tformer's ``max_positions``, Hugging Face's
+    ``max_position_embeddings``); `DEFAULT_MAX_SOURCE_LENGTH` when it states neither. Every
+    path that reads sources (generate, evaluate, attention, the server) truncates to it unless
+    told otherwise, so memory stays bounded on any input."""
+    limits = []
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < _UNBOUNDED:
+        limits.append(model_max)
+    config = getattr(model, "config", None)
+    for name in ("max_positions", "max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    return min(limits) if limits else DEFAULT_MAX_SOURCE_LENGTH
+
 
 @torch.inference_mode()
 def generate_texts(
@@ -37,6 +60,7 @@ def generate_texts(
     top_k: int = 0,
     top_p: float = 1.0,
     progress: bool = False,
+    report: dict | None = None,
 ) -> list[str]:
     """Generate one output per input text, in input order.
 
@@ -46,9 +70,18 @@ def generate_texts(
     CTranslate2, fairseq and Marian do); ``False`` keeps searching while Hugging Face's
     heuristic says a running beam could still win; None (default) = the checkpoint's
     generation config (False unless it says otherwise).
+
+    Sources are truncated to ``max_source_length`` tokens, by default the checkpoint's own
+    limit (:func:`max_source_length_of`); how many were is logged and, with ``report`` (a dict),
+    stored in it as ``truncated_sources`` beside ``max_source_length``.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_source_length is None:
+        max_source_length = max_source_length_of(model, tokenizer)
+    elif max_source_length < 1:
+        raise ValueError(f"max_source_length must be >= 1, got {max_source_length}")
+    truncated = 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -70,12 +103,12 @@ def generate_texts(
     try:
         for start in starts:
             chunk = order[start : start + batch_size]
-            # max_source_length None = the tokenizer's model_max_length: BART's position table
-            # ends at 1024 (a longer input is an IndexError); tformer's own is unbounded.
             enc = tokenizer(
                 [texts[i] for i in chunk], return_tensors="pt", padding=True,
                 truncation=True, max_length=max_source_length,
-            ).to(device)
+            )
+            truncated += _count_truncated(enc)
+            enc = enc.to(device)
             ids = model.generate(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **options
             )
@@ -83,7 +116,19 @@ def generate_texts(
                 outputs[i] = text.strip()
     finally:
         model.train(was_training)
+    if truncated:
+        log.warning("%d of %d source(s) were longer than %d tokens and were truncated "
+                    "(max_source_length)", truncated, len(texts), max_source_length)
+    if report is not None:
+        report.update(truncated_sources=truncated, max_source_length=max_source_length)
     return outputs
+
+
+def _count_truncated(enc) -> int:
+    """Sources cut by the tokenizer: a fast tokenizer keeps what it cut as ``overflowing``; a
+    slow one cannot tell, and the rows that fill ``max_length`` exactly are not counted."""
+    encodings = getattr(enc, "encodings", None) or []
+    return sum(1 for e in encodings if e.overflowing)
 
 
 @dataclass
@@ -101,7 +146,7 @@ class Seq2Seq:
         """Generate for one text (returns a string) or many (returns a list, input order).
         Options: see :func:`generate_texts` (num_beams, length_penalty, early_stopping,
         no_repeat_ngram_size, do_sample, temperature, top_k, top_p, batch_size,
-        max_source_length, progress)."""
+        max_source_length, progress, report)."""
         single = isinstance(texts, str)
         out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),
                              max_new_tokens=max_new_tokens, **options)
@@ -117,23 +162,46 @@ def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
     Weights are read from safetensors where the checkpoint has them (tformer's always do); an
     older Hub checkpoint that only has ``pytorch_model.bin`` is read with
     ``torch.load(weights_only=True)``, which refuses anything but tensors.
+
+    A local directory's weight files are checked first (`tformer.weights.check_weights`): a
+    truncated or damaged file, or for tformer's own model weights that do not fit it, is a
+    `tformer.weights.CheckpointError` naming the file.
     """
     from transformers import AutoModelForSeq2SeqLM
 
     import tformer.hf  # noqa: F401  (registers model_type "tformer")
     from tformer import lora
     from tformer.hub import from_pretrained
+    from tformer.weights import CheckpointError, check_weights
 
     local = Path(str(path_or_name)).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
         adapter = local / lora.ADAPTER_DIR
         if (adapter / "adapter_config.json").is_file():  # a LoRA checkpoint, not merged
+            check_weights(local)
             base = load_model(lora.adapter_base(adapter), dtype)
             log.info("merging the LoRA adapter of %s into %s", local, lora.adapter_base(adapter))
             return lora.merge_adapter(base, adapter)
         raise FileNotFoundError(f"{path_or_name}: not a model directory (no config.json)")
-    return from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
-                           trust_remote_code=False, dtype=dtype)
+    if not local.is_dir():
+        return from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
+                               trust_remote_code=False, dtype=dtype)
+    check_weights(local)
+    try:
+        model, info = from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
+                                      trust_remote_code=False, dtype=dtype,
+                                      output_loading_info=True)
+    except RuntimeError as error:  # e.g. a tensor of the wrong shape
+        raise CheckpointError(f"{local}: its weights do not fit its config.json "
+                              f"({str(error).strip().splitlines()[0][:300]})") from error
+    missing, mismatched = info.get("missing_keys") or [], info.get("mismatched_keys") or []
+    if missing or mismatched:
+        what = f"{local}: weights missing {sorted(missing)[:10]}, of the wrong shape " \
+               f"{sorted(str(k) for k in mismatched)[:10]}"
+        if getattr(model.config, "model_type", None) == "tformer":
+            raise CheckpointError(f"{what}: the weight file does not belong to this model")
+        log.warning("%s (newly initialised)", what)  # a Hub model may load its own way
+    return model
 
 
 #: Generation engines of :func:`load`: "auto" = CTranslate2 for a directory written by

@@ -86,6 +86,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
     batcher = make_batcher(seq2seq, settings)
     settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
+    model_limit = source_limit(seq2seq)
     if has_attention(seq2seq):  # imported now, not on the first request (it takes ~1.5 s)
         importlib.import_module("tformer.visualization.attention")
 
@@ -124,8 +125,10 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
         requests with equal options share one batch."""
         arrived = time.monotonic()
         limits.check_texts(body.inputs, settings)
-        options = limits.resolve_options(body, settings)
-        read = limits.check_tokens(counter.count(body.inputs), body.max_source_length, settings)
+        options = limits.resolve_options(body, settings, model_limit)
+        counts = counter.count(body.inputs)
+        read = limits.check_tokens(counts, limits.source_cap(body.max_source_length, model_limit),
+                                   settings)
         try:
             future = batcher.submit(body.inputs, options)
         except QueueFull as error:
@@ -136,6 +139,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
         result = await _answer(future, request, settings.timeout_s)
         return GenerateResponse(
             outputs=result.outputs, input_tokens=read, output_tokens=result.output_tokens,
+            truncated_inputs=sum(n > r for n, r in zip(counts, read)),
             batch_inputs=result.batch_inputs,
             timing=Timing(queue_ms=result.queue_ms, generate_ms=result.generate_ms,
                           total_ms=(time.monotonic() - arrived) * 1000.0),
@@ -153,8 +157,10 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
                            f"({type(getattr(seq2seq, 'model', seq2seq)).__name__}) has no "
                            "attention maps")
         limits.check_texts([body.input], settings, "input")
-        options = limits.resolve_options(body, settings)
-        limits.check_tokens(counter.count([body.input]), body.max_source_length, settings, "input")
+        options = limits.resolve_options(body, settings, model_limit)
+        limits.check_tokens(counter.count([body.input]),
+                            limits.source_cap(body.max_source_length, model_limit), settings,
+                            "input")
         if body.target is not None:
             limits.check_texts([body.target], settings, "target")
             limits.check_tokens(counter.count([body.target]), None, settings, "target")
@@ -185,7 +191,39 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
 
     app.include_router(api)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    default_openapi = app.openapi
+
+    def openapi_with_limits() -> dict:
+        if app.openapi_schema is None:  # built once; FastAPI caches it in openapi_schema
+            state_limits(default_openapi(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi_with_limits
     return app
+
+
+def state_limits(schema: dict, settings: ServeSettings) -> dict:
+    """Write the server's caps into its OpenAPI schema (``maximum``, ``maxItems``,
+    ``maxLength``), so that what the schema calls valid is what the server accepts (a client
+    or a fuzzer reads them there). The token cap (``max_input_tokens``, 413) has no JSON Schema
+    form: a text within ``max_input_chars`` may still hold too many tokens."""
+    caps = {
+        "max_new_tokens": {"maximum": settings.max_new_tokens_cap},
+        "num_beams": {"maximum": settings.max_beams},
+        "inputs": {"maxItems": settings.max_inputs},
+        "input": {"maxLength": settings.max_input_chars},
+        "target": {"maxLength": settings.max_input_chars},
+    }
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        for name, prop in model.get("properties", {}).items():
+            if name not in caps:
+                continue
+            branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+            for branch in branches:
+                branch.update(caps[name])
+                if name == "inputs":
+                    branch.setdefault("items", {})["maxLength"] = settings.max_input_chars
+    return schema
 
 
 def has_attention(seq2seq) -> bool:
@@ -195,6 +233,19 @@ def has_attention(seq2seq) -> bool:
 
     model = getattr(seq2seq, "model", None)
     return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
+
+
+def source_limit(seq2seq) -> int | None:
+    """The longest source the loaded PyTorch model reads (its checkpoint's limit); None for
+    another engine, which truncates by its own."""
+    import torch
+
+    from tformer.generation import max_source_length_of
+
+    model = getattr(seq2seq, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return max_source_length_of(model, getattr(seq2seq, "tokenizer", None))
 
 
 def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> dict:

@@ -44,11 +44,22 @@ def check_texts(texts: Sequence[str], settings: ServeSettings, what: str = "inpu
                            limit="max_input_chars", value=settings.max_input_chars)
 
 
-def resolve_options(request: GenerationOptions, settings: ServeSettings) -> dict[str, Any]:
+def source_cap(asked: int | None, model_limit: int | None) -> int | None:
+    """The truncation length of a request's sources: what it asked (``max_source_length``),
+    never past the model's own limit (`tformer.generation.max_source_length_of`); None when
+    neither is known."""
+    if model_limit is None:
+        return asked
+    return min(asked or model_limit, model_limit)
+
+
+def resolve_options(request: GenerationOptions, settings: ServeSettings,
+                    model_limit: int | None = None) -> dict[str, Any]:
     """The keyword arguments for ``Seq2Seq.generate``: defaults filled in, caps checked (422),
-    ``max_source_length`` clamped to ``max_input_tokens`` (a no-op on the inputs that pass
-    `check_tokens`, and one value for every request that did not ask, so they share batches).
-    Sampling-only options are dropped when not sampling, so equal decodings share a batch."""
+    ``max_source_length`` clamped to the model's own limit and to ``max_input_tokens`` (a no-op
+    on the inputs that pass `check_tokens`, and one value for every request that did not ask,
+    so they share batches). Sampling-only options are dropped when not sampling, so equal
+    decodings share a batch."""
     max_new_tokens = request.max_new_tokens or min(settings.default_max_new_tokens,
                                                    settings.max_new_tokens_cap)
     if max_new_tokens > settings.max_new_tokens_cap:
@@ -63,8 +74,8 @@ def resolve_options(request: GenerationOptions, settings: ServeSettings) -> dict
         max_new_tokens=max_new_tokens, num_beams=request.num_beams,
         length_penalty=request.length_penalty, no_repeat_ngram_size=request.no_repeat_ngram_size,
         do_sample=request.do_sample,
-        max_source_length=min(request.max_source_length or settings.max_input_tokens,
-                              settings.max_input_tokens),
+        max_source_length=min(source_cap(request.max_source_length, model_limit)
+                              or settings.max_input_tokens, settings.max_input_tokens),
     )
     if request.do_sample:
         options.update(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)

@@ -1,16 +1,36 @@
 """The JSON bodies of the HTTP API, as pydantic models (they also make the OpenAPI schema).
 
 Requests are strict (``"4"`` is not a number) and closed (an unknown option is a 422, never
-silently ignored). Caps that depend on the server's settings (``max_new_tokens``, ``num_beams``,
-input sizes) are checked in `tformer.serving.limits`, so their errors can name the setting."""
+silently ignored). An integer field takes an integral float (``0.0``), as JSON Schema counts it
+an integer. Sampling options that make the distribution degenerate (a temperature under
+`MIN_TEMPERATURE`: the logits overflow to inf and sampling fails) are a 422 naming the field.
+Caps that depend on the server's settings (``max_new_tokens``, ``num_beams``, input sizes) are
+checked in `tformer.serving.limits`, so their errors can name the setting."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 Part = Literal["encoder", "decoder", "cross", "copy"]
+
+#: The lowest sampling temperature: below it, logits / temperature overflow (1e-300: inf).
+MIN_TEMPERATURE = 1e-4
+
+
+def _integral(value):
+    """An integral float (``2.0``) as the integer it is; anything else is left to the strict
+    integer check (``2.5``, ``true`` and ``"2"`` stay errors)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+# The bound inside the type: on an optional field, Field(ge=1) would reach the schema as a
+# "ge" keyword that JSON Schema does not know (pydantic 2.14), not as "minimum".
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 
 def _encodable(text: str) -> str:
@@ -27,18 +47,18 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_new_tokens: int | None = Field(
-        None, ge=1, description="longest output in tokens; default: the server's "
+    max_new_tokens: Positive | None = Field(
+        None, description="longest output in tokens; default: the server's "
         "default_max_new_tokens; at most max_new_tokens_cap (else 422)")
-    num_beams: int = Field(1, ge=1, description="1 = greedy; at most max_beams (else 422)")
+    num_beams: Integer = Field(1, ge=1, description="1 = greedy; at most max_beams (else 422)")
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=1000, description="0 = off")
+    no_repeat_ngram_size: Integer = Field(0, ge=0, le=1000, description="0 = off")
     do_sample: bool = Field(False, description="sample instead of greedy/beam search")
-    temperature: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False,
-                               description="sampling only")
-    top_k: int = Field(0, ge=0, le=1_000_000, description="sampling only; 0 = off")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=100.0, allow_inf_nan=False,
+                               description="sampling only; at least 1e-4 (lower overflows)")
+    top_k: Integer = Field(0, ge=0, le=1_000_000, description="sampling only; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="sampling only")
-    max_source_length: int | None = Field(None, ge=1, description="truncate inputs to this "
+    max_source_length: Positive | None = Field(None, description="truncate inputs to this "
                                           "many tokens (the server's max_input_tokens at most)")
 
 
@@ -63,6 +83,8 @@ class Timing(BaseModel):
 class GenerateResponse(BaseModel):
     outputs: list[str]
     input_tokens: list[int] = Field(description="tokens the model read, per input")
+    truncated_inputs: int = Field(0, description="inputs longer than the model's source limit "
+                                  "(or the request's max_source_length), truncated to it")
     output_tokens: list[int] | None = Field(
         description="tokens of each output, re-encoded without special tokens (None when the "
         "model has no tokenizer)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -17,6 +18,8 @@ from fastapi import Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from tformer.serving.limits import ApiError
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer API_KEY")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: API_KEY")
@@ -53,7 +56,11 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
 
 class GuardMiddleware:
     """Refuses request bodies over ``max_body_bytes`` with 413 (by Content-Length, or while
-    reading a chunked body), then replays the body to the app; adds `SECURITY_HEADERS`."""
+    reading a chunked body), then replays the body to the app; adds `SECURITY_HEADERS`.
+
+    An exception that escapes the app is answered here, as a JSON 500, and not raised further:
+    Starlette's outermost error middleware would re-raise it after answering, and uvicorn then
+    drops the keep-alive connection (the client's next request saw "connection reset")."""
 
     def __init__(self, app, max_body_bytes: int) -> None:
         self.app = app
@@ -92,7 +99,25 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_headers)
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_headers(message)
+
+        try:
+            await self.app(scope, replay, send_tracked)
+        except Exception:  # noqa: BLE001  (anything: the client gets JSON, the log the trace)
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half an answer is out: nothing else can be sent on it
+                return
+            body = json.dumps(ApiError(500, "internal_error", "internal error (see the "
+                                       "server's log)").body()).encode()
+            await send_with_headers({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode())]})
+            await send_with_headers({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send) -> None:
         body = json.dumps(ApiError(

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tformer.training.checkpoint import CheckpointError, step_dirs, verify_checkpoint
+from tformer.weights import check_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def average_checkpoints(checkpoints: Sequence[str | Path], output: str | Path) -
             verify_checkpoint(path)  # sizes match: no truncated copy slips into the mean
         if not (path / WEIGHTS).is_file():
             raise CheckpointError(f"{path}: no {WEIGHTS} (not a model checkpoint)")
+        check_weights(path)  # a damaged header or a truncated file, named
     first = load_file(paths[0] / WEIGHTS)
     sums = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in first.items()}
     for path in paths[1:]:

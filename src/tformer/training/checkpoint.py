@@ -6,11 +6,12 @@ Layout of ``RUN_DIR/checkpoints/step-000200/``::
     tokenizer.json, tokenizer_config.json, ...                 AutoModelForSeq2SeqLM/AutoTokenizer)
     trainer_state.pt      optimizer, scheduler, grad scaler, RNG states (tensors only, loaded
                           with torch.load(weights_only=True): no arbitrary pickle)
-    checkpoint.json       TrainState + the size of every file, written last
+    checkpoint.json       TrainState + the size and sha256 of every file, written last
 
 A checkpoint is written into ``.tmp-step-...`` and renamed when complete, so a crash never
 leaves a half-written directory under a real name; the sizes in ``checkpoint.json`` catch a
-directory damaged later (truncated copy, full disk).
+directory damaged later (truncated copy, full disk), and its sha256 checksums, verified before
+``--resume`` reads a checkpoint, catch damage that keeps the size (overwritten bytes).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from tformer.weights import CheckpointError, check_weights, sha256_file
+
 log = logging.getLogger(__name__)
 
 MARKER = "checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or damaged; the message names the path."""
+__all__ = ["CheckpointError", "TrainState", "latest_checkpoint", "prune_checkpoints",
+           "save_checkpoint", "verify_checkpoint"]
 
 
 @dataclass
@@ -50,6 +52,8 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_seconds: float = 0.0
+    # names of the checkpoints this run wrote, oldest first: pruning deletes only these
+    checkpoints: list[str] = dataclasses.field(default_factory=list)
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,7 +93,8 @@ def save_checkpoint(
     # every file, those in subdirectories too (a LoRA run's adapter/), by relative path
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}
-    marker = {"train_state": dataclasses.asdict(state), "files": sizes}
+    sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
+    marker = {"train_state": dataclasses.asdict(state), "files": sizes, "sha256": sums}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     for p in [*files, tmp / MARKER]:  # data on disk before the rename makes it visible
         with open(p, "rb") as fh:
@@ -100,9 +105,10 @@ def save_checkpoint(
     return directory
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Check a checkpoint is complete; returns its marker. Raises CheckpointError naming what
-    is wrong."""
+def verify_checkpoint(directory: Path, checksums: bool = False) -> dict[str, Any]:
+    """Check a checkpoint is complete (every file of its marker, at its size; readable
+    safetensors headers) and, with ``checksums``, that every file has the sha256 recorded when
+    it was written; returns its marker. Raises CheckpointError naming what is wrong."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
@@ -122,6 +128,12 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {directory} is damaged: {name} has {actual} bytes, expected {size}"
             )
+    check_weights(directory)
+    if checksums:
+        for name, expected in marker.get("sha256", {}).items():
+            if sha256_file(directory / name) != expected:
+                raise CheckpointError(f"checkpoint {directory} is damaged: {name} does not have "
+                                      "the sha256 recorded when it was written")
     return marker
 
 
@@ -138,21 +150,27 @@ def step_dirs(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint; damaged ones are reported and skipped."""
+def latest_checkpoint(checkpoints: Path, checksums: bool = False) -> Path | None:
+    """The newest complete checkpoint (``checksums``: whose files also have their recorded
+    sha256); damaged ones are reported, with the reason, and skipped."""
     for path in reversed(step_dirs(checkpoints)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, checksums=checksums)
         except CheckpointError as e:
-            log.warning("skipping %s", e)
+            log.warning("skipping checkpoint %s: %s", path.name, e)
             continue
         return path
     return None
 
 
-def prune_checkpoints(checkpoints: Path, keep_last: int, keep: set[Path]) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints and those in ``keep`` (the best)."""
+def prune_checkpoints(checkpoints: Path, keep_last: int, keep: set[Path],
+                      owned: list[str] | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and those in ``keep`` (the best).
+    With ``owned`` (the names of the checkpoints this run wrote, ``TrainState.checkpoints``),
+    only those are candidates: a checkpoint some other run left is never deleted."""
     dirs = step_dirs(checkpoints)
+    if owned is not None:
+        dirs = [p for p in dirs if p.name in set(owned)]
     for path in dirs[: max(len(dirs) - keep_last, 0)]:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)

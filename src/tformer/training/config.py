@@ -5,6 +5,7 @@ defaults; dotted overrides on the command line (``train.lr=3e-4``); unknown keys
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,58 @@ from tformer.model import SIZES, TransformerConfig, config_for
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key."""
+
+
+#: The range of every numeric setting: (low, low included, high, high included); None = open.
+_AT_LEAST_1 = (1, True, None, False)
+_AT_LEAST_0 = (0, True, None, False)
+_POSITIVE = (0, False, None, False)
+_FRACTION = (0, True, 1, False)  # [0, 1)
+_RANGES: dict[str, dict[str, tuple]] = {
+    "model": {
+        "lora_r": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": _FRACTION,
+        "d_model": _AT_LEAST_1, "n_heads": _AT_LEAST_1, "n_encoder_layers": _AT_LEAST_1,
+        "n_decoder_layers": _AT_LEAST_1, "d_ff": _AT_LEAST_1, "dropout": _FRACTION,
+        "attention_dropout": _FRACTION, "max_positions": _AT_LEAST_1,
+    },
+    "data": {
+        "max_source_length": _AT_LEAST_1, "max_target_length": _AT_LEAST_1,
+        "max_train_examples": _AT_LEAST_1, "vocab_size": _AT_LEAST_1, "bpe_dropout": _FRACTION,
+    },
+    "train": {
+        "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
+        "max_steps": _AT_LEAST_1, "max_minutes": _POSITIVE, "max_tokens": _AT_LEAST_1,
+        "grad_accum": _AT_LEAST_1, "lr": _POSITIVE, "weight_decay": _AT_LEAST_0,
+        "adam_betas": _FRACTION, "adam_eps": _POSITIVE, "warmup_steps": _AT_LEAST_0,
+        "min_lr_ratio": (0, True, 1, True), "label_smoothing": _FRACTION,
+        "clip_grad_norm": _POSITIVE, "log_every": _AT_LEAST_1, "eval_every": _AT_LEAST_1,
+        "eval_max_examples": _AT_LEAST_1, "early_stopping_patience": _AT_LEAST_1,
+        "keep_last": _AT_LEAST_1, "save_every": _AT_LEAST_1, "num_beams": _AT_LEAST_1,
+        "max_new_tokens": _AT_LEAST_1,
+    },
+}
+
+
+def _describe(bounds: tuple) -> str:
+    low, low_in, high, high_in = bounds
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _check_ranges(section: str, obj) -> None:
+    """ConfigError naming the first numeric field of ``obj`` outside its range in `_RANGES`
+    (None, where allowed, means "not set"); floats must also be finite."""
+    for name, bounds in _RANGES[section].items():
+        value = getattr(obj, name)
+        low, low_in, high, high_in = bounds
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
+                high is None or (v <= high if high_in else v < high))
+            if not ok:
+                raise ConfigError(f"{section}.{name} must be {_describe(bounds)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +108,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
+        _check_ranges("model", self)
         if self.pretrained is not None:
             own = [f"model.{name}" for name in self._own_fields() if getattr(self, name) is not None]
             if own:
@@ -62,16 +116,9 @@ class ModelSection:
                     f"{', '.join(own)} describe(s) the own Transformer; with model.pretrained "
                     "the checkpoint's config.json decides the architecture"
                 )
-        if self.lora_r is not None:
-            if self.pretrained is None:
-                raise ConfigError("model.lora_r needs model.pretrained: LoRA adapts a pretrained "
-                                  "model (the own model is trained whole)")
-            if self.lora_r < 1:
-                raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r!r}")
-        if not self.lora_alpha > 0:
-            raise ConfigError(f"model.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_r is not None and self.pretrained is None:
+            raise ConfigError("model.lora_r needs model.pretrained: LoRA adapts a pretrained "
+                              "model (the own model is trained whole)")
         if self.lora_target_modules is not None and not all(self.lora_target_modules):
             raise ConfigError("model.lora_target_modules must be non-empty module names, got "
                               f"{list(self.lora_target_modules)!r}")
@@ -131,11 +178,7 @@ class DataSection:
             if given:
                 raise ConfigError(f"data.dataset={self.dataset} names every split; drop "
                                   f"{', '.join(given)} (or drop data.dataset to give files)")
-        for name in ("max_source_length", "max_target_length", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0 <= self.bpe_dropout < 1:
-            raise ConfigError(f"data.bpe_dropout must be in [0, 1), got {self.bpe_dropout!r}")
+        _check_ranges("data", self)
         if self.tokenizer_kind not in ("unigram", "bpe"):
             raise ConfigError(
                 f"data.tokenizer_kind must be 'unigram' or 'bpe', got {self.tokenizer_kind!r}"
@@ -179,19 +222,7 @@ class TrainSection:
     merge_lora: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "max_tokens", "grad_accum", "log_every", "eval_every",
-                    "eval_max_examples", "keep_last", "num_beams", "max_new_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(
-                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
-            )
+        _check_ranges("train", self)
         choices = {
             "schedule": ("inverse_sqrt", "cosine", "linear", "constant"),
             "decay_over": ("steps", "time"),
@@ -203,8 +234,6 @@ class TrainSection:
                 raise ConfigError(
                     f"train.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes!r}")
         if self.decay_over == "time":
             if self.max_minutes is None:
                 raise ConfigError("train.decay_over: time needs train.max_minutes (the horizon)")
@@ -276,7 +305,10 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             ):
                 return tuple(float(v) for v in value)
         elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{name} is too large: {value!r}") from None
         elif option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         elif option in (str, bool) and isinstance(value, option):
@@ -288,16 +320,18 @@ def build_config(values: dict[str, Any], source: str = "config") -> Config:
     """Nested mapping -> Config. Unknown sections or keys are errors that list the valid ones."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(_SECTIONS))
+    unknown = sorted(set(values) - set(_SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; valid: {sorted(_SECTIONS)}")
     sections = {}
     for section, cls in _SECTIONS.items():
-        given = values.get(section) or {}
+        given = values.get(section)
+        given = {} if given is None else given
         if not isinstance(given, dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys, found "
+                              f"a {type(given).__name__}: {str(given)[:80]!r}")
         known = {f.name: f for f in dataclasses.fields(cls)}
-        bad = sorted(set(given) - set(known))
+        bad = sorted(set(given) - set(known), key=str)
         if bad:
             raise ConfigError(
                 f"{source}: unknown key(s) {[f'{section}.{k}' for k in bad]}; "
@@ -356,6 +390,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"recipe {str(path)!r} must be a mapping of sections (model:, data:, train:), "
+                f"found a {type(loaded).__name__}: {str(loaded)[:80]!r}"
+            )
         values = loaded or {}
         source = str(path)
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}

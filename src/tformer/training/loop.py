@@ -41,6 +41,15 @@ from tformer.training.checkpoint import (
     set_rng_state,
 )
 from tformer.training.config import Config
+from tformer.training.rundir import (
+    RunDirError,
+    RunLock,
+    check_data_files,
+    compare_configs,
+    drop_metrics_after,
+    prepare_fresh,
+    record_data_files,
+)
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
     RunData,
@@ -70,11 +79,15 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def train(config: Config, resume: bool = False) -> TrainResult:
+def train(config: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the model described by ``config``; with ``resume`` continue the run found in
-    ``train.output_dir`` exactly where its last checkpoint left it."""
+    ``train.output_dir`` exactly where its last checkpoint left it. The run holds the
+    directory's lock throughout (`tformer.training.rundir`); a run without ``resume`` refuses a
+    directory holding another run's work, unless ``overwrite`` (delete that work first)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in train.output_dir and --overwrite deletes "
+                         "it: give one of them")
     t = config.train
-    run_dir = Path(t.output_dir)
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.precision, config),
         gradient_accumulation_steps=t.grad_accum,
@@ -82,11 +95,43 @@ def train(config: Config, resume: bool = False) -> TrainResult:
         # machine and every process trains alone (measured); with it, DDP over gloo.
         cpu=not torch.cuda.is_available(),
     )
+    lock = _claim_run_dir(Path(t.output_dir), resume, overwrite, accelerator)
+    try:
+        return _train(config, resume, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool,
+                   accelerator: Accelerator) -> RunLock | None:
+    """The main process locks the run directory and, for a fresh run, checks it is free (or
+    clears it with ``overwrite``); every process gets the same verdict."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+            if not resume:
+                prepare_fresh(run_dir, overwrite)
+        except RunDirError as e:
+            error = str(e)
+    error = _broadcast([error], accelerator)[0]
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error)
+    return lock
+
+
+def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResult:
+    t = config.train
+    run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     resume_from = _resume_point(run_dir, ckpt_dir, config) if resume else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
+        record_data_files(run_dir, config)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 
@@ -114,6 +159,8 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     if resume_from is not None:
         state = _restore(resume_from, accelerator, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
+    if resume and accelerator.is_main_process:  # each step logged once (a crash logs past it)
+        drop_metrics_after(run_dir / "metrics.jsonl", state.step)
     if accelerator.is_main_process:
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats))
 
@@ -425,9 +472,12 @@ def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: Tr
         to_save = accelerator.unwrap_model(model)
         if is_lora(to_save):  # the adapter only, in CKPT/adapter (see tformer.lora)
             to_save = LoraCheckpoint(to_save)
+        if path.name not in state.checkpoints:
+            state.checkpoints.append(path.name)
         save_checkpoint(path, to_save, tokenizer, trainer_state, state)
         keep = {ckpt_dir / _step_name(state.best_step)} if state.best_step else set()
-        prune_checkpoints(ckpt_dir, config.train.keep_last, keep)
+        prune_checkpoints(ckpt_dir, config.train.keep_last, keep, owned=state.checkpoints)
+        state.checkpoints = [name for name in state.checkpoints if (ckpt_dir / name).is_dir()]
     accelerator.wait_for_everyone()
     return path
 
@@ -480,17 +530,17 @@ def merge_lora_checkpoint(path: Path, config: Config, tokenizer) -> None:
 
 
 def _resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:
+    """The newest checkpoint whose files have their recorded checksums (damaged newer ones are
+    named and skipped), after checking the recipe against the run's saved config."""
     saved = run_dir / "config.yaml"
     if saved.is_file():
         from tformer.training.config import load_config
 
-        previous = load_config(saved)
-        if previous.model != config.model or previous.data != config.data:
-            raise TrainingError(
-                f"--resume: the model/data configuration differs from the one saved in {saved}; "
-                "resume with the same recipe and overrides"
-            )
-    path = latest_checkpoint(ckpt_dir)
+        changed = compare_configs(load_config(saved), config, saved)
+        if changed:
+            log.info("--resume with changed settings: %s", "; ".join(changed))
+    check_data_files(run_dir, config)
+    path = latest_checkpoint(ckpt_dir, checksums=True)
     if path is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", ckpt_dir)
     return path

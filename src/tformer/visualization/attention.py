@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from tformer.data import Seq2SeqCollator
+from tformer.generation import max_source_length_of
 from tformer.visualization.tokens import readable_tokens
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,8 @@ def encode_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[str
     the decoder start token): input_ids, attention_mask (B, S); labels, decoder_input_ids (B, T).
     Sources are truncated as :func:`tformer.generation.generate_texts` truncates them; targets
     longer than ``max_target_length`` keep their first tokens and their last (``</s>``)."""
-    # as generate_texts: max_length None = the tokenizer's model_max_length, if it has one
+    if max_source_length is None:  # as generate_texts: the checkpoint's own limit
+        max_source_length = max_source_length_of(model, tokenizer)
     source_ids = tokenizer(list(sources), truncation=True,
                            max_length=max_source_length)["input_ids"]
     label_ids = tokenizer(text_target=list(targets))["input_ids"]

@@ -16,13 +16,15 @@ Size: a figure is laid out in pixels at :data:`DPI`, so its PNG has exactly the 
 :func:`figure_size_px` gives: every token takes ``cell`` pixels (:data:`CELL_PX` for one
 panel, :data:`GRID_CELL_PX` in grids) and fixed margins hold the labels, titles and the colour
 bar. One more source token widens each panel by ``cell`` pixels. A figure that would exceed
-:data:`MAX_PX` in either direction gets a smaller cell (the PNG stays drawable).
+:data:`MAX_PX` in either direction, or :data:`MAX_AREA_PX` in all, gets a smaller cell (the
+PNG stays drawable, in bounded memory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,9 @@ LEFT_PX, BOTTOM_PX = 100, 100  # room for token labels (10 characters, then …)
 TOP_PX, RIGHT_PX = 36, 70  # figure title; colour bar and its ticks
 GAP_PX, PANEL_TITLE_PX = 10, 16  # between panels; "layer 1 · head 2" above a panel
 MAX_PX = 30_000  # Agg draws at most 2**16 pixels a side; stay well below
+# ... and at most this many pixels in all: 4 bytes each in Agg's buffer, so about 160 MB. A
+# 1,024-token source at 12 px per token made a 6 GB, 200 s grid of heads; now 2-3 px per token.
+MAX_AREA_PX = 40_000_000
 MAX_LABEL_CHARS = 10
 TITLES = {
     "cross": "cross-attention: target token predicted (rows) × source token (columns)",
@@ -94,7 +99,8 @@ def _grid(rows: int, cols: int, n_query: int, n_key: int, cell: int | None) -> G
                          f"rows={rows}, cols={cols}, n_query={n_query}, n_key={n_key}")
     cell = cell or (CELL_PX if rows * cols == 1 else GRID_CELL_PX)
     grid = Grid(rows, cols, n_query, n_key, cell)
-    while max(grid.size_px) > MAX_PX and grid.cell > 2:
+    while (max(grid.size_px) > MAX_PX or grid.size_px[0] * grid.size_px[1] > MAX_AREA_PX) \
+            and grid.cell > 1:
         grid = Grid(rows, cols, n_query, n_key, grid.cell - 1)
     if grid.cell != cell:
         log.info("attention figure too large at %d px per token; drawn at %d", cell, grid.cell)
@@ -118,6 +124,9 @@ def plot_panels(panels: list[list[np.ndarray]], row_labels: list[str], col_label
     grid = _grid(rows, cols, n_query, n_key, cell)
     width, height = grid.size_px
     font_size = max(4.0, min(8.0, grid.cell * 0.5))  # points; 72 points = DPI pixels
+    # every token labelled while a label fits its cell; past that (a cell shrunk by MAX_PX or
+    # MAX_AREA_PX) every stride-th, so that labels do not overlap and ticks stay few
+    stride = max(1, math.ceil(font_size * DPI / 72 / grid.cell))
     with plt.rc_context({"font.family": font_families(), "font.size": font_size}), \
             _quiet_single_weight_fonts():
         fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -130,11 +139,12 @@ def plot_panels(panels: list[list[np.ndarray]], row_labels: list[str], col_label
                 ax.set_title(titles[r][c], fontsize=font_size, pad=2)
                 # labels on the outer panels only: tick objects are most of the drawing time
                 if c == 0:
-                    ax.set_yticks(range(n_query), _short(row_labels))
+                    ax.set_yticks(range(0, n_query, stride), _short(row_labels)[::stride])
                 else:
                     ax.set_yticks([])
                 if r == rows - 1:
-                    ax.set_xticks(range(n_key), _short(col_labels), rotation=90)
+                    ax.set_xticks(range(0, n_key, stride), _short(col_labels)[::stride],
+                                  rotation=90)
                 else:
                     ax.set_xticks([])
                 ax.tick_params(length=0, pad=1)
