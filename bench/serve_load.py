@@ -109,8 +109,6 @@ class Server:
                    "--batching", args.batching]
         if args.batcher_process:
             command.append("--batcher-process")
-        if batch > 1 and args.batcher_processes > 1:  # one at a time stays one process
-            command += ["--batcher-processes", str(args.batcher_processes)]
         if args.device:
             command += ["--device", args.device]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -281,10 +279,6 @@ def main() -> None:
     parser.add_argument("--batcher-process", action="store_true",
                         help="both servers run their batcher in a process of its own "
                         "(tformer serve --batcher-process)")
-    parser.add_argument("--batcher-processes", type=int, default=1, metavar="N",
-                        help="the batching server runs N batcher processes (tformer serve "
-                        "--batcher-processes N); the one-at-a-time server keeps one, or none "
-                        "without --batcher-process: one request at a time is one process")
     parser.add_argument("--random-init", metavar="SIZE", default=None,
                         help="serve a freshly initialised model of this size (tiny, small, "
                         "base) with the checkpoint's tokenizer instead of its weights")
@@ -303,9 +297,7 @@ def main() -> None:
             checkpoint = random_checkpoint(checkpoint, args.random_init, Path(tmp) / "random")
         print(f"checkpoint {checkpoint}; {len(texts)} distinct inputs from {args.inputs.name}; "
               f"greedy, max_new_tokens {args.max_new_tokens}; max_wait_ms {args.max_wait_ms}; batcher "
-              f"{'in a process of its own' if args.batcher_process else 'in the server process'}"
-              + (f"; batching server: {args.batcher_processes} batcher processes"
-                 if args.batcher_processes > 1 else ""))
+              f"{'in a process of its own' if args.batcher_process else 'in the server process'}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
         # Both servers run at once (the idle one costs nothing) and the scenarios take turns in
@@ -332,9 +324,7 @@ def main() -> None:
                      for t in batched.outputs if t in serial.outputs)
     print(f"\nbatching {args.batching}; throughput, batching / one at a time ({args.clients} "
           "clients): "
-          f"{batched.rps / serial.rps:.2f}x   (goal >= 4)"
-          + (f"; the batching server has {args.batcher_processes} batcher processes (model "
-             "copies), the one-at-a-time one 1" if args.batcher_processes > 1 else ""))
+          f"{batched.rps / serial.rps:.2f}x   (goal >= 4)")
     print(f"p99 latency, batching at {args.clients} clients / single request: "
           f"{batched.pct(99) / alone.pct(99):.2f}x   (goal <= 2)")
     print(f"p50 latency, same ratio: {batched.pct(50) / alone.pct(50):.2f}x; batching window "

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 import tformer  # noqa: E402
-from tformer.serving.batching import _Job  # noqa: E402
-from tformer.serving.continuous import ContinuousBatcher, _Request  # noqa: E402
+from tformer.serving.batching import Job  # noqa: E402
+from tformer.serving.continuous import ContinuousBatcher, Decoding  # noqa: E402
 
 # The Multi30k validation split of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
 DEFAULT_INPUTS = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k" / "val.jsonl"
@@ -60,9 +60,9 @@ def main() -> None:
     batcher.eos_ids = set()
     loop = asyncio.new_event_loop()
 
-    def requests(n: int, first: int = 0) -> list[_Request]:
-        return [_Request(_Job([texts[first + i]], {"max_new_tokens": 10**6},
-                              loop.create_future(), loop), time.monotonic(), [None], 1)
+    def requests(n: int, first: int = 0) -> list[Decoding]:
+        return [Decoding(Job([texts[first + i]], {"max_new_tokens": 10**6},
+                             loop.create_future(), loop), time.monotonic(), [None], 1)
                 for i in range(n)]
 
     def step_ms(n: int) -> float:

@@ -1,13 +1,76 @@
-"""What the serving tests share: a model whose outputs differ from input to input, its texts,
-and a stub engine whose speed the test controls."""
+"""What the serving tests (``tests/test_serving_*.py``) share: a model whose outputs differ from
+input to input and its texts (as fixtures, which each test module imports by name), a client
+and an error reader, and stub engines whose speed or failures the test controls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import torch
+from fastapi.testclient import TestClient
+
+import tformer
+from tformer.serving import ServeSettings, create_app
+
+NEW = 8  # max_new_tokens in these tests: the model is tiny, outputs are short
+
+#: The options of a greedy request as the server resolves them (for the batchers driven
+#: directly, without the app).
+GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "length_penalty": 1.0,
+          "max_source_length": 512}
+
+
+@pytest.fixture(scope="module")
+def model_dir(reference_run, tmp_path_factory) -> Path:
+    return served_checkpoint(reference_run, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def seq2seq(model_dir) -> tformer.Seq2Seq:
+    return tformer.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def copy_seq2seq(reference_run, tmp_path_factory) -> tformer.Seq2Seq:
+    """As ``seq2seq``, with copy attention (`tformer.model.copy`)."""
+    out = tmp_path_factory.mktemp("served-copy")
+    return tformer.load(served_checkpoint(reference_run, out, copy_attention=True), device="cpu")
+
+
+@pytest.fixture(params=["plain", "copy"])
+def own(request) -> tformer.Seq2Seq:
+    """The own Transformer without and with copy attention, for the continuous batcher."""
+    return request.getfixturevalue("seq2seq" if request.param == "plain" else "copy_seq2seq")
+
+
+@pytest.fixture(scope="module")
+def texts(data_files) -> list[str]:
+    return source_texts(data_files)
+
+
+def client(seq2seq, **overrides) -> TestClient:
+    """A TestClient of an app around ``seq2seq`` with these `ServeSettings`."""
+    return TestClient(create_app(seq2seq, settings=ServeSettings(**overrides)))
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    return response.json()["error"]
+
+
+async def until(condition, seconds: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail instead of hanging when it never does."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.001)
 
 
 def served_checkpoint(reference_run: Path, out: Path, copy_attention: bool = False) -> Path:
@@ -19,7 +82,6 @@ def served_checkpoint(reference_run: Path, out: Path, copy_attention: bool = Fal
     end-of-sequence at once (empty outputs), so a mix-up between requests in a batch could not
     show. This one gives mostly different outputs of different lengths for different inputs.
     """
-    import tformer
     from tformer.hf import TformerForConditionalGeneration
 
     newest = sorted((reference_run / "checkpoints").glob("step-*"))[-1]

@@ -244,15 +244,10 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tformer.serving import ServeSettings, resolve_api_key, serve
 
-    names = ("host", "port", "batching", "batcher_processes", "max_batch_size", "max_wait_ms",
+    names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms",
              "max_queue", "max_inputs", "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
              "default_max_new_tokens", "max_beams", "timeout_s")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
-                             # --batcher-processes N > 1 implies --batcher-process unless
-                             # --no-batcher-process says otherwise (then ServeSettings refuses)
-                             batcher_process=(args.batcher_processes > 1
-                                              if args.batcher_process is None
-                                              else args.batcher_process),
                              **{name: getattr(args, name) for name in names})
     serve(args.checkpoint, settings, device=args.device, **_engine_options(args))
     return 0
@@ -275,13 +270,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "tformer's own model); dynamic: one generate() per batch of requests; "
                    f"default {S.batching} (continuous where it applies)")
     g.add_argument("--batcher-process", action=argparse.BooleanOptionalAction,
-                   default=None, help="run the batcher and its copy of the model "
+                   default=S.batcher_process, help="run the batcher and its copy of the model "
                    "in a process of its own, beside the HTTP side's (see docs/serving.md); default "
                    "off")
-    g.add_argument("--batcher-processes", type=int, default=S.batcher_processes, metavar="N",
-                   help="N batcher processes, each request to the least busy (implies "
-                   f"--batcher-process when N > 1; for cores one process leaves idle); default "
-                   f"{S.batcher_processes}")
     for flag, kind, help_ in [
         ("max-batch-size", int, "most texts decoded together"),
         ("max-wait-ms", float, "how long a dynamic batch waits for more requests"),

@@ -6,7 +6,7 @@ Routes (all but ``/healthz`` and the page's own files need the API key when one 
 - ``GET /`` and ``/static/*``: the web page (`tformer/serving/static/`);
 - ``GET /healthz``: liveness (the batcher's worker is running);
 - ``GET /v1/model``: what is loaded and the limits;
-- ``POST /v1/generate``: outputs for inputs, through the dynamic batcher;
+- ``POST /v1/generate``: outputs for inputs, through the batcher (`tformer.serving.batcher`);
 - ``POST /v1/attention``: attention maps of one input and its (given or generated) target;
 - ``GET /openapi.json``, ``GET /docs``: the OpenAPI schema and Swagger UI.
 """
@@ -30,9 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tformer
 from tformer.serving import limits
-from tformer.serving.batching import BatcherStopped, DynamicBatcher, QueueFull
+from tformer.serving.batcher import Batcher, BatcherStopped, QueueFull
+from tformer.serving.batching import DynamicBatcher
 from tformer.serving.limits import ApiError
-from tformer.serving.process import ProcessBatcher, ProcessPool
+from tformer.serving.process import ProcessBatcher
 from tformer.serving.schemas import (
     AttentionRequest,
     AttentionResponse,
@@ -58,11 +59,11 @@ _PART_OF = {"encoder": "encoder", "decoder": "decoder", "cross": "cross",
             "copy_attention": "copy", "p_gen": "copy"}
 
 
-def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBatcher | ProcessPool:
+def make_batcher(seq2seq, settings: ServeSettings) -> Batcher:
     """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
-    own when ``settings.batcher_process``, in several with ``settings.batcher_processes``
-    (`tformer.serving.process`)."""
+    own when ``settings.batcher_process`` (`tformer.serving.process`). The app knows it only
+    as a `tformer.serving.batcher.Batcher`."""
     from tformer.serving.continuous import ContinuousBatcher, supports_continuous
 
     kind = settings.batching
@@ -71,19 +72,19 @@ def make_batcher(seq2seq, settings: ServeSettings) -> DynamicBatcher | ProcessBa
     sizes = dict(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                  max_queue=settings.max_queue)
     if settings.batcher_process:
-        if settings.batcher_processes > 1:
-            return ProcessPool(seq2seq, processes=settings.batcher_processes, kind=kind, **sizes)
         return ProcessBatcher(seq2seq, kind=kind, **sizes)
     cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
     return cls(seq2seq, **sizes)
 
 
-def create_app(seq2seq, *, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(seq2seq, *, settings: ServeSettings | None = None,
+               batcher: Batcher | None = None) -> FastAPI:
     """A FastAPI app serving ``seq2seq`` (a `tformer.Seq2Seq`, or any object with the same
-    ``generate`` and ``tokenizer``). The batcher's worker starts with the first request and
-    stops when the app shuts down; ``app.state.batcher`` exposes its ``stats``."""
+    ``generate`` and ``tokenizer``). The batcher (``make_batcher``'s, unless one is given)
+    starts with the app and stops when the app shuts down; ``app.state.batcher`` exposes its
+    ``stats``."""
     settings = settings or ServeSettings()
-    batcher = make_batcher(seq2seq, settings)
+    batcher = batcher if batcher is not None else make_batcher(seq2seq, settings)
     settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
     model_limit = source_limit(seq2seq)

@@ -1,8 +1,9 @@
 """Dynamic batching: requests that arrive together share one ``generate()`` call.
 
-One worker thread owns the model: it is the only caller of ``seq2seq.generate`` and of anything
-else that runs the model (attention maps go through :meth:`DynamicBatcher.call`), so no two
-forward passes ever race on it. The event loop only queues jobs and awaits their futures.
+`DynamicBatcher` implements `tformer.serving.batcher.Batcher`. One worker thread owns the
+model: it is the only caller of ``seq2seq.generate`` and of anything else that runs the model
+(attention maps go through :meth:`DynamicBatcher.call`), so no two forward passes ever race on
+it. The event loop only queues jobs and awaits their futures.
 
 A round of the worker:
 
@@ -35,38 +36,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tformer.serving.batcher import BatcherStopped, BatchResult, QueueFull, settle_future
+
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    """More texts are waiting than ``max_queue`` allows."""
-
-
-class BatcherStopped(Exception):
-    """The worker is not running (server shutting down). ``code``: the API's error code."""
-
-    code = "shutting_down"
-
-
-class WorkerDown(BatcherStopped):
-    """The worker has died (the batcher's process ended): nothing more can be decoded."""
-
-    code = "worker_down"
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """What one job gets back from the worker."""
-
-    outputs: list[str]
-    output_tokens: list[int] | None
-    batch_inputs: int  # texts in the generate() call that produced these outputs
-    queue_ms: float
-    generate_ms: float
-
-
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """A request's texts waiting for the worker, with their options and the future to settle.
+    (Shared with `tformer.serving.continuous`, which schedules the same jobs per step.)"""
+
     texts: list[str]
     options: dict[str, Any]
     future: asyncio.Future
@@ -82,41 +61,26 @@ class _Job:
 
 
 @dataclass(eq=False)
-class _Call:
+class Call:
+    """Something else to run with the model in the worker (`DynamicBatcher.call`)."""
+
     fn: Callable[[], Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
 
-_STOP = object()
+#: Queued by ``stop()``: the worker ends when it takes it.
+STOP = object()
 
 
-def _settle(item: _Job | _Call, result: Any = None, error: BaseException | None = None) -> None:
+def settle(item: Job | Call, result: Any = None, error: BaseException | None = None) -> None:
     """Resolve an item's future from the worker thread (`settle_future`)."""
     settle_future(item.future, item.loop, result, error)
 
 
-def settle_future(future: asyncio.Future, loop: asyncio.AbstractEventLoop, result: Any = None,
-                  error: BaseException | None = None) -> None:
-    """Resolve ``future`` of ``loop`` from another thread; a future already done (cancelled by
-    a timeout or a disconnect) is left alone, and so is a loop that has closed."""
-
-    def settle() -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
-
-
 class DynamicBatcher:
-    """Gathers concurrent generation requests into batches run by one worker thread.
+    """Gathers concurrent generation requests into batches run by one worker thread (a
+    `tformer.serving.batcher.Batcher`).
 
     Args:
         seq2seq: anything with ``.generate(texts, max_new_tokens=..., batch_size=..., **options)
@@ -173,7 +137,7 @@ class DynamicBatcher:
                  ) -> asyncio.Future:
         self.start()
         loop = asyncio.get_running_loop()
-        job = _Job(texts, dict(options), loop.create_future(), loop, encoded=encoded)
+        job = Job(texts, dict(options), loop.create_future(), loop, encoded=encoded)
         with self._lock:  # under the lock: never queued behind stop()'s last call
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
@@ -188,7 +152,7 @@ class DynamicBatcher:
         """Run ``fn()`` in the worker thread, between batches (for other uses of the model)."""
         self.start()
         loop = asyncio.get_running_loop()
-        item = _Call(fn, loop.create_future(), loop)
+        item = Call(fn, loop.create_future(), loop)
         with self._lock:
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
@@ -201,7 +165,7 @@ class DynamicBatcher:
             self._stopping = True
             thread = self._thread
             if thread is not None:
-                self._queue.put(_STOP)  # after every job queued before the flag was set
+                self._queue.put(STOP)  # after every job queued before the flag was set
         if thread is None:
             return
         thread.join(timeout)
@@ -213,18 +177,18 @@ class DynamicBatcher:
     def _run(self) -> None:
         while True:
             round_ = self._next_round()
-            if round_[0] is _STOP:
+            if round_[0] is STOP:
                 break
             try:
-                if isinstance(round_[0], _Call):
+                if isinstance(round_[0], Call):
                     self._run_call(round_[0])
                 else:
                     self._run_round(round_)
             except Exception:  # a bug here must not kill the only worker
                 log.exception("batcher round failed")
         for item in [*self._carry, *self._drain()]:
-            if item is not _STOP:
-                _settle(item, error=BatcherStopped("the server is shutting down"))
+            if item is not STOP:
+                settle(item, error=BatcherStopped("the server is shutting down"))
 
     def _drain(self) -> list:
         items = []
@@ -251,18 +215,18 @@ class DynamicBatcher:
                         item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     return None
-            if not (isinstance(item, _Job) and item.future.cancelled()):
+            if not (isinstance(item, Job) and item.future.cancelled()):
                 return item
             self._drop([item])
 
-    def _drop(self, jobs: list[_Job]) -> None:
+    def _drop(self, jobs: list[Job]) -> None:
         with self._lock:
             self._waiting -= sum(len(job.texts) for job in jobs)
         self.stats["dropped"] += len(jobs)
 
     def _next_round(self) -> list:
         first = self._take(None)
-        if not isinstance(first, _Job):
+        if not isinstance(first, Job):
             return [first]
         round_, size = [first], len(first.texts)
         deadline = time.monotonic() + self.max_wait_s
@@ -270,34 +234,34 @@ class DynamicBatcher:
             item = self._take(deadline - time.monotonic())
             if item is None:
                 break
-            if not isinstance(item, _Job) or size + len(item.texts) > self.max_batch_size:
+            if not isinstance(item, Job) or size + len(item.texts) > self.max_batch_size:
                 self._carry.appendleft(item)  # next round starts with it
                 break
             round_.append(item)
             size += len(item.texts)
         return round_
 
-    def _run_call(self, item: _Call) -> None:
+    def _run_call(self, item: Call) -> None:
         if item.future.cancelled():
             return
         try:
-            _settle(item, item.fn())
+            settle(item, item.fn())
         except Exception as error:
-            _settle(item, error=error)
+            settle(item, error=error)
 
-    def _run_round(self, jobs: list[_Job]) -> None:
+    def _run_round(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.future.cancelled()]  # cancelled while gathering
         self._drop([job for job in jobs if job.future.cancelled()])
         with self._lock:
             self._waiting -= sum(len(job.texts) for job in live)
         self.stats["rounds"] += 1
-        groups: dict[tuple, list[_Job]] = {}
+        groups: dict[tuple, list[Job]] = {}
         for job in live:
             groups.setdefault(job.key, []).append(job)
         for group in groups.values():
             self._run_group(group)
 
-    def _run_group(self, jobs: list[_Job]) -> None:
+    def _run_group(self, jobs: list[Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         options = dict(jobs[0].options)
         started = time.monotonic()
@@ -308,7 +272,7 @@ class DynamicBatcher:
             log.exception("generate() failed on a batch of %d texts", len(texts))
             self.stats["failed"] += len(jobs)
             for job in jobs:
-                _settle(job, error=error)
+                settle(job, error=error)
             return
         generate_ms = (time.monotonic() - started) * 1000.0
         self.stats["generate_calls"] += 1
@@ -319,7 +283,7 @@ class DynamicBatcher:
         start = 0
         for job in jobs:
             end = start + len(job.texts)
-            _settle(job, BatchResult(
+            settle(job, BatchResult(
                 outputs=list(outputs[start:end]),
                 output_tokens=None if counts is None else counts[start:end],
                 batch_inputs=len(texts),

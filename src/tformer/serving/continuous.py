@@ -13,11 +13,12 @@ per step instead. One worker thread owns the running batch and loops:
    left): a request is answered as soon as its own texts are done.
 
 A request therefore waits at most one decoder step to start, and never for someone else's longer
-output. Rows of different ages share one key/value cache (`SlotCache`), one slot per row: each
-row's history fills the first columns of its slot, a step writes every row's new column at the
-row's own position, and the columns past a row's history are masked (``target_mask``). A new
-row takes a free slot with an empty history; a row that leaves frees its slot. Positions are
-per row (`tformer.model.Transformer.decode` ``positions``).
+output. Rows of different ages share one key/value cache, one slot per row
+(`tformer.serving.slot_cache.SlotCache`): each row's history fills the first columns of its
+slot, a step writes every row's new column at the row's own position, and the columns past a
+row's history are masked (``target_mask``). A new row takes a free slot with an empty history;
+a row that leaves frees its slot. Positions are per row (`tformer.model.Transformer.decode`
+``positions``).
 
 This path is greedy decoding of the own Transformer, with or without copy attention (whose
 output reads the source ids, kept per slot). Beam search, sampling and n-gram blocking,
@@ -38,15 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tformer.serving.batching import (
-    _STOP,
-    BatcherStopped,
-    BatchResult,
-    DynamicBatcher,
-    _Call,
-    _Job,
-    _settle,
-)
+from tformer.serving.batcher import BatcherStopped, BatchResult
+from tformer.serving.batching import STOP, Call, DynamicBatcher, Job, settle
+from tformer.serving.slot_cache import SlotCache, concat_encoded
 
 log = logging.getLogger(__name__)
 
@@ -80,193 +75,12 @@ def is_greedy(options: dict) -> bool:
             and not options.get("no_repeat_ngram_size", 0))
 
 
-class SlotCache:
-    """The running batch's keys and values, one slot per text being decoded (a
-    `tformer.model.attention.DecoderCache` for `tformer.model.Transformer.decode`).
-
-    Buffers are allocated for ``capacity`` slots (``max_batch_size``) and slots ``[0, n)`` are in
-    use. Self-attention: per layer a (capacity, H, T, Dh) buffer in which slot ``r``'s history
-    fills the first ``lengths[r]`` columns (left-aligned); a step writes every slot's new column
-    in place, each at its own position (one indexed write), and attends over the first
-    ``max(lengths) + 1`` columns with ``target_mask`` hiding the columns past a slot's own.
-    Cross-attention: (capacity, H, S, Dh) per layer, ``source_mask`` and ``source_ids``
-    (capacity, S); the ids are read by copy attention's output (`tformer.model.copy`) only.
-
-    A joining text takes slot ``n``; a leaving one gets a still-running slot from the end moved
-    into its place. Joining and leaving thus copy only the slots that change, never the whole
-    batch (re-packing the batch on every join and leave took about 15% of the time with 16
-    clients). Buffers grow, doubling, when a longer history or source comes, and never shrink.
-    What a previous text left in a slot is masked, like padding.
-    """
-
-    HEADROOM = 32  # history columns of a fresh buffer
-
-    def __init__(self, capacity: int, layers: int) -> None:
-        self.capacity, self.layers, self.n = capacity, layers, 0
-        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
-        # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
-        # self-attention by having one) but not read there: the keys and values come from this
-        # cache. Copy attention reads it, with the source ids.
-        self.memory = self.source_mask = self.source_ids = self.lengths = None  # at first join
-        self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
-        self.sources: list[int] = []  # source length of each slot in use
-        self.width = 0  # history columns the current step attends over
-        self.source_width = 0  # source columns the current step attends over
-        self._slots: Tensor | None = None  # arange(n), for the indexed writes of a step
-
-    # -- the DecoderCache protocol ---------------------------------------------------------
-
-    def seq_length(self) -> int:
-        return self.width - 1
-
-    def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write each slot's new column (k, v: (n, H, 1, Dh)) at its own position."""
-        if k.size(2) != 1:
-            raise ValueError(f"SlotCache takes one new position per row, got {k.size(2)}")
-        kb, vb = self.self_kv[layer]
-        slots, at = self._slots, self.lengths[: self.n]
-        kb[slots, :, at] = k[:, :, 0]  # (n, H, Dh) at (slot, :, lengths[slot])
-        vb[slots, :, at] = v[:, :, 0]
-        return kb[: self.n, :, : self.width], vb[: self.n, :, : self.width]
-
-    def get_cross(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        k, v = self.cross_kv[layer]
-        s = self.source_width
-        return k[: self.n, :, :s], v[: self.n, :, :s]
-
-    def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
-        raise RuntimeError("SlotCache takes cross-attention keys and values through join()")
-
-    # -- a step ----------------------------------------------------------------------------
-
-    def begin_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Room for one more column, then what ``decode`` takes for the slots in use: memory,
-        source mask, positions (n,) and target mask (n, width). The source ids of the same
-        slots and columns are :meth:`source`."""
-        self.width = max(self.history) + 1
-        if self.width > self.self_kv[0][0].size(2):
-            self._grow_history(2 * self.width)
-        self._slots = torch.arange(self.n, device=self.lengths.device)
-        positions = self.lengths[: self.n]
-        columns = torch.arange(self.width, device=positions.device)
-        s = self.source_width = max(self.sources)  # once per step, not once per layer
-        return (self.memory[: self.n, :s], self.source_mask[: self.n, :s], positions,
-                columns[None, :] <= positions[:, None])
-
-    def source(self) -> Tensor:
-        """The source ids (n, S) of the slots in use, as wide as this step's memory."""
-        return self.source_ids[: self.n, : self.source_width]
-
-    def advance(self) -> None:
-        """After a decoder step has written its column in every layer."""
-        self.lengths[: self.n] += 1
-        self.history = [x + 1 for x in self.history]
-
-    # -- joining and leaving ---------------------------------------------------------------
-
-    def join(self, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
-             source_mask: Tensor, source_ids: Tensor) -> None:
-        """New slots with an empty history for the rows of ``memory`` (k, S, D), with their
-        cross-attention keys and values (k, H, S, Dh) per layer, source mask and ids (k, S)."""
-        k, s = source_mask.shape
-        if self.n + k > self.capacity:
-            raise ValueError(f"{self.n} + {k} slots exceed the capacity of {self.capacity}")
-        if self.memory is None:
-            self._allocate(cross_kv[0][0], memory, s)
-        elif s > self.memory.size(1):
-            self._grow_source(max(s, 2 * self.memory.size(1)))
-        new = slice(self.n, self.n + k)
-        for i, (kn, vn) in cross_kv.items():
-            kb, vb = self.cross_kv[i]
-            kb[new, :, :s], vb[new, :, :s] = kn, vn
-        self.memory[new, :s] = memory
-        self.source_mask[new] = False
-        self.source_mask[new, :s] = source_mask
-        self.source_ids[new] = 0  # as the mask: nothing of a previous text stays
-        self.source_ids[new, :s] = source_ids
-        self.lengths[new] = 0
-        self.n += k
-        self.history += [0] * k
-        self.sources += source_mask.sum(1).clamp(min=1).tolist()  # masks are prefixes
-
-    def keep(self, keep: list[int]) -> list[int]:
-        """Keep slots ``keep`` (ascending) and pack them into ``[0, len(keep))``: each freed
-        slot below that gets one of the kept slots above it. Returns, for each new slot, the
-        old slot it holds."""
-        n = len(keep)
-        kept = set(keep)
-        holes = [i for i in range(n) if i not in kept]
-        movers = [i for i in keep if i >= n]
-        order = list(range(n))
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
-        if holes:
-            to = torch.tensor(holes, device=self.lengths.device)
-            src = torch.tensor(movers, device=self.lengths.device)
-            w = max(self.history[i] for i in movers)
-            for kv in self.self_kv.values():
-                for x in kv:
-                    x[to, :, :w] = x[src, :, :w]
-            s = max(self.sources[i] for i in movers)
-            for kv in self.cross_kv.values():
-                for x in kv:
-                    x[to, :, :s] = x[src, :, :s]
-            for x in (self.memory, self.source_mask, self.source_ids, self.lengths):
-                x[to] = x[src]
-        self.n = n
-        self.history = [self.history[i] for i in order]
-        self.sources = [self.sources[i] for i in order]
-        return order
-
-    def _allocate(self, k: Tensor, memory: Tensor, s: int) -> None:
-        r, (_, h, _, dh) = self.capacity, k.shape
-        zeros = lambda *shape: k.new_zeros(*shape)  # noqa: E731
-        self.self_kv = {i: (zeros(r, h, self.HEADROOM, dh), zeros(r, h, self.HEADROOM, dh))
-                        for i in range(self.layers)}
-        self.cross_kv = {i: (zeros(r, h, s, dh), zeros(r, h, s, dh)) for i in range(self.layers)}
-        self.memory = memory.new_zeros(r, s, memory.size(2))
-        self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
-        self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
-        self.lengths = torch.zeros(r, dtype=torch.long, device=memory.device)
-
-    @staticmethod
-    def _widened(x: Tensor, dim: int, size: int) -> Tensor:
-        shape = list(x.shape)
-        shape[dim] = size
-        out = x.new_zeros(shape)
-        out.narrow(dim, 0, x.size(dim)).copy_(x)
-        return out
-
-    def _grow_history(self, columns: int) -> None:
-        self.self_kv = {i: tuple(self._widened(x, 2, columns) for x in kv)
-                        for i, kv in self.self_kv.items()}
-
-    def _grow_source(self, columns: int) -> None:
-        # Everything widened first, then swapped in: a failed allocation changes nothing.
-        cross_kv = {i: tuple(self._widened(x, 2, columns) for x in kv)
-                    for i, kv in self.cross_kv.items()}
-        memory = self._widened(self.memory, 1, columns)
-        source_mask = self._widened(self.source_mask, 1, columns)
-        source_ids = self._widened(self.source_ids, 1, columns)
-        self.cross_kv, self.memory = cross_kv, memory
-        self.source_mask, self.source_ids = source_mask, source_ids
-
-
-def _concat(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
-    """Encoded batches (`ContinuousBatcher.encode`) as one, their sources padded to the
-    longest (masked; the ids' padding is 0, which the copy attention gives weight 0)."""
-    s = max(p[2].size(1) for p in parts)
-    cat = lambda xs, dim: torch.cat([SlotCache._widened(x, dim, s) for x in xs])  # noqa: E731
-    cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}
-    return cross, *(cat([p[k] for p in parts], 1) for k in (1, 2, 3))
-
-
 @dataclass(eq=False)
-class _Request:
-    """A job being decoded: its outputs fill in as its rows finish."""
+class Decoding:
+    """A job being decoded: its outputs fill in as its rows finish. (Public for the tests and
+    ``bench/serve_step.py``, which drive the batcher's steps by hand.)"""
 
-    job: _Job
+    job: Job
     started: float
     outputs: list[str | None] = field(default_factory=list)
     remaining: int = 0
@@ -278,7 +92,7 @@ class _Rows:
     """The running batch: per row (= slot of ``cache``), its request, generated tokens and
     next input."""
 
-    requests: list[_Request]
+    requests: list[Decoding]
     slots: list[int]  # index of the row's text in its request
     tokens: list[list[int]]
     max_new: list[int]
@@ -290,8 +104,8 @@ class _Rows:
 
 
 class ContinuousBatcher(DynamicBatcher):
-    """`DynamicBatcher`'s interface (``submit``, ``call``, ``stop``, ``stats``) with per-step
-    scheduling for greedy requests to the own Transformer; see the module's docstring.
+    """`DynamicBatcher`'s queue and the same `tformer.serving.batcher.Batcher` interface, with
+    per-step scheduling for greedy requests to the own Transformer; see the module's docstring.
     A greedy request joins the running batch at the next step, without waiting for company;
     ``max_wait_ms`` applies to whole-batch jobs (beam search, sampling) when nothing decodes.
     ``stop()`` takes no newcomers and finishes the rows in flight."""
@@ -333,13 +147,15 @@ class ContinuousBatcher(DynamicBatcher):
         """What admitting ``texts`` computes before it joins them: cross-attention keys and
         values per layer, encoder output, source mask and source ids (see
         ``submit_encoded``)."""
-        return self._encode(*self._tokenize([_Job(list(texts), options, None, None)]))
+        return self._encode(*self._tokenize([Job(list(texts), options, None, None)]))
 
-    def _continuous(self, job: _Job) -> bool:
-        """Greedy, fits a batch, and (learned positions) fits the position table: a request
-        that fails must fail alone, so one that would overrun goes to ``generate()``."""
-        n = job.options.get("max_new_tokens", 0)
-        return (is_greedy(job.options) and len(job.texts) <= self.max_batch_size
+    def steps(self, texts: Sequence[str], options: dict[str, Any]) -> bool:
+        """Whether a job joins the running batch (else it runs whole, through
+        ``generate()``): greedy, fits a batch, and (learned positions) fits the position
+        table: a request that fails must fail alone, so one that would overrun goes to
+        ``generate()``."""
+        n = options.get("max_new_tokens", 0)
+        return (is_greedy(options) and len(texts) <= self.max_batch_size
                 and (self.max_positions is None or n <= self.max_positions))
 
     # -- the worker ------------------------------------------------------------------------
@@ -348,7 +164,7 @@ class ContinuousBatcher(DynamicBatcher):
         rows: _Rows | None = None
         stopping = False
         while not (stopping and rows is None):  # once stopping: no newcomers, finish the rows
-            admitted: list[_Request] = []
+            admitted: list[Decoding] = []
             if not stopping:
                 try:
                     admitted, stopping = self._gather(rows)
@@ -365,10 +181,10 @@ class ContinuousBatcher(DynamicBatcher):
                     rows = None
                     self._cache.keep([])
         for item in [*self._carry, *self._drain()]:
-            if item is not _STOP:
-                _settle(item, error=BatcherStopped("the server is shutting down"))
+            if item is not STOP:
+                settle(item, error=BatcherStopped("the server is shutting down"))
 
-    def _admit_all(self, rows: _Rows | None, requests: list[_Request]) -> _Rows | None:
+    def _admit_all(self, rows: _Rows | None, requests: list[Decoding]) -> _Rows | None:
         """Admit ``requests`` together; if that fails (e.g. a text the encoder cannot take),
         each one alone, so that only the requests at fault get the error. A failed admission
         leaves ``rows`` and the cache as they were."""
@@ -387,29 +203,29 @@ class ContinuousBatcher(DynamicBatcher):
                 self._fail([request], error)
         return rows
 
-    def _fail(self, requests: list[_Request], error: BaseException) -> None:
+    def _fail(self, requests: list[Decoding], error: BaseException) -> None:
         unique = {id(r): r for r in requests}.values()
         self.stats["failed"] += len(unique)
         for request in unique:
-            _settle(request.job, error=error)
+            settle(request.job, error=error)
 
-    def _gather(self, rows: _Rows | None) -> tuple[list[_Request], bool]:
+    def _gather(self, rows: _Rows | None) -> tuple[list[Decoding], bool]:
         """New requests for the running batch, as many as fit (blocks only when nothing runs).
         A whole-batch job (with the queued jobs of the same options) or another call runs here,
         one per step, so the running rows never wait for more than one of them."""
-        admitted: list[_Request] = []
+        admitted: list[Decoding] = []
         room = self.max_batch_size - (len(rows) if rows is not None else 0)
         while room > 0:
             idle = rows is None and not admitted
             item = self._take(None if idle else 0)
             if item is None:
                 break
-            if item is _STOP:
+            if item is STOP:
                 return admitted, True
-            if isinstance(item, _Call):
+            if isinstance(item, Call):
                 self._run_call(item)
                 break
-            if not self._continuous(item):
+            if not self.steps(item.texts, item.options):
                 self._run_round(self._same_options(item, wait=idle))
                 break
             if len(item.texts) > room:
@@ -417,12 +233,12 @@ class ContinuousBatcher(DynamicBatcher):
                 break
             with self._lock:
                 self._waiting -= len(item.texts)
-            admitted.append(_Request(item, time.monotonic(), [None] * len(item.texts),
+            admitted.append(Decoding(item, time.monotonic(), [None] * len(item.texts),
                                      len(item.texts)))
             room -= len(item.texts)
         return admitted, False
 
-    def _same_options(self, first: _Job, wait: bool) -> list[_Job]:
+    def _same_options(self, first: Job, wait: bool) -> list[Job]:
         """``first`` and the queued jobs with its options, up to ``max_batch_size`` texts: one
         ``generate()`` call. It waits up to ``max_wait_ms`` for more only when no rows are
         decoding; everything else taken meanwhile goes back in line, in order."""
@@ -432,18 +248,18 @@ class ContinuousBatcher(DynamicBatcher):
             item = self._take(deadline - time.monotonic())
             if item is None:
                 break
-            if (isinstance(item, _Job) and item.key == first.key
+            if (isinstance(item, Job) and item.key == first.key
                     and size + len(item.texts) <= self.max_batch_size):
                 group.append(item)
                 size += len(item.texts)
                 continue
             others.append(item)
-            if item is _STOP:
+            if item is STOP:
                 break
         self._carry.extendleft(reversed(others))
         return group
 
-    def _admit(self, rows: _Rows | None, requests: list[_Request]) -> _Rows:
+    def _admit(self, rows: _Rows | None, requests: list[Decoding]) -> _Rows:
         """Encode the new texts (those not encoded already) and join them to ``rows`` with an
         empty history: their first decoder step (from the start token) is the next step of the
         whole batch."""
@@ -452,11 +268,11 @@ class ContinuousBatcher(DynamicBatcher):
         parts = [r.job.encoded for r in ready]
         if fresh:
             parts.insert(0, self._encode(*self._tokenize([r.job for r in fresh])))
-        joined = self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else _concat(parts))
+        joined = self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else concat_encoded(parts))
         self.stats["pre_encoded"] += sum(len(r.job.texts) for r in ready)
         return joined
 
-    def _tokenize(self, jobs: list[_Job]) -> tuple[Tensor, Tensor]:
+    def _tokenize(self, jobs: list[Job]) -> tuple[Tensor, Tensor]:
         """The jobs' texts as source ids and mask (k, S)."""
         ids: list[list[int]] = []
         for job in jobs:
@@ -482,7 +298,7 @@ class ContinuousBatcher(DynamicBatcher):
         return cross, memory, source_mask, source
 
     @torch.inference_mode()
-    def _join(self, rows: _Rows | None, requests: list[_Request],
+    def _join(self, rows: _Rows | None, requests: list[Decoding],
               encoded: tuple[dict, Tensor, Tensor, Tensor]) -> _Rows:
         cross, memory, source_mask, source = encoded
         k = source_mask.size(0)
@@ -551,11 +367,11 @@ class ContinuousBatcher(DynamicBatcher):
                      [rows.tokens[i] for i in order], [rows.max_new[i] for i in order],
                      rows.last[torch.tensor(order, device=rows.last.device)], rows.cache)
 
-    def _answer(self, request: _Request) -> None:
+    def _answer(self, request: Decoding) -> None:
         outputs = [text or "" for text in request.outputs]
         now = time.monotonic()
         self.stats["texts"] += len(outputs)
-        _settle(request.job, BatchResult(
+        settle(request.job, BatchResult(
             outputs=outputs, output_tokens=self._count_tokens(outputs),
             batch_inputs=request.peak,
             queue_ms=(request.started - request.job.submitted) * 1000.0,

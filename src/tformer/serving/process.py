@@ -38,7 +38,6 @@ import concurrent.futures
 import functools
 import itertools
 import logging
-import operator
 import pickle
 import queue
 import signal
@@ -53,14 +52,8 @@ from typing import Any
 
 import torch
 
-from tformer.serving.batching import (
-    BatcherStopped,
-    DynamicBatcher,
-    QueueFull,
-    WorkerDown,
-    _Job,
-    settle_future,
-)
+from tformer.serving.batcher import BatcherStopped, QueueFull, WorkerDown, settle_future
+from tformer.serving.batching import DynamicBatcher
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +62,12 @@ START_TIMEOUT_S = 300.0
 
 
 class ProcessBatcher:
-    """`DynamicBatcher`'s interface (``start``, ``submit``, ``call``, ``stop``, ``healthy``,
-    ``stats``) over a batcher of kind ``kind`` ("continuous" or "dynamic") run in a child
-    process. ``max_queue`` is enforced here, before anything crosses the pipe."""
+    """The `tformer.serving.batcher.Batcher` interface over a batcher of kind ``kind``
+    ("continuous" or "dynamic") run in a child process. ``max_queue`` is enforced here, before
+    anything crosses the pipe."""
 
     def __init__(self, seq2seq, *, kind: str, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int,
-                 model_thread: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
+                 max_queue: int) -> None:
         from tformer.serving.continuous import ContinuousBatcher
 
         cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
@@ -100,10 +92,8 @@ class ProcessBatcher:
         self._outbox: queue.Queue = queue.Queue()  # messages for the child, sent in order
         self._threads: list[threading.Thread] = []  # the sender and the reader
         # This process's uses of the model (encoding, attention maps), one at a time: the model's
-        # tokenizer fails when two threads call it at once. (A `ProcessPool` hands the same
-        # thread to all its children's batchers, for the same reason.)
-        self._owns_model_thread = model_thread is None  # else the pool shuts it down
-        self._model_thread = model_thread or concurrent.futures.ThreadPoolExecutor(
+        # tokenizer fails when two threads call it at once.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tformer-model")
         #: The child batcher's counters, as of its last answer.
         self.stats: dict[str, Any] = {}
@@ -150,8 +140,7 @@ class ProcessBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        encode = self._encoder is not None and self._encoder._continuous(
-            _Job(texts, options, None, None))
+        encode = self._encoder is not None and self._encoder.steps(texts, options)
         with self._lock:
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
@@ -184,8 +173,7 @@ class ProcessBatcher:
         with self._lock:
             self._stopping = True
             process = self._process
-            if self._owns_model_thread:
-                self._model_thread.shutdown(wait=False, cancel_futures=True)
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
             if process is not None:
                 self._outbox.put(("stop",))
                 self._outbox.put(None)  # the sender's end
@@ -213,7 +201,7 @@ class ProcessBatcher:
         if job not in self._pending:
             return  # cancelled while it waited
         try:
-            packed = _pack(self._encoder.encode(texts, options))
+            packed = pack_encoded(self._encoder.encode(texts, options))
         except Exception as error:  # this request alone fails
             log.exception("encoding a request failed")
             self._settle(job, None, error)
@@ -287,91 +275,7 @@ class ProcessBatcher:
             settle_future(future, loop, None, error)
 
 
-class ProcessPool:
-    """Several `ProcessBatcher` children behind the same interface: each request goes to the
-    child with the fewest texts waiting, and each child batches what it is given.
-
-    For a CPU with cores left over by one child. One child decodes on one core at a time (its
-    step is a chain of small operations that extra threads do not speed up), and the server's
-    process needs only part of another core (HTTP, encoding). On a 2-core machine two children
-    were slower than one: each batch holds half the rows, and a step's cost does not halve with
-    them (``docs/benchmarks.md``). Each child holds a copy of the model. One thread of the
-    server's process encodes for all of them (the tokenizer is not thread-safe). ``max_queue``
-    counts the texts waiting in all of them together. A child that dies fails its own requests
-    with `WorkerDown` and turns ``healthy`` false; the others go on serving, and new requests
-    go to them only."""
-
-    def __init__(self, seq2seq, *, processes: int, kind: str, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int) -> None:
-        if processes < 2:
-            raise ValueError(f"a pool needs processes >= 2, got {processes} (use ProcessBatcher)")
-        # One thread of this process encodes for all of them: the tokenizer is not thread-safe.
-        # The pool owns it and shuts it down once every child has stopped.
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="tformer-model")
-        self.members = [ProcessBatcher(seq2seq, kind=kind, max_batch_size=max_batch_size,
-                                       max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                       model_thread=self._model_thread)
-                        for _ in range(processes)]
-        self.mode, self.seq2seq, self.max_queue = kind, seq2seq, max_queue
-        self._stopping = False
-
-    def start(self) -> None:
-        """Start every child (in parallel: each takes seconds to load its model)."""
-        with concurrent.futures.ThreadPoolExecutor(len(self.members)) as starter:
-            errors = [f.exception() for f in [starter.submit(m.start) for m in self.members]]
-        if any(errors):
-            self.stop(timeout=5)
-            raise next(e for e in errors if e)
-
-    @property
-    def healthy(self) -> bool:
-        """False once any started child has ended."""
-        return all(member.healthy for member in self.members)
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        """The children's counters added up (``largest_batch``: the largest of them)."""
-        total: dict[str, Any] = {}
-        for member in self.members:
-            for name, value in member.stats.items():
-                merge = max if name == "largest_batch" else operator.add
-                total[name] = merge(total[name], value) if name in total else value
-        return total
-
-    def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
-        """As `ProcessBatcher.submit`, to the live child with the fewest texts waiting; a
-        child found dead on the way is skipped. `WorkerDown` only when every child is."""
-        if self._stopping:
-            raise BatcherStopped("the batcher has been stopped")
-        waiting = sum(member._waiting for member in self.members)
-        if waiting + len(texts) > self.max_queue:
-            raise QueueFull(f"{waiting} texts are already waiting; the limit max_queue is "
-                            f"{self.max_queue}")
-        for member in sorted(self.members, key=lambda member: member._waiting):
-            if member.healthy:
-                try:
-                    return member.submit(texts, options)
-                except WorkerDown:  # it died since: the next one
-                    continue
-        raise WorkerDown("every one of the model's processes has ended")
-
-    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """As `ProcessBatcher.call`, in this process's one model thread (shared by all)."""
-        return self.members[0].call(fn)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop every child (in parallel, each within ``timeout``), then the encoding thread."""
-        self._stopping = True  # new requests are refused from here on
-        try:
-            with concurrent.futures.ThreadPoolExecutor(len(self.members)) as stopper:
-                for future in [stopper.submit(m.stop, timeout) for m in self.members]:
-                    future.result()
-        finally:
-            self._model_thread.shutdown(wait=False, cancel_futures=True)
-
-
-def _pack(encoded: tuple) -> tuple:
+def pack_encoded(encoded: tuple) -> tuple:
     """An encoded job as four numpy arrays: unpickling tensors goes through ``torch.load``
     once per tensor, which cost the child 14% of its time under 16 clients; numpy arrays
     unpickle as plain buffers. (float32 on the way: numpy has no bfloat16.)"""
@@ -381,7 +285,7 @@ def _pack(encoded: tuple) -> tuple:
             source_ids.cpu().numpy())
 
 
-def _unpack(packed: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+def unpack_encoded(packed: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
     kv, memory = (torch.from_numpy(x).to(device, dtype) for x in packed[:2])
     source_mask, source_ids = (torch.from_numpy(x).to(device) for x in packed[2:])
     return {i: (kv[i, 0], kv[i, 1]) for i in range(kv.size(0))}, memory, source_mask, source_ids
@@ -410,14 +314,15 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     ours, theirs = socket.socketpair()
     root = str(Path(tformer.__file__).resolve().parents[1])
     code = (f"import sys; sys.path.append({root!r}); "
-            "from tformer.serving.process import _main; _main()")
+            "from tformer.serving.process import child_main; child_main()")
     process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())],
                                pass_fds=[theirs.fileno()])
     theirs.close()
     return process, Connection(ours.detach())
 
 
-def _main() -> None:
+def child_main() -> None:
+    """The entry point of the child `_spawn` starts (its socket's descriptor in argv[1])."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for number in (signal.SIGINT, signal.SIGTERM):  # the parent says when to stop
         signal.signal(number, signal.SIG_IGN)
@@ -472,8 +377,8 @@ def _child(conn: Connection) -> None:
                 _, job, texts, job_options, encoded = message
                 try:
                     future = (batcher.submit(texts, job_options) if encoded is None
-                              else batcher.submit_encoded(
-                                  texts, job_options, _unpack(encoded, first.device, first.dtype)))
+                              else batcher.submit_encoded(texts, job_options, unpack_encoded(
+                                  encoded, first.device, first.dtype)))
                 except Exception as error:
                     done(job, None, error)
                     continue

@@ -31,10 +31,6 @@ class ServeSettings:
         batcher_process: run the batcher (and its copy of the model) in a child process of
             its own, so that decoding does not share one interpreter lock with the HTTP side
             (`tformer.serving.process`); attention maps still run in the server's process.
-        batcher_processes: with ``batcher_process``, how many such processes; each request
-            goes to the one with the fewest texts waiting (`ProcessPool`). More than one is
-            for cores that one decoding process leaves idle, at the cost of a copy of the model
-            each; on a 2-core machine two were slower than one (``docs/benchmarks.md``).
         max_batch_size: most texts decoded together.
         max_wait_ms: how long a dynamic batch, once it has a request, waits for more (unless
             full); a continuous batch takes requests at every step and never waits.
@@ -55,7 +51,6 @@ class ServeSettings:
     api_key: str | None = None
     batching: str = "auto"
     batcher_process: bool = False
-    batcher_processes: int = 1
     max_batch_size: int = 16
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -70,14 +65,11 @@ class ServeSettings:
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue", "max_inputs", "max_input_chars",
                     "max_input_tokens", "max_new_tokens_cap", "default_max_new_tokens",
-                    "max_beams", "batcher_processes")
+                    "max_beams")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.batcher_processes > 1 and not self.batcher_process:
-            raise ValueError(f"batcher_processes ({self.batcher_processes}) needs "
-                             "batcher_process=True (--batcher-process)")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got "
                              f"{self.batching!r}")

@@ -1,0 +1,198 @@
+"""The continuous batcher's key/value cache: one slot per text being decoded.
+
+`SlotCache` keeps the running batch's self-attention history and cross-attention keys and
+values (with each slot's encoder output, source mask and source ids) in buffers allocated once
+for ``max_batch_size`` slots. It is the `tformer.model.attention.DecoderCache` that
+`tformer.serving.continuous.ContinuousBatcher` hands to `tformer.model.Transformer.decode`;
+the batcher owns the scheduling (who joins, who leaves), this module the bookkeeping of where
+each row's keys and values are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class SlotCache:
+    """The running batch's keys and values, one slot per text being decoded (a
+    `tformer.model.attention.DecoderCache` for `tformer.model.Transformer.decode`).
+
+    Buffers are allocated for ``capacity`` slots (``max_batch_size``) and slots ``[0, n)`` are in
+    use. Self-attention: per layer a (capacity, H, T, Dh) buffer in which slot ``r``'s history
+    fills the first ``lengths[r]`` columns (left-aligned); a step writes every slot's new column
+    in place, each at its own position (one indexed write), and attends over the first
+    ``max(lengths) + 1`` columns with ``target_mask`` hiding the columns past a slot's own.
+    Cross-attention: (capacity, H, S, Dh) per layer, ``source_mask`` and ``source_ids``
+    (capacity, S); the ids are read by copy attention's output (`tformer.model.copy`) only.
+
+    A joining text takes slot ``n``; a leaving one gets a still-running slot from the end moved
+    into its place. Joining and leaving thus copy only the slots that change, never the whole
+    batch (re-packing the batch on every join and leave took about 15% of the time with 16
+    clients). Buffers grow, doubling, when a longer history or source comes, and never shrink.
+    What a previous text left in a slot is masked, like padding.
+    """
+
+    HEADROOM = 32  # history columns of a fresh buffer
+
+    def __init__(self, capacity: int, layers: int) -> None:
+        self.capacity, self.layers, self.n = capacity, layers, 0
+        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
+        # self-attention by having one) but not read there: the keys and values come from this
+        # cache. Copy attention reads it, with the source ids.
+        self.memory = self.source_mask = self.source_ids = self.lengths = None  # at first join
+        self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
+        self.sources: list[int] = []  # source length of each slot in use
+        self.width = 0  # history columns the current step attends over
+        self.source_width = 0  # source columns the current step attends over
+        self._slots: Tensor | None = None  # arange(n), for the indexed writes of a step
+
+    # -- the DecoderCache protocol ---------------------------------------------------------
+
+    def seq_length(self) -> int:
+        return self.width - 1
+
+    def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write each slot's new column (k, v: (n, H, 1, Dh)) at its own position."""
+        if k.size(2) != 1:
+            raise ValueError(f"SlotCache takes one new position per row, got {k.size(2)}")
+        kb, vb = self.self_kv[layer]
+        slots, at = self._slots, self.lengths[: self.n]
+        kb[slots, :, at] = k[:, :, 0]  # (n, H, Dh) at (slot, :, lengths[slot])
+        vb[slots, :, at] = v[:, :, 0]
+        return kb[: self.n, :, : self.width], vb[: self.n, :, : self.width]
+
+    def get_cross(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        k, v = self.cross_kv[layer]
+        s = self.source_width
+        return k[: self.n, :, :s], v[: self.n, :, :s]
+
+    def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
+        raise RuntimeError("SlotCache takes cross-attention keys and values through join()")
+
+    # -- a step ----------------------------------------------------------------------------
+
+    def begin_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Room for one more column, then what ``decode`` takes for the slots in use: memory,
+        source mask, positions (n,) and target mask (n, width). The source ids of the same
+        slots and columns are :meth:`source`."""
+        self.width = max(self.history) + 1
+        if self.width > self.self_kv[0][0].size(2):
+            self._grow_history(2 * self.width)
+        self._slots = torch.arange(self.n, device=self.lengths.device)
+        positions = self.lengths[: self.n]
+        columns = torch.arange(self.width, device=positions.device)
+        s = self.source_width = max(self.sources)  # once per step, not once per layer
+        return (self.memory[: self.n, :s], self.source_mask[: self.n, :s], positions,
+                columns[None, :] <= positions[:, None])
+
+    def source(self) -> Tensor:
+        """The source ids (n, S) of the slots in use, as wide as this step's memory."""
+        return self.source_ids[: self.n, : self.source_width]
+
+    def advance(self) -> None:
+        """After a decoder step has written its column in every layer."""
+        self.lengths[: self.n] += 1
+        self.history = [x + 1 for x in self.history]
+
+    # -- joining and leaving ---------------------------------------------------------------
+
+    def join(self, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
+             source_mask: Tensor, source_ids: Tensor) -> None:
+        """New slots with an empty history for the rows of ``memory`` (k, S, D), with their
+        cross-attention keys and values (k, H, S, Dh) per layer, source mask and ids (k, S)."""
+        k, s = source_mask.shape
+        if self.n + k > self.capacity:
+            raise ValueError(f"{self.n} + {k} slots exceed the capacity of {self.capacity}")
+        if self.memory is None:
+            self._allocate(cross_kv[0][0], memory, s)
+        elif s > self.memory.size(1):
+            self._grow_source(max(s, 2 * self.memory.size(1)))
+        new = slice(self.n, self.n + k)
+        for i, (kn, vn) in cross_kv.items():
+            kb, vb = self.cross_kv[i]
+            kb[new, :, :s], vb[new, :, :s] = kn, vn
+        self.memory[new, :s] = memory
+        self.source_mask[new] = False
+        self.source_mask[new, :s] = source_mask
+        self.source_ids[new] = 0  # as the mask: nothing of a previous text stays
+        self.source_ids[new, :s] = source_ids
+        self.lengths[new] = 0
+        self.n += k
+        self.history += [0] * k
+        self.sources += source_mask.sum(1).clamp(min=1).tolist()  # masks are prefixes
+
+    def keep(self, keep: list[int]) -> list[int]:
+        """Keep slots ``keep`` (ascending) and pack them into ``[0, len(keep))``: each freed
+        slot below that gets one of the kept slots above it. Returns, for each new slot, the
+        old slot it holds."""
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            to = torch.tensor(holes, device=self.lengths.device)
+            src = torch.tensor(movers, device=self.lengths.device)
+            w = max(self.history[i] for i in movers)
+            for kv in self.self_kv.values():
+                for x in kv:
+                    x[to, :, :w] = x[src, :, :w]
+            s = max(self.sources[i] for i in movers)
+            for kv in self.cross_kv.values():
+                for x in kv:
+                    x[to, :, :s] = x[src, :, :s]
+            for x in (self.memory, self.source_mask, self.source_ids, self.lengths):
+                x[to] = x[src]
+        self.n = n
+        self.history = [self.history[i] for i in order]
+        self.sources = [self.sources[i] for i in order]
+        return order
+
+    def _allocate(self, k: Tensor, memory: Tensor, s: int) -> None:
+        r, (_, h, _, dh) = self.capacity, k.shape
+        zeros = lambda *shape: k.new_zeros(*shape)  # noqa: E731
+        self.self_kv = {i: (zeros(r, h, self.HEADROOM, dh), zeros(r, h, self.HEADROOM, dh))
+                        for i in range(self.layers)}
+        self.cross_kv = {i: (zeros(r, h, s, dh), zeros(r, h, s, dh)) for i in range(self.layers)}
+        self.memory = memory.new_zeros(r, s, memory.size(2))
+        self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
+        self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
+        self.lengths = torch.zeros(r, dtype=torch.long, device=memory.device)
+
+    def _grow_history(self, columns: int) -> None:
+        self.self_kv = {i: tuple(widened(x, 2, columns) for x in kv)
+                        for i, kv in self.self_kv.items()}
+
+    def _grow_source(self, columns: int) -> None:
+        # Everything widened first, then swapped in: a failed allocation changes nothing.
+        cross_kv = {i: tuple(widened(x, 2, columns) for x in kv)
+                    for i, kv in self.cross_kv.items()}
+        memory = widened(self.memory, 1, columns)
+        source_mask = widened(self.source_mask, 1, columns)
+        source_ids = widened(self.source_ids, 1, columns)
+        self.cross_kv, self.memory = cross_kv, memory
+        self.source_mask, self.source_ids = source_mask, source_ids
+
+
+def concat_encoded(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
+    """Encoded batches (`ContinuousBatcher.encode`: cross-attention keys and values per layer,
+    encoder output, source mask, source ids) as one, to join together; their sources padded to
+    the longest (masked; the ids' padding is 0, which the copy attention gives weight 0)."""
+    s = max(p[2].size(1) for p in parts)
+    cat = lambda xs, dim: torch.cat([widened(x, dim, s) for x in xs])  # noqa: E731
+    cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}
+    return cross, *(cat([p[k] for p in parts], 1) for k in (1, 2, 3))
+
+
+def widened(x: Tensor, dim: int, size: int) -> Tensor:
+    """``x`` zero-padded along ``dim`` to ``size``."""
+    shape = list(x.shape)
+    shape[dim] = size
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, x.size(dim)).copy_(x)
+    return out
