@@ -1,4 +1,5 @@
-"""Serving a model over HTTP: an app factory, a dynamic batcher, limits, and a web page.
+"""Serving a model over HTTP: an app factory, batchers behind one protocol (`batcher.Batcher`:
+dynamic, continuous, or either in a process of its own), limits, and a web page.
 
     import tformer
     from tformer.serving import ServeSettings, create_app
