@@ -2,10 +2,10 @@
 
 With the batcher in the server's process, every decoder step, every admission and every HTTP
 request (parsing, validation, JSON, futures) take turns on one interpreter lock: under 16
-clients the server used one core of two (``docs/benchmarks.md``). `ProcessBatcher` keeps the
-HTTP side in the server's process and moves the batcher (`ContinuousBatcher` or
-`DynamicBatcher`, unchanged) into a child process, a fresh interpreter
-(``python -m tformer.serving.process``) on one end of a socket pair:
+clients the server used one core of two (``docs/benchmarks.md``). `ProcessBatcher` (a
+`tformer.serving.batcher.Batcher` like the batchers it runs) keeps the HTTP side in the
+server's process and moves the batcher (`ContinuousBatcher` or `DynamicBatcher`, unchanged)
+into a child process, a fresh interpreter (running `child_main`) on one end of a socket pair:
 
 - the parent sends ``("job", id, texts, options, encoded)`` and ``("cancel", id)`` down the
   pipe, from one sender thread (a send never blocks the event loop). A job for the
@@ -286,6 +286,8 @@ def pack_encoded(encoded: tuple) -> tuple:
 
 
 def unpack_encoded(packed: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    """What `pack_encoded` packed, as `ContinuousBatcher.submit_encoded` takes it, on
+    ``device`` in ``dtype``."""
     kv, memory = (torch.from_numpy(x).to(device, dtype) for x in packed[:2])
     source_mask, source_ids = (torch.from_numpy(x).to(device) for x in packed[2:])
     return {i: (kv[i, 0], kv[i, 1]) for i in range(kv.size(0))}, memory, source_mask, source_ids
