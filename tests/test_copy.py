@@ -256,7 +256,7 @@ def test_trained_from_a_recipe_loaded_served_and_refused_by_the_ct2_export(data_
     together = loaded.generate(texts, max_new_tokens=8)
     assert together == [loaded.generate(t, max_new_tokens=8) for t in texts]
     # After 12 steps the outputs may be empty: this checks the server takes the recipe's model;
-    # non-empty continuous outputs are compared in tests/test_serving.py's [copy] cases.
+    # non-empty continuous outputs are compared in tests/test_serving_continuous.py's [copy] cases.
     app = create_app(loaded, settings=ServeSettings())
     assert app.state.settings.batching == "continuous"  # auto: the per-step batcher takes it
     with TestClient(app) as client:
