@@ -54,26 +54,40 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return False
 
 
-def gather_tied_embedding(model, accelerator: Accelerator) -> None:
-    """Under FSDP2, after ``accelerator.prepare``: keep the own model's shared embedding
-    gathered from its forward to the backward, like accelerate does for a tied ``lm_head``.
+def after_prepare(model, accelerator: Accelerator) -> None:
+    """What FSDP2 needs once ``accelerator.prepare`` has sharded the model (nothing otherwise).
 
-    The own model ties its output projection to the embedding by reading the embedding's
-    weight (``F.linear(hidden, tgt_embed.token.weight)``, `tformer.model.transformer`), with no
-    ``lm_head`` module, so ``get_output_embeddings()`` is None and accelerate 1.16 takes the
-    embedding for an untied one: it makes it an FSDP unit of its own that reshards right after
-    its forward, and the projection then meets a sharded weight (``aten.mm.default got mixed
-    torch.Tensor and DTensor``, measured). Accelerate's own treatment of tied weights is this
-    same setting (``reshard_after_forward=False`` for the unit holding the shared table); its
-    gradient is reduce-scattered once, after the whole backward."""
+    - **The own model's tied projection.** It reads the embedding's weight
+      (``F.linear(hidden, tgt_embed.token.weight)``, `tformer.model.transformer`) with no
+      ``lm_head`` module, so ``get_output_embeddings()`` is None and accelerate 1.16 takes the
+      embedding for an untied one: an FSDP unit of its own that reshards right after its
+      forward, and the projection then meets a sharded weight (``aten.mm.default got mixed
+      torch.Tensor and DTensor``, measured). That unit is kept gathered from its forward to the
+      backward instead (``reshard_after_forward=False``), which is accelerate's own treatment
+      of a tied table (it puts it in a unit with that setting); its gradient is
+      reduce-scattered once, after the whole backward.
+    - **The own model and ``FULL_STATE_DICT``.** Loading a full state dict with its tied
+      embedding back into an FSDP2 model fails in torch 2.13 (``KeyError:
+      'model.tgt_embed.token.weight'`` in ``torch.distributed._state_dict_utils.
+      _broadcast_state_dict``, measured on --resume), so such a run is refused before its
+      first step rather than at its first resume:
+      ``SHARDED_STATE_DICT`` (configs/accelerate/fsdp.yaml) saves and resumes it.
+    """
     if not getattr(accelerator, "is_fsdp2", False):
         return
     from torch.distributed.fsdp import FSDPModule
 
     unwrapped = accelerator.unwrap_model(model)
     embedding = unwrapped.get_input_embeddings()
-    tied = getattr(unwrapped.config, "tie_word_embeddings", False)
-    if tied and unwrapped.get_output_embeddings() is None and isinstance(embedding, FSDPModule):
+    # the own model with tie_embeddings (the default); T5 and other HF models have an lm_head
+    tied = (getattr(unwrapped.config, "tie_word_embeddings", False)
+            and unwrapped.get_output_embeddings() is None)
+    if tied and str(accelerator.state.fsdp_plugin.state_dict_type).endswith("FULL_STATE_DICT"):
+        raise ValueError(
+            "FSDP with fsdp_state_dict_type FULL_STATE_DICT cannot resume this model (its tied "
+            "embedding: torch 2.13 fails to load the full state dict back); use "
+            "SHARDED_STATE_DICT, as configs/accelerate/fsdp.yaml does (docs/distributed.md)")
+    if tied and isinstance(embedding, FSDPModule):
         embedding.set_reshard_after_forward(False)
 
 
@@ -146,6 +160,5 @@ def check_same_sharding(checkpoint: Path, trainer_state: dict, accelerator: Acce
         "weights (model.pretrained=CHECKPOINT)")
 
 
-__all__ = ["ACCELERATE_DIR", "check_same_sharding", "full_model", "gather_tied_embedding",
-           "load_sharded_state",
-           "save_sharded_state", "shards_parameters", "shards_state"]
+__all__ = ["ACCELERATE_DIR", "after_prepare", "check_same_sharding", "full_model",
+           "load_sharded_state", "save_sharded_state", "shards_parameters", "shards_state"]

@@ -43,9 +43,9 @@ from tformer.training.checkpoint import (
 )
 from tformer.training.config import Config
 from tformer.training.distributed import (
+    after_prepare,
     check_same_sharding,
     full_model,
-    gather_tied_embedding,
     load_sharded_state,
     save_sharded_state,
     shards_state,
@@ -156,7 +156,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
                                        progress=_time_progress(clock, t))
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    gather_tied_embedding(model, accelerator)  # FSDP2 and the own model's tied projection
+    after_prepare(model, accelerator)  # FSDP2 (tformer.training.distributed)
     train_split = TrainSplit(config, data, tokenizer, _sharer(accelerator),
                              accelerator.is_main_process)
     collate = Seq2SeqCollator(tokenizer.pad_token_id, _decoder_start(model, accelerator))
