@@ -12,12 +12,13 @@ parameters too) no process holds everything, so:
   Hugging Face files at the top of the checkpoint are written from the full weights, gathered
   to the main process (:func:`full_model`), so the directory still loads with
   ``from_pretrained``;
-- **evaluation and generation** run on the main process alone on that gathered full model, a
-  plain (unsharded) copy. The simplest correct choice: an FSDP module's every forward is a
-  collective (each layer all-gathers its parameters), so the main process cannot run the
-  sharded module alone; running validation and ``generate()`` on every process in lockstep
-  would need every process to take exactly the same number of forward passes, and HF
-  ``generate()`` calls the encoder as a sub-module, outside the root FSDP unit's hooks. The
+- **evaluation and generation** run on the main process alone, on the unwrapped model where
+  every process holds all parameters (DeepSpeed ZeRO-1/2), otherwise (FSDP, ZeRO-3) on that
+  gathered full model, a plain (unsharded) copy. The simplest correct choice: an FSDP module's
+  every forward is a collective (each layer all-gathers its parameters), so the main process
+  cannot run the sharded module alone; running validation and ``generate()`` on every process
+  in lockstep would need every process to take exactly the same number of forward passes, and
+  HF ``generate()`` calls the encoder as a sub-module, outside the root FSDP unit's hooks. The
   copy costs one full set of weights on the main process during evaluation (inference only: no
   gradients, no optimizer state), which is what writing the HF checkpoint needs anyway.
 
