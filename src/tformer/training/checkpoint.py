@@ -6,6 +6,9 @@ Layout of ``RUN_DIR/checkpoints/step-000200/``::
     tokenizer.json, tokenizer_config.json, ...                 AutoModelForSeq2SeqLM/AutoTokenizer)
     trainer_state.pt      optimizer, scheduler, grad scaler, RNG states (tensors only, loaded
                           with torch.load(weights_only=True): no arbitrary pickle)
+    accelerate/           FSDP and DeepSpeed runs only: accelerate's save_state (the sharded
+                          model and optimizer state, per-process RNG); trainer_state.pt then has
+                          no optimizer (`tformer.training.distributed`)
     checkpoint.json       TrainState + the size and sha256 of every file, written last
 
 A checkpoint is written into ``.tmp-step-...`` and renamed when complete, so a crash never
@@ -77,15 +80,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    directory: Path, model, tokenizer, trainer_state: dict[str, Any], state: TrainState
-) -> Path:
-    """Write a complete checkpoint atomically; returns its final path."""
+def temporary_dir(directory: Path) -> Path:
+    """Where a checkpoint is written before it is renamed to ``directory``."""
     directory = Path(directory)
-    tmp = directory.parent / f".tmp-{directory.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    return directory.parent / f".tmp-{directory.name}"
+
+
+def save_checkpoint(
+    directory: Path, model, tokenizer, trainer_state: dict[str, Any], state: TrainState,
+    started: bool = False,
+) -> Path:
+    """Write a complete checkpoint atomically; returns its final path. ``started``: the
+    temporary directory already holds what every process wrote (FSDP / DeepSpeed: accelerate's
+    state, `tformer.training.distributed`), to keep and checksum with the rest."""
+    directory = Path(directory)
+    tmp = temporary_dir(directory)
+    if not started:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

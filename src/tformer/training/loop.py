@@ -39,8 +39,17 @@ from tformer.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    temporary_dir,
 )
 from tformer.training.config import Config
+from tformer.training.distributed import (
+    after_prepare,
+    check_same_sharding,
+    full_model,
+    load_sharded_state,
+    save_sharded_state,
+    shards_state,
+)
 from tformer.training.rundir import (
     RunDirError,
     RunLock,
@@ -147,6 +156,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
                                        progress=_time_progress(clock, t))
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    after_prepare(model, accelerator)  # FSDP2 (tformer.training.distributed)
     train_split = TrainSplit(config, data, tokenizer, _sharer(accelerator),
                              accelerator.is_main_process)
     collate = Seq2SeqCollator(tokenizer.pad_token_id, _decoder_start(model, accelerator))
@@ -384,8 +394,8 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
     improved. Runs on the main process; the others wait."""
     t = config.train
     improved = False
+    unwrapped = full_model(model, accelerator)  # every process: FSDP gathers the weights
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         collate = Seq2SeqCollator(tokenizer.pad_token_id, unwrapped.config.decoder_start_token_id)
         record: dict[str, Any] = {
@@ -460,21 +470,25 @@ def maybe_save(ckpt_dir: Path, model, tokenizer, optimizer, scheduler, state: Tr
         from accelerate.utils import gather_object
 
         rngs = gather_object(rngs)
+    to_save = full_model(model, accelerator)  # every process: FSDP gathers the weights
+    if shards_state(accelerator):  # the optimizer state in CKPT/accelerate/, every process
+        save_sharded_state(accelerator, temporary_dir(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trainer_state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rngs,  # one per process, by process index
         }
+        if not shards_state(accelerator):
+            trainer_state["optimizer"] = optimizer.state_dict()
         if accelerator.scaler is not None:
             trainer_state["scaler"] = accelerator.scaler.state_dict()
-        to_save = accelerator.unwrap_model(model)
         if is_lora(to_save):  # the adapter only, in CKPT/adapter (see tformer.lora)
             to_save = LoraCheckpoint(to_save)
         if path.name not in state.checkpoints:
             state.checkpoints.append(path.name)
-        save_checkpoint(path, to_save, tokenizer, trainer_state, state)
+        save_checkpoint(path, to_save, tokenizer, trainer_state, state,
+                        started=shards_state(accelerator))
         keep = {ckpt_dir / _step_name(state.best_step)} if state.best_step else set()
         prune_checkpoints(ckpt_dir, config.train.keep_last, keep, owned=state.checkpoints)
         state.checkpoints = [name for name in state.checkpoints if (ckpt_dir / name).is_dir()]
@@ -486,8 +500,11 @@ def _restore(path: Path, accelerator, model, optimizer, scheduler) -> TrainState
     from safetensors.torch import load_file
 
     trainer_state, state = load_trainer_state(path)
+    check_same_sharding(path, trainer_state, accelerator)
     unwrapped = accelerator.unwrap_model(model)
-    if is_lora(unwrapped):
+    if shards_state(accelerator):  # model and optimizer, every process
+        load_sharded_state(accelerator, path)
+    elif is_lora(unwrapped):
         try:
             load_adapter_state(unwrapped, load_file(path / ADAPTER_DIR / "adapter_model.safetensors"))
         except (ValueError, FileNotFoundError) as error:
@@ -501,7 +518,8 @@ def _restore(path: Path, accelerator, model, optimizer, scheduler) -> TrainState
         if set(missing) - tied or unexpected:
             raise TrainingError(f"{path}: weights do not match the model "
                                 f"(missing {sorted(set(missing) - tied)}, unexpected {unexpected})")
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    if not shards_state(accelerator):
+        optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     if accelerator.scaler is not None and "scaler" in trainer_state:
         accelerator.scaler.load_state_dict(trainer_state["scaler"])
