@@ -209,7 +209,7 @@ def test_lora_trains_only_the_adapter_and_merges_to_a_plain_checkpoint(lora_run,
                                                                        dialogs, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from tformer.generation import load_model
+    from tformer.loading import load_model
 
     original = load_file(t5_dir / "model.safetensors")
     peft_model = lora_run.model

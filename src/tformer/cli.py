@@ -133,7 +133,7 @@ def _export(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import json
 
-    from tformer.generation import load
+    from tformer.engines import load
 
     records = _read_inputs(args.input, args.field)
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
@@ -195,8 +195,8 @@ def _read_inputs(path: str | None, field: str) -> list[tuple[str, str]]:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from tformer.engines import load
     from tformer.evaluation import evaluate
-    from tformer.generation import load
 
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))

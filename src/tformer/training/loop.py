@@ -426,7 +426,7 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
 def evaluate_test(checkpoint: Path, data: RunData, config: Config, run_dir: Path) -> dict:
     """Score the best checkpoint on the whole test split: ``test_metrics.json`` and
     ``test_predictions.jsonl`` in the run directory."""
-    from tformer.generation import load_model
+    from tformer.loading import load_model
     from tformer.metrics import all_metrics
     from tformer.tokenization import load_tokenizer
 
@@ -520,7 +520,7 @@ def merge_lora_checkpoint(path: Path, config: Config, tokenizer) -> None:
     top (the adapter and training state stay, so the run can still be resumed from it)."""
     import torch
 
-    from tformer.generation import load_model
+    from tformer.loading import load_model
 
     trainer_state, state = load_trainer_state(path)
     adapter = path / ADAPTER_DIR

@@ -209,8 +209,8 @@ def build_model(config: Config, tokenizer):
     """
     import torch
 
-    from tformer.generation import load_model
     from tformer.hf import TformerConfig, TformerForConditionalGeneration
+    from tformer.loading import load_model
 
     m = config.model
     if m.pretrained is not None:

@@ -31,7 +31,7 @@ def write_attention(
     """Load ``checkpoint`` (own model or Hugging Face seq2seq), compute the maps of
     ``source`` (and ``target``, generated when None) and write them to ``output_dir``.
     Returns the files written, the HTML view first."""
-    from tformer.generation import load
+    from tformer.engines import load
     from tformer.visualization.plots import write_attention_pngs
     from tformer.visualization.viewer import write_attention_html
 

@@ -223,7 +223,7 @@ def _attention_section(run_dir: Path, summary: dict | None, metrics: list[dict],
     if not sources:
         return _missing("attention maps", "no validation samples in metrics.jsonl")
     try:
-        from tformer.generation import load
+        from tformer.engines import load
         from tformer.visualization.attention import attention_maps_batch
 
         seq2seq = load(checkpoint, device=device, engine="torch")
