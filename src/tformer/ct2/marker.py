@@ -19,8 +19,8 @@ QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_float16", "int8_bfloat
 
 def require_ctranslate2() -> Any:
     """Import ``ctranslate2`` or raise an ImportError that says how to install it."""
-    try:  # imported here, not at the top: ctranslate2 is an optional dependency
-        import ctranslate2
+    try:
+        import ctranslate2  # here, not at the top: an optional dependency
     except ImportError as error:
         raise ImportError(
             "the CTranslate2 engine needs the ctranslate2 package: pip install 'tformer[ct2]'"
