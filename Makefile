@@ -35,8 +35,11 @@ test-data: install
 demo: install
 	$(VENV)/bin/tformer demo recipes/demo.yaml
 
+# ruff, then the layer order of DESIGN.md (tests/test_architecture.py: dependencies point down,
+# no import circles, every function-local import says why; `make test` runs it too).
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
+	$(PY) -m pytest -q tests/test_architecture.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache runs

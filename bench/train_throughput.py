@@ -443,9 +443,9 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
     from transformers.trainer_pt_utils import LabelSmoother
 
     from tformer.training import load_config
-    from tformer.training.loop import build_optimizer, collate_batch, forward_loss
     from tformer.training.schedule import lr_factor
-    from tformer.training.setup import build_model
+    from tformer.training.setup import build_model, build_optimizer
+    from tformer.training.validation import collate_batch, forward_loss
 
     class Device:  # what collate_batch needs of the Accelerator
         device = torch.device("cpu")
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
 
     datasets.disable_progress_bars()
     from tformer.training import load_config
-    from tformer.training.loop import resolve_precision
+    from tformer.training.setup import resolve_precision
 
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "

@@ -64,11 +64,13 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def reference_run(data_files, tmp_path_factory) -> Path:
-    """An uninterrupted tiny run (the reference for resume tests; a model for the rest)."""
-    from tformer.training import load_config, train
+    """An uninterrupted tiny run (the reference for resume tests; a model for the rest), run
+    as ``tformer train`` runs it: with the loss plot and the report."""
+    from tformer.recipe import run_recipe
+    from tformer.training import load_config
 
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = train(load_config(None, tiny_overrides(data_files, out)))
+    result = run_recipe(load_config(None, tiny_overrides(data_files, out)))
     assert result.stopped_by == "max_steps" and result.state.step == 12
     return out
 

@@ -213,7 +213,7 @@ def test_labels_give_plain_cross_entropy_even_for_old_smoothed_configs(tmp_path,
 
 def test_training_loss_still_smooths_as_the_recipe_says(batch):
     """Label smoothing is the loop's (``train.label_smoothing``), through the one training loss."""
-    from tformer.training.loop import forward_loss
+    from tformer.training.validation import forward_loss
 
     model = tiny().train()
     ids, mask = batch

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import tformer
 from tformer.data import Seq2SeqCollator
 from tformer.evaluation import evaluate
-from tformer.training import load_config, train
+from tformer.recipe import run_recipe
+from tformer.training import load_config
 from tformer.training.config import ConfigError
 
 from .conftest import build_tiny_t5
@@ -90,7 +91,9 @@ def overrides(dialogs, model_dir: Path, out: Path, **extra) -> list[str]:
 
 
 def run(dialogs, model_dir, out, resume=False, **extra):
-    return train(load_config(None, overrides(dialogs, model_dir, out, **extra)), resume=resume)
+    """A run as ``tformer train`` does it: train, then the LoRA merge and the test score."""
+    return run_recipe(load_config(None, overrides(dialogs, model_dir, out, **extra)),
+                      resume=resume)
 
 
 def train_losses(run_dir: Path) -> list[float]:
@@ -209,7 +212,7 @@ def test_lora_trains_only_the_adapter_and_merges_to_a_plain_checkpoint(lora_run,
                                                                        dialogs, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from tformer.generation import load_model
+    from tformer.loading import load_model
 
     original = load_file(t5_dir / "model.safetensors")
     peft_model = lora_run.model

@@ -89,7 +89,7 @@ def test_attention_of_a_copy_model_adds_its_copy_attention_and_p_gen(copy_seq2se
     """With copy attention, /v1/attention also returns the copy attention (T, S; rows are
     distributions) and p_gen (T), equal to the model's own weights (`CopyGenerator.weights`,
     teacher-forced on the same pair); "copy" can be left out; a model without it has neither."""
-    from tformer.visualization.attention import encode_pairs
+    from tformer.visualization.attention import collate_pairs
 
     with client(copy_seq2seq) as c:
         body = c.post("/v1/attention", json={"input": texts[0], "target": "Ein Hund."}).json()
@@ -102,7 +102,7 @@ def test_attention_of_a_copy_model_adds_its_copy_attention_and_p_gen(copy_seq2se
     assert copy.shape == (t, s) and p_gen.shape == (t,)
     torch.testing.assert_close(copy.sum(-1), torch.ones(t), atol=1e-3, rtol=0)
     inner = copy_seq2seq.model.model
-    batch = encode_pairs(copy_seq2seq.model, copy_seq2seq.tokenizer, [texts[0]], ["Ein Hund."])
+    batch = collate_pairs(copy_seq2seq.model, copy_seq2seq.tokenizer, [texts[0]], ["Ein Hund."])
     with torch.no_grad():
         mask = batch["attention_mask"].bool()
         memory = inner.encode(batch["input_ids"], mask).hidden

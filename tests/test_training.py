@@ -292,9 +292,9 @@ def test_window_clipped_share_counts_norms_above_the_limit():
     from accelerate import Accelerator
 
     from tformer.training.checkpoint import TrainState
-    from tformer.training.loop import _Window
+    from tformer.training.log import Window
 
-    window = _Window(TrainState(), clip=0.5)
+    window = Window(TrainState(), clip=0.5)
     for norm in (torch.tensor(0.4), torch.tensor(0.6), 2.0, None):  # None: DeepSpeed's first step
         window.add_grad_norm(norm)
     record = window.flush(Accelerator(cpu=True), lr=1e-3)
@@ -303,10 +303,10 @@ def test_window_clipped_share_counts_norms_above_the_limit():
 
 
 def test_early_stopping_after_patience_without_improvement(data_files, tmp_path, monkeypatch):
-    from tformer.training import loop
+    from tformer.training import validation
 
     values = iter([30.0, 20.0, 10.0, 5.0, 1.0])
-    monkeypatch.setattr(loop, "score", lambda name, p, r: next(values))
+    monkeypatch.setattr(validation, "score", lambda name, p, r: next(values))
     config = load_config(None, overrides(data_files, tmp_path / "run", **{
         "train.max_steps": 40, "train.eval_every": 2, "train.early_stopping_patience": 2}))
     result = train(config)
@@ -340,7 +340,7 @@ class _TrainingTime:
     batch, so time budgets and time-based schedules are exact, whatever the machine's speed."""
 
     def __init__(self, monkeypatch) -> None:
-        from tformer.training import loop
+        from tformer.training import loop, stopping
 
         self.now = 0.0
         real = loop.micro_batches
@@ -351,7 +351,7 @@ class _TrainingTime:
                 yield indices
 
         monkeypatch.setattr(loop, "micro_batches", batches)
-        monkeypatch.setattr(loop, "time", self)
+        monkeypatch.setattr(stopping, "time", self)  # the run's clock (RunClock)
 
     def perf_counter(self) -> float:
         return self.now
@@ -363,8 +363,11 @@ def _train_lrs(run: Path) -> list[float]:
 
 
 def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path, monkeypatch):
-    """``decay_over: time``: the linear decay follows the clock (10 s per step here), and the
-    run stops on its 60 s budget at step 7, its rate at the floor."""
+    """``decay_over: time``: the step time is measured once, over the warm-up (10 s per step
+    here), and the rest of the 60 s budget becomes the horizon of the step-driven decay
+    (2 + 40 s / 10 s = 6 steps), kept in the train state. The run stops on its budget at step
+    7, its rate at the floor from step 6 on. (Before, the decay followed the clock itself,
+    at the cost of a broadcast per step.)"""
     from tformer.training.schedule import lr_factor
 
     _TrainingTime(monkeypatch)
@@ -374,9 +377,10 @@ def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path, m
         "train.eval_every": 100000, "train.lr": 1e-3}))
     result = train(config)
     assert (result.stopped_by, result.state.step) == ("time_limit", 7)
-    expected = [1e-3 * lr_factor(k, 2, "linear", 100000, progress=10 * k / 60) for k in range(1, 8)]
+    assert result.state.schedule_steps == 6
+    expected = [1e-3 * lr_factor(k, 2, "linear", 6) for k in range(1, 8)]
     assert _train_lrs(tmp_path / "run") == pytest.approx(expected)
-    assert expected[-1] == 0.0 and expected[1] == pytest.approx(1e-3 * (1 - 20 / 60))
+    assert expected[-3:] == [0.0] * 3 and expected[1] == pytest.approx(1e-3 * (1 - 1 / 4))
 
 
 def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypatch):
@@ -399,6 +403,7 @@ def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypa
     assert (whole.stopped_by, whole.state.step) == ("time_limit", 10)
     assert (resumed.stopped_by, resumed.state.step) == ("time_limit", 10)
     assert resumed.state.elapsed_seconds == whole.state.elapsed_seconds == 100.0
+    assert resumed.state.schedule_steps == whole.state.schedule_steps == 9  # 2 + 70 s / 10 s
     assert _train_lrs(tmp_path / "parts") == pytest.approx(_train_lrs(tmp_path / "whole"))
     assert_same_weights(final_weights(tmp_path / "parts"), final_weights(tmp_path / "whole"))
 

@@ -16,7 +16,7 @@ from PIL import Image
 import tformer
 from tformer.cli import main
 from tformer.visualization import attention_maps, attention_maps_batch
-from tformer.visualization.attention import encode_pairs, teacher_forced_attentions
+from tformer.visualization.attention import collate_pairs, teacher_forced_attentions
 from tformer.visualization.tokens import readable_tokens
 
 from .conftest import tiny_overrides
@@ -34,7 +34,7 @@ def seq2seq(reference_run):
 
 
 def test_rows_sum_to_one_and_padded_sources_get_zero_weight(seq2seq):
-    batch = encode_pairs(seq2seq.model, seq2seq.tokenizer, SOURCES, TARGETS)
+    batch = collate_pairs(seq2seq.model, seq2seq.tokenizer, SOURCES, TARGETS)
     lengths = batch["attention_mask"].sum(1).tolist()
     assert lengths[1] < lengths[0]  # the second source is padded
     weights = teacher_forced_attentions(seq2seq.model, batch)
@@ -306,7 +306,8 @@ def test_report_of_an_interrupted_run(reference_run, tmp_path, capsys):
 
 
 def test_a_failing_report_never_fails_training(data_files, tmp_path, monkeypatch, caplog):
-    from tformer.training import load_config, train
+    from tformer.recipe import run_recipe
+    from tformer.training import load_config
     from tformer.visualization import report
 
     def broken(*args, **kwargs):
@@ -317,8 +318,33 @@ def test_a_failing_report_never_fails_training(data_files, tmp_path, monkeypatch
     config = load_config(None, tiny_overrides(data_files, out, **{
         "train.max_steps": 2, "train.eval_every": 2, "train.eval_max_examples": 2}))
     with caplog.at_level(logging.WARNING):
-        result = train(config)
+        result = run_recipe(config)
     assert result.stopped_by == "max_steps" and (out / "summary.json").is_file()
     assert not (out / "report.html").exists()
     assert any("disk on fire" in r.getMessage() for r in caplog.records)
 
+
+
+def test_read_metrics_skips_only_a_torn_last_line(tmp_path, caplog):
+    """The one reader of a run's JSON lines: a last line cut short by a crash is skipped (with a
+    warning); a bad line anywhere else, or a line that is not an object, is an error naming it."""
+    from tformer.visualization.run import RunFileError, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = '{"split": "train", "step": 1, "loss": 2.0}\n{"split": "train", "step": 2, "loss": 1.5}\n'
+    path.write_text(good + '{"split": "train", "st')
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "line 3: cut short" in caplog.text
+    path.write_text(good + "\n")  # blank lines are nothing
+    assert len(read_metrics(path)) == 2
+    path.write_text('{"split": "train", "st\n' + good)
+    with pytest.raises(RunFileError, match="line 1: not JSON"):
+        read_metrics(path)
+    path.write_text(good + '{"split": "train", "st\n')  # a whole line written, yet not JSON
+    with pytest.raises(RunFileError, match="line 3: not JSON"):
+        read_metrics(path)
+    path.write_text(good + "[1, 2]\n")
+    with pytest.raises(RunFileError, match="line 3: a JSON list"):
+        read_metrics(path)
+    assert read_metrics(tmp_path / "missing.jsonl") == []

@@ -5,7 +5,8 @@ text-to-text model.
 ``AutoModelForSeq2SeqLM`` (model_type ``"tformer"``).
 """
 
-from tformer.generation import Seq2Seq, load
+from tformer.engines import load
+from tformer.generation import Seq2Seq
 from tformer.hf import TformerConfig, TformerForConditionalGeneration
 from tformer.model import TransformerConfig, build_transformer, config_for
 

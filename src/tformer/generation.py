@@ -1,20 +1,18 @@
 """The one generation entry point, used by the CLI, evaluation, training's validation and the
 server. It always goes through Hugging Face ``generate()``: there is no second beam search.
 (``tformer.load(..., engine="ctranslate2")`` swaps in CTranslate2's, behind the same interface:
-see `tformer.ct2`.)"""
+see `tformer.ct2`.) This module only generates: checkpoints are read by `tformer.loading`, and
+the engine is chosen by `tformer.engines.load`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from tformer.ct2.engine import CT2Seq2Seq
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +95,6 @@ def generate_texts(
         options.update(early_stopping=early_stopping)
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="generate", unit="batch")
     try:
         for start in starts:
@@ -151,88 +147,3 @@ class Seq2Seq:
         out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),
                              max_new_tokens=max_new_tokens, **options)
         return out[0] if single else out
-
-
-def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
-    """The one loader of seq2seq models: a checkpoint directory (own model, any Hugging Face
-    seq2seq model, or a LoRA checkpoint whose adapter is not merged yet) or a Hub name, offline
-    first (see `tformer.hub`). Remote code never runs. ``dtype`` "auto" keeps the checkpoint's
-    dtype; training asks for float32.
-
-    Weights are read from safetensors where the checkpoint has them (tformer's always do); an
-    older Hub checkpoint that only has ``pytorch_model.bin`` is read with
-    ``torch.load(weights_only=True)``, which refuses anything but tensors.
-
-    A local directory's weight files are checked first (`tformer.weights.check_weights`): a
-    truncated or damaged file, or for tformer's own model weights that do not fit it, is a
-    `tformer.weights.CheckpointError` naming the file.
-    """
-    from transformers import AutoModelForSeq2SeqLM
-
-    import tformer.hf  # noqa: F401  (registers model_type "tformer")
-    from tformer import lora
-    from tformer.hub import from_pretrained
-    from tformer.weights import CheckpointError, check_weights
-
-    local = Path(str(path_or_name)).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        adapter = local / lora.ADAPTER_DIR
-        if (adapter / "adapter_config.json").is_file():  # a LoRA checkpoint, not merged
-            check_weights(local)
-            base = load_model(lora.adapter_base(adapter), dtype)
-            log.info("merging the LoRA adapter of %s into %s", local, lora.adapter_base(adapter))
-            return lora.merge_adapter(base, adapter)
-        raise FileNotFoundError(f"{path_or_name}: not a model directory (no config.json)")
-    if not local.is_dir():
-        return from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
-                               trust_remote_code=False, dtype=dtype)
-    check_weights(local)
-    try:
-        model, info = from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
-                                      trust_remote_code=False, dtype=dtype,
-                                      output_loading_info=True)
-    except RuntimeError as error:  # e.g. a tensor of the wrong shape
-        raise CheckpointError(f"{local}: its weights do not fit its config.json "
-                              f"({str(error).strip().splitlines()[0][:300]})") from error
-    missing, mismatched = info.get("missing_keys") or [], info.get("mismatched_keys") or []
-    if missing or mismatched:
-        what = f"{local}: weights missing {sorted(missing)[:10]}, of the wrong shape " \
-               f"{sorted(str(k) for k in mismatched)[:10]}"
-        if getattr(model.config, "model_type", None) == "tformer":
-            raise CheckpointError(f"{what}: the weight file does not belong to this model")
-        log.warning("%s (newly initialised)", what)  # a Hub model may load its own way
-    return model
-
-
-#: Generation engines of :func:`load`: "auto" = CTranslate2 for a directory written by
-#: ``tformer export``, PyTorch for anything else.
-ENGINES = ("auto", "torch", "ctranslate2")
-
-
-def load(path: str | Path, device: str | None = None, engine: str = "auto",
-         **engine_options) -> Seq2Seq | CT2Seq2Seq:
-    """Load a checkpoint directory (own model or any Hugging Face seq2seq model) or a Hub
-    name, with its tokenizer (see :func:`load_model`).
-
-    ``engine="ctranslate2"`` returns a `tformer.ct2.engine.CT2Seq2Seq` (same ``generate``)
-    for an exported directory, or for a checkpoint converted in memory; ``engine_options``
-    go to `tformer.ct2.load_ct2` (``compute_type``, ``intra_threads``, ...)."""
-    from tformer import ct2
-    from tformer.tokenization import load_tokenizer
-
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    exported = ct2.is_exported(path)
-    if engine == "ctranslate2" or (engine == "auto" and exported):
-        return ct2.load_ct2(path, device, **engine_options)
-    if exported:
-        raise ValueError(f"{path} is a CTranslate2 export (no PyTorch weights): use engine "
-                         f"'ctranslate2' or the checkpoint it came from, "
-                         f"{ct2.read_marker(path).get('source')}")
-    if engine_options:
-        raise ValueError(f"options {sorted(engine_options)} are for engine 'ctranslate2' only")
-    path = str(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path)
-    model.to(device).eval()
-    return Seq2Seq(model, load_tokenizer(path), path)

@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.utils import get_session
+
 log = logging.getLogger(__name__)
 
 #: Seconds to wait for the Hub to answer the probe. DNS failures answer at once; this bounds a
@@ -37,9 +40,6 @@ def looks_like_path(text: str) -> bool:
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
     """True when the Hugging Face Hub endpoint answers at all (any HTTP status)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as error:  # connection refused, DNS, timeout, offline mode: all "no"
@@ -80,8 +80,6 @@ def from_pretrained(loader: Any, name_or_path: str | os.PathLike[str], what: str
         return loader.from_pretrained(text, **offline, **kwargs)
     except OSError as error:
         cache_miss = error
-    from huggingface_hub import is_offline_mode
-
     if is_offline_mode() or not hub_reachable():
         reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hub cannot be reached"
         raise FileNotFoundError(

@@ -20,6 +20,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# peft is imported in the functions that use it, for import time: measured, `import peft`
+# after torch and transformers took 10.7 s on the (loaded) 2-core test host; only LoRA runs and
+# LoRA checkpoints pay it.
+
 ADAPTER_DIR = "adapter"
 
 # peft needs the names of the Linear modules to adapt. The attention query and value
@@ -41,7 +45,7 @@ def add_lora(model, *, r: int, alpha: float, dropout: float,
     ``DEFAULT_TARGET_MODULES``). ``base`` is recorded in ``adapter_config.json`` as the model
     to load the adapter onto (give an absolute path for a local directory).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model  # import time (see the top)
 
     model_type = model.config.model_type
     targets = target_modules or DEFAULT_TARGET_MODULES.get(model_type)
@@ -67,7 +71,7 @@ def add_lora(model, *, r: int, alpha: float, dropout: float,
 def is_lora(model) -> bool:
     """True for a model wrapped by `peft`."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # import time (see the top)
     except ImportError:
         return False
     return isinstance(model, PeftModel)
@@ -75,7 +79,7 @@ def is_lora(model) -> bool:
 
 def adapter_state(model) -> dict:
     """The adapter's weights only (what resume restores)."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # import time (see the top)
 
     # save_embedding_layers=False: "auto" asks the Hub whether the base's config exists.
     return get_peft_model_state_dict(model, save_embedding_layers=False)
@@ -84,7 +88,7 @@ def adapter_state(model) -> dict:
 def load_adapter_state(model, weights: dict) -> None:
     """Put adapter weights (from ``adapter_model.safetensors``) into the adapter of ``model``.
     Raises ValueError if they do not fit it."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # import time (see the top)
 
     result = set_peft_model_state_dict(model, weights)
     expected = set(adapter_state(model))
@@ -96,7 +100,7 @@ def load_adapter_state(model, weights: dict) -> None:
 
 def merge_adapter(base, adapter_dir: str | Path):
     """``base`` with the adapter in ``adapter_dir`` merged into its weights: a plain model."""
-    from peft import PeftModel
+    from peft import PeftModel  # import time (see the top)
 
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 

@@ -37,6 +37,8 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tformer.hub import from_pretrained
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
@@ -196,6 +198,4 @@ def load_tokenizer(path_or_name: str | os.PathLike[str]) -> PreTrainedTokenizerB
         FileNotFoundError: ``path_or_name`` looks like a local path and does not exist, or is a
             Hub name that is not cached while the Hub cannot be reached.
     """
-    from tformer.hub import from_pretrained
-
     return from_pretrained(AutoTokenizer, path_or_name, "tokenizer", trust_remote_code=False)

@@ -21,7 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tformer.ct2 import MARKER, QUANTIZATIONS, TOKENIZER_DIR, is_exported, require_ctranslate2
+import torch
+
+from tformer.ct2.marker import MARKER, QUANTIZATIONS, TOKENIZER_DIR, is_exported, require_ctranslate2
+from tformer.loading import load_model
+from tformer.tokenization import UNK_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +114,6 @@ def generation_settings(model_type: str, config: Any, generation_config: Any,
 
 def _converter_for(checkpoint: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """The CTranslate2 converter for ``checkpoint``, its tokenizer and generation settings."""
-    import torch
-
-    from tformer.generation import load_model
-    from tformer.tokenization import load_tokenizer
-
     model = load_model(checkpoint, dtype=torch.float32)
     model_type = model.config.model_type
     if model_type != "tformer":
@@ -149,10 +148,10 @@ class _OwnConverter:
     so that this module imports without ctranslate2)."""
 
     def __new__(cls, model: Any, tokenizer: Any):
+        # ctranslate2 is an optional dependency (own_spec imports it at its top)
         from ctranslate2.converters.converter import Converter
 
         from tformer.ct2.own_spec import build_spec
-        from tformer.tokenization import UNK_TOKEN
 
         class OwnConverter(Converter):
             def _load(self):
@@ -176,7 +175,7 @@ def _check_hf_supported(config: Any) -> None:
     """Raise ValueError naming the model type when CTranslate2 has no loader for it.
     (``_MODEL_LOADERS`` is the converter's registry; its public entry point would reload the
     model from a directory, which a Hub name or a LoRA checkpoint does not have.)"""
-    from ctranslate2.converters.transformers import _MODEL_LOADERS
+    from ctranslate2.converters.transformers import _MODEL_LOADERS  # optional dependency
 
     name = type(config).__name__
     if name not in _MODEL_LOADERS:
@@ -197,6 +196,7 @@ def _hf_converter(model: Any, tokenizer: Any) -> Any:
     """``TransformersConverter`` over an already loaded model and tokenizer: loading goes
     through tformer's one loader (offline first, safetensors, LoRA merged, no remote code),
     and Hub names and LoRA checkpoints need no directory of their own."""
+    # ctranslate2 is an optional dependency
     from ctranslate2.converters import TransformersConverter
     from ctranslate2.converters.transformers import _MODEL_LOADERS
 
@@ -204,8 +204,6 @@ def _hf_converter(model: Any, tokenizer: Any) -> Any:
 
     class LoadedConverter(TransformersConverter):
         def _load(self):
-            import torch
-
             loader = _MODEL_LOADERS[name]
             norms = _LEGACY_NORMS.get(model.config.model_type)
             if norms is not None:

@@ -47,7 +47,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tformer.ct2 import TOKENIZER_DIR, is_exported, read_marker, require_ctranslate2
+import torch
+from tqdm.auto import tqdm
+
+from tformer.ct2.convert import export
+from tformer.ct2.marker import TOKENIZER_DIR, is_exported, read_marker, require_ctranslate2
+from tformer.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +113,6 @@ class CT2Seq2Seq:
         prefix = self.settings.get("forced_bos_token_id")
         starts = range(0, len(order), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc="generate", unit="batch")
         for start in starts:
             chunk = order[start : start + batch_size]
@@ -192,10 +195,6 @@ def load_ct2(path: str | Path, device: str | None = None, *, compute_type: str =
     ``intra_threads``: threads per translation (0 = CTranslate2's default).
     """
     ctranslate2 = require_ctranslate2()
-    import torch
-
-    from tformer.tokenization import load_tokenizer
-
     kind, index = _device(device)
     ctranslate2.set_random_seed(torch.initial_seed() % 2**32)  # see the module docstring
     args = dict(device=kind, device_index=index, compute_type=compute_type,
@@ -204,8 +203,6 @@ def load_ct2(path: str | Path, device: str | None = None, *, compute_type: str =
         translator = ctranslate2.Translator(str(path), **args)
         tokenizer = load_tokenizer(Path(str(path)).expanduser() / TOKENIZER_DIR)
         return CT2Seq2Seq(translator, tokenizer, read_marker(path), str(path))
-    from tformer.ct2.convert import export
-
     log.info("converting %s to CTranslate2 in memory (`tformer export` saves the conversion)",
              path)
     with tempfile.TemporaryDirectory(prefix="tformer-ct2-") as tmp:

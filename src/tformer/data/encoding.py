@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +82,25 @@ def tokenize_examples(
 
 
 def encode_pairs(
-    tokenizer: PreTrainedTokenizerBase, sources: list[str], targets: list[str]
+    tokenizer: PreTrainedTokenizerBase, sources: abc.Sequence[str], targets: abc.Sequence[str],
+    max_source_length: int | None = None, max_target_length: int | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of sources and targets, with special tokens, not truncated."""
+    """Token ids of sources and targets, with special tokens: the one encoding of pairs
+    (training, BPE-dropout epochs, attention maps). Not truncated by default (training cuts
+    afterwards, :func:`truncate_all`). ``max_source_length``: sources cut by the tokenizer, as
+    `tformer.generation.generate_texts` cuts them; ``max_target_length``: a longer target keeps
+    its first tokens and its last (``</s>``)."""
+    if max_source_length is None:
+        source_ids = tokenizer(list(sources))["input_ids"]
+    else:
+        source_ids = tokenizer(list(sources), truncation=True,
+                               max_length=max_source_length)["input_ids"]
     # text_target selects the target-side tokenizer where one exists (e.g. Marian).
-    return tokenizer(sources)["input_ids"], tokenizer(text_target=targets)["input_ids"]
+    label_ids = tokenizer(text_target=list(targets))["input_ids"]
+    if max_target_length is not None:
+        label_ids = [ids if len(ids) <= max_target_length
+                     else ids[: max_target_length - 1] + ids[-1:] for ids in label_ids]
+    return source_ids, label_ids
 
 
 def truncate_all(

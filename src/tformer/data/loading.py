@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet as pq  # a dependency of `datasets`
 from datasets import Dataset, DatasetDict, Features, Value
+from huggingface_hub import is_offline_mode
 
 from tformer.hub import hub_reachable, looks_like_path
 
@@ -265,8 +267,6 @@ def _read_delimited(
 
 
 def _read_parquet(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
-    import pyarrow.parquet as pq  # a dependency of `datasets`
-
     try:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types for a corrupt file
@@ -277,8 +277,6 @@ def _read_parquet(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
 
 def _read_hub(name: str, split: str, columns: tuple[str, str],
               config: str | None = None) -> Iterator[_Located]:
-    from huggingface_hub import is_offline_mode
-
     if not is_offline_mode() and not hub_reachable():
         # One quick probe instead of `datasets`' retries with back-off (24 s measured offline).
         # With HF_HUB_OFFLINE=1, `datasets` reads its local cache at once.

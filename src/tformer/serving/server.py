@@ -63,7 +63,7 @@ def serve(checkpoint: str | Path, settings: ServeSettings, *, device: str | None
     uvicorn until interrupted. Refuses checkpoints without safetensors weights."""
     import uvicorn
 
-    from tformer.generation import load
+    from tformer.engines import load
     from tformer.serving.app import create_app
 
     require_safetensors(checkpoint)  # passes a CTranslate2 export (its model.bin is no pickle)

@@ -55,6 +55,8 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_seconds: float = 0.0
+    # decay_over: time: the decay's horizon in steps, measured once (training.stopping)
+    schedule_steps: int | None = None
     # names of the checkpoints this run wrote, oldest first: pruning deletes only these
     checkpoints: list[str] = dataclasses.field(default_factory=list)
 

@@ -32,7 +32,7 @@ _RANGES: dict[str, dict[str, tuple]] = {
         "lora_r": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": _FRACTION,
         "d_model": _AT_LEAST_1, "n_heads": _AT_LEAST_1, "n_encoder_layers": _AT_LEAST_1,
         "n_decoder_layers": _AT_LEAST_1, "d_ff": _AT_LEAST_1, "dropout": _FRACTION,
-        "attention_dropout": _FRACTION, "max_positions": _AT_LEAST_1,
+        "attention_dropout": _FRACTION, "max_positions": _AT_LEAST_1, "layer_norm_eps": _POSITIVE,
     },
     "data": {
         "max_source_length": _AT_LEAST_1, "max_target_length": _AT_LEAST_1,
@@ -104,6 +104,7 @@ class ModelSection:
     scale_embeddings: bool | None = None
     tie_embeddings: bool | None = None
     copy_attention: bool | None = None
+    layer_norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

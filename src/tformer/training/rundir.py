@@ -27,6 +27,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from tformer.training.checkpoint import latest_checkpoint
+from tformer.training.config import Config, load_config
 from tformer.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
-        import fcntl
+        import fcntl  # optional: POSIX only (imported where the lock is taken)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -220,3 +225,39 @@ def drop_metrics_after(path: Path, step: int) -> int:
         os.replace(tmp, path)
         log.info("resume: dropped %d line(s) of %s logged after step %d", dropped, path, step)
     return dropped
+
+
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool,
+                   accelerator: Accelerator) -> RunLock | None:
+    """The main process locks the run directory and, for a fresh run, checks it is free (or
+    clears it with ``overwrite``); every process gets the same verdict."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+            if not resume:
+                prepare_fresh(run_dir, overwrite)
+        except RunDirError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error)
+    return lock
+
+
+def resume_point(run_dir: Path, ckpt_dir: Path, config: Config) -> Path | None:
+    """The newest checkpoint whose files have their recorded checksums (damaged newer ones are
+    named and skipped), after checking the recipe against the run's saved config."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        changed = compare_configs(load_config(saved), config, saved)
+        if changed:
+            log.info("--resume with changed settings: %s", "; ".join(changed))
+    check_data_files(run_dir, config)
+    path = latest_checkpoint(ckpt_dir, checksums=True)
+    if path is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", ckpt_dir)
+    return path

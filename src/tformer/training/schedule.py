@@ -1,11 +1,10 @@
 """Learning-rate schedules: lr = lr_max × factor(step, progress).
 
-The decay of ``cosine`` and ``linear`` runs over a horizon that is either the step budget
-(``train.max_steps``) or the wall-clock budget (``train.max_minutes``, with
-``train.decay_over: time``). A time horizon lets a run sized in minutes, not steps, still end at
-the bottom of its schedule whatever the machine's speed; for that the loop passes ``progress``,
-the fraction of the time budget spent (the checkpoint keeps the clock, so a resumed run goes on
-where it stopped).
+The decay of ``cosine`` and ``linear`` runs over a horizon in steps: the step budget
+(``train.max_steps``) or, with ``train.decay_over: time``, the steps the wall-clock budget
+(``train.max_minutes``) is worth, measured once by `tformer.training.stopping.TimeHorizon` and
+kept in the train state. (``progress``, a fraction of the horizon given directly, is kept for
+callers that drive the decay themselves; the loop does not use it.)
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, DatasetDict
 from tokenizers import models as tokenizer_models
+from transformers import AutoConfig
 
 from tformer.data import (
     DataError,
@@ -22,8 +26,13 @@ from tformer.data import (
     tokenize_examples,
 )
 from tformer.data.encoding import encode_pairs, truncate_all
+from tformer.hf import TformerConfig, TformerForConditionalGeneration
+from tformer.hub import from_pretrained
+from tformer.loading import load_model
 from tformer.tokenization import load_tokenizer, train_tokenizer
+from tformer.training.checkpoint import TrainState
 from tformer.training.config import Config, ConfigError
+from tformer.training.stopping import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +210,13 @@ def token_lengths(tokens: TokenLists) -> tuple[list[int], list[int]]:
 
 def build_model(config: Config, tokenizer):
     """The own Transformer sized by ``config.model`` (vocabulary from the tokenizer), or the
-    pretrained checkpoint ``model.pretrained``, with a LoRA adapter when ``model.lora_r`` is set.
+    pretrained checkpoint ``model.pretrained`` (a LoRA adapter, ``model.lora_r``, is added by
+    `tformer.training.adapter`).
 
     Pretrained weights are loaded in float32 whatever dtype they were saved in: the optimizer
     updates float32 master weights, and ``train.precision`` decides the compute dtype (bf16
     autocast). Training weights stored in bf16 or fp16 would lose most small updates.
     """
-    import torch
-
-    from tformer.generation import load_model
-    from tformer.hf import TformerConfig, TformerForConditionalGeneration
-
     m = config.model
     if m.pretrained is not None:
         model = load_model(m.pretrained, dtype=torch.float32)
@@ -223,16 +228,6 @@ def build_model(config: Config, tokenizer):
                 f"model.pretrained {m.pretrained!r}: its tokenizer has {len(tokenizer)} tokens but "
                 f"the model only {model.get_input_embeddings().num_embeddings} embeddings"
             )
-        if m.lora_r is not None:
-            from tformer.lora import add_lora
-
-            local = Path(m.pretrained).expanduser()
-            base = str(local.resolve()) if local.is_dir() else m.pretrained
-            try:
-                model = add_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                 target_modules=m.lora_target_modules, base=base)
-            except ValueError as error:
-                raise ConfigError(f"model.lora_target_modules: {error}") from error
         return model
     core = config.model.transformer_config(len(tokenizer), tokenizer.pad_token_id)
     hf_config = TformerConfig.from_transformer_config(
@@ -252,9 +247,79 @@ def pretrained_model_type(config: Config) -> str | None:
     None for the own model."""
     if config.model.pretrained is None:
         return None
-    from transformers import AutoConfig
-
-    from tformer.hub import from_pretrained
-
     return from_pretrained(AutoConfig, config.model.pretrained, "model",
                            trust_remote_code=False).model_type
+
+
+def resolve_precision(precision: str, config: Config) -> str:
+    """"auto": bf16 on a GPU that has it (fp16 with loss scaling otherwise, but never for T5,
+    whose activations overflow fp16: fp32 then); fp32 on CPU.
+
+    On a CPU without bf16 units (this project's AVX2 host) bf16 is emulated: matmuls ran at
+    1.2 GFLOP/s against 121-142 in fp32, and a training step of the ``small`` model was 4-5x
+    slower under autocast. On a host with AVX512-BF16 the ``small`` model's step was only
+    1.04x faster under autocast (Hugging Face T5: 1.3-1.4x), and the Multi30k recipe's
+    d_model-128 model slower (docs/benchmarks.md, "Training throughput"). So CPU runs default
+    to fp32; ``train.precision=bf16`` asks for autocast anyway."""
+    if precision == "fp16" and _overflows_fp16(config):
+        log.warning("train.precision=fp16 with a T5-family model: T5's activations overflow "
+                    "fp16 (inf/NaN loss). Use train.precision=bf16 (or fp32).")
+    if precision != "auto":
+        return {"fp32": "no"}.get(precision, precision)
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if _overflows_fp16(config):
+            log.info("precision auto: no bf16 on this GPU, and T5 overflows fp16: fp32")
+            return "no"
+        return "fp16"
+    return "no"
+
+
+def _overflows_fp16(config: Config) -> bool:
+    """T5-family checkpoints overflow fp16 (feed-forward activations beyond 65504)."""
+    return pretrained_model_type(config) in ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (decaying them only hurts)."""
+    t = config.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "shared" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+
+
+def micro_batches(sampler: TrainSplit, state: TrainState, world: int, rank: int):
+    """This process's batches, forever, epoch after epoch, from ``state``'s position.
+
+    Every process computes the same global batch order from (seed, epoch; with
+    ``data.bpe_dropout``, also the main process's encoding of that epoch, which every process
+    receives) and takes every ``world``-th batch: processes see different batches, and the
+    position in the data is one number (global batches consumed) that survives a resume. The
+    epoch's last ``len % world`` batches are dropped so all processes take the same number of
+    steps.
+    """
+    while True:
+        order = sampler.batches(state.epoch)
+        usable = len(order) - len(order) % world
+        if usable == 0:
+            raise TrainingError(
+                f"the training split gives {len(order)} batch(es) for {world} process(es); "
+                "lower train.max_tokens or add data"
+            )
+        for position in range(state.batches_in_epoch + rank, usable, world):
+            yield order[position]
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def sharer(accelerator: Accelerator):
+    """The main process's object, on every process (``data.bpe_dropout``'s epoch encodings)."""
+    if accelerator.num_processes == 1:
+        return lambda obj: obj
+    return lambda obj: broadcast_object_list([obj], from_process=0)[0]

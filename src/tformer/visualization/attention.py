@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from tformer.data import Seq2SeqCollator
+from tformer.data.encoding import encode_pairs
 from tformer.generation import max_source_length_of
 from tformer.visualization.tokens import readable_tokens
 
@@ -155,7 +156,7 @@ def attention_maps_batch(
     elif len(targets) != len(sources):
         raise ValueError(f"targets: {len(targets)} texts for {len(sources)} sources")
     model, tokenizer = seq2seq.model, seq2seq.tokenizer
-    batch = encode_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
+    batch = collate_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
     weights = teacher_forced_attentions(model, batch)
     copy_attention, p_gen = (weights.get(name, [None])[0] for name in ("copy_attention", "p_gen"))
     maps = []
@@ -178,21 +179,19 @@ def attention_maps_batch(
     return maps
 
 
-def encode_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[str],
-                 max_source_length: int | None = None,
-                 max_target_length: int | None = None) -> dict[str, Tensor]:
-    """Tokenise pairs as training does and collate them (right padding, labels shifted behind
-    the decoder start token): input_ids, attention_mask (B, S); labels, decoder_input_ids (B, T).
-    Sources are truncated as :func:`tformer.generation.generate_texts` truncates them; targets
-    longer than ``max_target_length`` keep their first tokens and their last (``</s>``)."""
+def collate_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[str],
+                  max_source_length: int | None = None,
+                  max_target_length: int | None = None) -> dict[str, Tensor]:
+    """Tokenise pairs as training does (`tformer.data.encoding.encode_pairs`) and collate them
+    (right padding, labels shifted behind the decoder start token): input_ids, attention_mask
+    (B, S); labels, decoder_input_ids (B, T). Sources are truncated as
+    :func:`tformer.generation.generate_texts` truncates them (by default to the checkpoint's
+    own limit); targets longer than ``max_target_length`` keep their first tokens and their
+    last (``</s>``)."""
     if max_source_length is None:  # as generate_texts: the checkpoint's own limit
         max_source_length = max_source_length_of(model, tokenizer)
-    source_ids = tokenizer(list(sources), truncation=True,
-                           max_length=max_source_length)["input_ids"]
-    label_ids = tokenizer(text_target=list(targets))["input_ids"]
-    if max_target_length is not None:
-        label_ids = [ids if len(ids) <= max_target_length
-                     else ids[: max_target_length - 1] + ids[-1:] for ids in label_ids]
+    source_ids, label_ids = encode_pairs(tokenizer, sources, targets, max_source_length,
+                                         max_target_length)
     collate = Seq2SeqCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
     return collate([{"input_ids": x, "labels": y} for x, y in zip(source_ids, label_ids)])
 

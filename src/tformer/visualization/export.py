@@ -12,7 +12,10 @@ import json
 import logging
 from pathlib import Path
 
+from tformer.engines import load
 from tformer.visualization.attention import attention_maps
+from tformer.visualization.plots import write_attention_pngs
+from tformer.visualization.viewer import write_attention_html
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,6 @@ def write_attention(
     """Load ``checkpoint`` (own model or Hugging Face seq2seq), compute the maps of
     ``source`` (and ``target``, generated when None) and write them to ``output_dir``.
     Returns the files written, the HTML view first."""
-    from tformer.generation import load
-    from tformer.visualization.plots import write_attention_pngs
-    from tformer.visualization.viewer import write_attention_html
-
     if not source.strip():
         raise ValueError("text: the source text is empty")
     seq2seq = load(checkpoint, device=device, engine="torch")  # weights are read from torch

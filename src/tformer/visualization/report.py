@@ -26,6 +26,10 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tformer.engines import load
+from tformer.training.checkpoint import latest_checkpoint
+from tformer.visualization.attention import attention_maps_batch
+from tformer.visualization.run import RunFileError, read_metrics
 from tformer.visualization.svg import Series, histogram, line_chart
 from tformer.visualization.viewer import VIEWER_CSS, VIEWER_JS, viewer_fragment
 
@@ -60,7 +64,11 @@ def write_report(run_dir: Path | str, *, attention_examples: int = ATTENTION_EXA
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     summary = _read_json(run_dir / "summary.json")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+    except RunFileError as error:
+        log.warning("%s; the sections drawn from metrics.jsonl are left out", error)
+        metrics = []
     sections = [
         ("summary", "Run", _summary_section(run_dir, summary)),
         ("config", "Configuration", _config_section(run_dir)),
@@ -86,25 +94,6 @@ def write_report(run_dir: Path | str, *, attention_examples: int = ATTENTION_EXA
     tmp.replace(path)  # a reader never sees half a report
     log.info("report: %s", path)
     return path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of ``metrics.jsonl``; a line that is not JSON (a run killed mid-write) is
-    skipped with a warning."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s, line %d: not JSON; skipped", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 # --- sections ----------------------------------------------------------------------------
@@ -199,7 +188,10 @@ def _curves_section(metrics: list[dict]) -> str:
 def _predictions_section(run_dir: Path, metrics: list[dict]) -> str:
     path = run_dir / "test_predictions.jsonl"
     if path.is_file():
-        records = read_metrics(path)[:SAMPLE_ROWS]
+        try:
+            records = read_metrics(path)[:SAMPLE_ROWS]
+        except RunFileError as error:
+            return _missing("predictions", str(error))
         where = f"test set (first {len(records)} of test_predictions.jsonl)"
     else:
         valid = [r for r in metrics if r.get("split") == "validation" and r.get("samples")]
@@ -207,8 +199,8 @@ def _predictions_section(run_dir: Path, metrics: list[dict]) -> str:
             return _missing("predictions", "no test_predictions.jsonl and no validation samples")
         records = valid[-1]["samples"][:SAMPLE_ROWS]
         where = f"validation at step {valid[-1].get('step')} (sources cut at 300 characters)"
-    rows = [(r.get("source", ""), r.get("reference", ""), r.get("prediction", ""))
-            for r in records]
+    rows = [(r.get("source", ""), r.get("reference") or " | ".join(r.get("references", [])),
+             r.get("prediction", "")) for r in records]
     return f"<p>From the {_e(where)}.</p>" + _table(["source", "reference", "prediction"], rows)
 
 
@@ -223,9 +215,6 @@ def _attention_section(run_dir: Path, summary: dict | None, metrics: list[dict],
     if not sources:
         return _missing("attention maps", "no validation samples in metrics.jsonl")
     try:
-        from tformer.generation import load
-        from tformer.visualization.attention import attention_maps_batch
-
         seq2seq = load(checkpoint, device=device, engine="torch")
         maps = attention_maps_batch(seq2seq, sources, max_new_tokens=ATTENTION_MAX_NEW_TOKENS,
                                     max_source_length=ATTENTION_MAX_SOURCE_TOKENS)
@@ -257,8 +246,6 @@ def _checkpoint(run_dir: Path, summary: dict | None) -> Path | None:
         for path in (Path(name), run_dir / "checkpoints" / Path(name).name):
             if (path / "config.json").is_file():
                 return path
-    from tformer.training.checkpoint import latest_checkpoint
-
     return latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() \
         else None
 
