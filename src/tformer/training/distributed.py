@@ -27,12 +27,15 @@ Everything here that gathers is a collective: call it on every process.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule
 
+from tformer.lora import is_lora
 from tformer.weights import CheckpointError
 
 #: The subdirectory of a checkpoint holding accelerate's state (FSDP / DeepSpeed runs only).
@@ -76,8 +79,6 @@ def after_prepare(model, accelerator: Accelerator) -> None:
     """
     if not getattr(accelerator, "is_fsdp2", False):
         return
-    from torch.distributed.fsdp import FSDPModule
-
     unwrapped = accelerator.unwrap_model(model)
     embedding = unwrapped.get_input_embeddings()
     # the own model with tie_embeddings (the default); T5 and other HF models have an lm_head
@@ -101,8 +102,6 @@ def full_model(model, accelerator: Accelerator):
     unwrapped = accelerator.unwrap_model(model)
     if not shards_parameters(accelerator):
         return unwrapped
-    from tformer.lora import is_lora
-
     if is_lora(unwrapped):
         raise NotImplementedError("LoRA under FSDP or DeepSpeed ZeRO-3 is not supported: LoRA "
                                   "trains few parameters, use DDP (docs/distributed.md)")
@@ -127,8 +126,6 @@ def save_sharded_state(accelerator: Accelerator, tmp: Path) -> None:
     says; each process's RNG) into ``tmp/accelerate``, ``tmp`` being the checkpoint's temporary
     directory, which the main process empties first. Collective."""
     if accelerator.is_main_process:
-        import shutil
-
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
