@@ -41,6 +41,7 @@ from tformer.training.checkpoint import (
     set_rng_state,
 )
 from tformer.training.config import Config
+from tformer.training.progress import TrainProgress
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
     RunData,
@@ -123,7 +124,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
     interrupted = _InterruptFlag()
     batches = micro_batches(train_split, state, accelerator.num_processes,
                             accelerator.process_index)
-    progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
+    progress = TrainProgress(t.max_steps, t.max_minutes, state, accelerator.is_main_process)
     window = _Window(state, t.clip_grad_norm)
     # Only the training step is compiled: validation runs in eval mode (no dropout) and
     # generation in other shapes, and each would be a compilation of its own. dynamic=True:
@@ -164,7 +165,7 @@ def train(config: Config, resume: bool = False) -> TrainResult:
             scheduler.step()
             state.step += 1
             window.add(loss_value)
-            progress.update(1)
+            progress.update(state.step, clock.seconds())
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 record = window.flush(accelerator, scheduler.get_last_lr()[0])
                 logger.log("train", state.step, record)
@@ -661,10 +662,3 @@ class _InterruptFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _progress(total: int, initial: int, active: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not active, desc="train", unit="step",
-                dynamic_ncols=True)
