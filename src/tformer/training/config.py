@@ -96,7 +96,7 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     """Where the examples come from and how they are cut. ``train`` None = the embedded corpus
-    of standard-library docstrings (no download)."""
+    of the installed packages' docstrings (no download)."""
 
     train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
     hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
