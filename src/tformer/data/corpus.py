@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import sysconfig
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -177,6 +178,7 @@ def first_sentence_baseline(source: str) -> str:
 def _docstrings_of(roots: tuple[Path, ...], cache_dir: Path | None) -> tuple[_Docstring, ...]:
     """Every usable, de-duplicated docstring under ``roots``, in file order (once per
     process)."""
+    start = time.perf_counter()
     files = list(_source_files(roots))
     cache = _Cache(cache_dir, roots)
     found = cache.lookup(files)
@@ -199,9 +201,10 @@ def _docstrings_of(roots: tuple[Path, ...], cache_dir: Path | None) -> tuple[_Do
             seen_bodies.add(example.body)
             kept.append(example)
     logger.info(
-        "read %d files (%d parsed, %d cached): %d docstrings with a summary and a body, "
-        "%d after de-duplication",
-        len(files), len(missing), len(files) - len(missing), total, len(kept),
+        "read %d files in %.1f s (%d parsed, %d cached): %d docstrings with a summary and a "
+        "body, %d after de-duplication",
+        len(files), time.perf_counter() - start, len(missing), len(files) - len(missing), total,
+        len(kept),
     )
     return tuple(kept)
 
