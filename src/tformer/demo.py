@@ -48,6 +48,15 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
               f"sha256 {stats['corpus_sha256'][:16]}")
     print(f"\ntformer demo: {len(rows)} test docstrings, trained {result.state.step} steps "
           f"in {minutes:.1f} min")
+    losses: list[tuple[int, float]] = []
+    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if record["split"] == "validation":
+            if losses and record["step"] < losses[-1][0]:  # an earlier run in the same directory
+                losses = []
+            losses.append((record["step"], record["loss"]))
+    if losses:
+        print("validation loss: " + ", ".join(f"{loss:.2f} (step {step})"
+                                              for step, loss in losses))
     print(f"{'':28}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}")
     for name, m in (("tformer (best checkpoint)", metrics),
                     ("baseline: first sentence", baseline)):
