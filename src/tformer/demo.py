@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
             log.info("demo: building the corpus took %.1f min; training gets %.1f min so the "
                      "demo ends within %.0f", spent, left, DEMO_MINUTES)
             config = load_config(recipe, [*overrides, f"train.max_minutes={left:.2f}"])
+    _set_aside(Path(config.train.output_dir))
     result = train(config)
     minutes = (time.perf_counter() - start) / 60
     run_dir = result.run_dir
@@ -63,12 +65,8 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
               f"sha256 {stats['corpus_sha256'][:16]}")
     print(f"\ntformer demo: {len(rows)} test docstrings, trained {result.state.step} steps "
           f"({result.stopped_by}); {minutes:.1f} min with the corpus, tokenizer and test")
-    losses: list[tuple[int, float]] = []
-    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        if record["split"] == "validation":
-            if losses and record["step"] < losses[-1][0]:  # an earlier run in the same directory
-                losses = []
-            losses.append((record["step"], record["loss"]))
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    losses = [(r["step"], r["loss"]) for r in records if r["split"] == "validation"]
     if losses:
         print("validation loss: " + ", ".join(f"{loss:.2f} (step {step})"
                                               for step, loss in losses))
@@ -87,3 +85,14 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
     return {"test": metrics, "baseline": baseline, "run_dir": str(run_dir), "minutes": minutes,
             "corpus_examples": stats.get("corpus_examples"),
             "corpus_sha256": stats.get("corpus_sha256")}
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Move an earlier demo's run directory to ``<run_dir>.previous`` (replacing an older one):
+    a run directory holding a tokenizer makes `train` reuse it, whatever the recipe's
+    vocabulary now says, and its metrics and checkpoints would mix with this run's."""
+    if run_dir.exists():
+        previous = run_dir.with_name(f"{run_dir.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        run_dir.rename(previous)
+        log.info("demo: moved the earlier run directory to %s", previous)
