@@ -16,16 +16,20 @@ from tformer.data import (
     DataError,
     Seq2SeqCollator,
     TokenBudgetBatchSampler,
+    corpus_fingerprint,
+    docstring_corpus,
     first_sentence_baseline,
     load_examples,
     load_splits,
     loading,
     padding_fraction,
     sequence_lengths,
-    stdlib_docstring_corpus,
     tokenize_examples,
 )
+from tformer.data import corpus as corpus_module
 from tformer.tokenization import train_tokenizer
+from tformer.training import load_config
+from tformer.training.setup import load_texts
 
 from .conftest import MIRROR, needs_mirror
 
@@ -449,46 +453,198 @@ def test_dataloader_end_to_end(tokenizer):
 
 
 # --- the embedded corpus ---------------------------------------------------------------------
+# A site-packages directory of our own: the corpus logic without parsing the whole environment.
+
+TOOL = '''
+def helper(x, y=1):
+    """Add two numbers together carefully.
+
+    Both arguments are converted to floats first.
+    """
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return stdlib_docstring_corpus(seed=0)
+def helper_again(a, b=2):
+    """Add two numbers in a different way.
+
+    Both arguments are converted to floats first.
+    """
 
 
-def test_corpus_sizes_and_splits(corpus):
+class Widget(Base, metaclass=Meta):
+    """A widget that holds parts.
+
+    Parts are kept in insertion order.
+    """
+
+    async def fetch(self, key: str) -> bytes:
+        """Fetch one part by its key.
+        The key must exist, or KeyError is raised.
+        """
+'''
+SOLO = '''
+def solo_helper(x, y=1):
+    """Multiply two numbers in the solo module.
+
+    Both arguments are converted to floats first.
+    """
+
+
+def solo_unique(x):
+    """Divide a number by itself safely.
+
+    Zero gives zero.
+    """
+'''
+SKIPPED = '''
+def hidden_{n}(q):
+    """This docstring must never be read.
+
+    It lives in a file the corpus leaves out.
+    """
+'''
+
+
+def fake_site_packages(root: Path, functions: int = 400) -> Path:
+    """``functions`` examples in a package (each summary shared by 4 of them), one module at
+    the top level, and files the corpus must leave out."""
+    site = root / "site-packages"
+    package = site / "fancylib"
+    for directory in ("sub", "tests", "_vendor", "../fancylib-1.0.dist-info"):
+        (package / directory).mkdir(parents=True)
+    (package / "__init__.py").write_text(TOOL)
+    many = [
+        f'def compute_{i}(value, scale={i}):\n'
+        f'    """Return entry {i % (functions // 4)} of the lookup table.\n\n'
+        f'    The table is indexed from zero; entry {i} scales by {i}.\n    """\n'
+        for i in range(functions)
+    ]
+    (package / "sub" / "many.py").write_text("\n\n".join(many))
+    (site / "solo.py").write_text(SOLO)
+    skipped = {
+        package / "tests" / "helpers.py": 0,
+        package / "_vendor" / "six.py": 1,
+        package / "sub" / "test_many.py": 2,
+        package / "sub" / "conftest.py": 3,
+        package / "sub" / "messages_pb2.py": 4,
+        site / "fancylib-1.0.dist-info" / "meta.py": 5,
+    }
+    for path, n in skipped.items():
+        path.write_text(SKIPPED.format(n=n))
+    (package / "generated.py").write_text(
+        "# This file was automatically generated from spec.yaml. Do NOT edit it.\n"
+        + SKIPPED.format(n=6))
+    (package / "broken.py").write_text("def broken(:\n    pass\n")  # does not parse
+    (package / "py2.py").write_text('print "hello"\n')
+    return site
+
+
+@pytest.fixture
+def site(tmp_path):
+    return fake_site_packages(tmp_path)
+
+
+def _rows(corpus) -> list[dict]:
+    return [row for split in corpus.values() for row in split]
+
+
+def test_corpus_reads_every_package_and_skips_tests_vendored_and_generated_code(site):
+    rows = _rows(docstring_corpus(roots=[site]))
+    sources = "\n".join(row["source"] for row in rows)
+    assert "def compute_0(value, scale=0)" in sources and "def solo_unique(x)" in sources
+    assert "hidden_" not in sources and "broken" not in sources
+    widget = [row for row in rows if row["source"].startswith("class Widget")]
+    assert widget == [{"source": "class Widget(Base, metaclass=Meta)\n"
+                                 "Parts are kept in insertion order.",
+                       "target": "A widget that holds parts."}]
+    fetch = [row for row in rows if row["source"].startswith("async def fetch")]
+    assert fetch[0]["source"] == ("async def fetch(self, key: str) -> bytes\n"
+                                  "The key must exist, or KeyError is raised.")
+    assert fetch[0]["target"] == "Fetch one part by its key."
+    pattern = re.compile(r"(async def|def|class) \w+")
+    assert all(pattern.match(row["source"]) and "\n" in row["source"] for row in rows)
+    assert all("\n" not in row["target"] and len(row["target"].split()) >= 3 for row in rows)
+
+
+def test_corpus_roots_are_the_stdlib_and_site_packages():
+    """The default corpus reads the running interpreter's site-packages (here: torch), not
+    only the standard library; listing the files is cheap, so it is checked on the real
+    environment (parsing it all is not: a minute)."""
+    roots = corpus_module.installed_roots()
+    assert roots[0] == Path(corpus_module.sysconfig.get_paths()["stdlib"]).resolve()
+    assert Path(torch.__file__).resolve().parents[1] in roots
+    files = [path for path, _, _ in corpus_module._source_files(roots)]
+    torch_files = [path for path in files if "torch" in path.parts]
+    assert any(path.name == "functional.py" and path.parent.name == "nn" for path in torch_files)
+    assert not any("testing" in path.parts or "tests" in path.parts for path in files)
+    assert any(path.name == "textwrap.py" for path in files)  # the standard library too
+    assert all(path.stat().st_size <= corpus_module.MAX_FILE_BYTES for path in files)
+
+
+def test_corpus_is_deduplicated(site):
+    rows = _rows(docstring_corpus(roots=[site]))
+    sources = [row["source"] for row in rows]
+    assert len(sources) == len(set(sources))
+    # helper, helper_again and solo_helper share a body: only the first in file order (the
+    # package's files, then solo.py) is kept
+    bodies = [source.partition("\n")[2] for source in sources]
+    assert bodies.count("Both arguments are converted to floats first.") == 1
+    assert any(source.startswith("def helper(x, y=1)") for source in sources)
+    assert len(rows) == 400 + 4  # compute_*, helper, Widget, fetch, solo_unique
+
+
+def test_corpus_split_is_fixed_seeded_and_shares_no_summary(site):
+    corpus = docstring_corpus(roots=[site], seed=0)
     sizes = {name: len(split) for name, split in corpus.items()}
     assert list(sizes) == ["train", "validation", "test"]
-    assert sum(sizes.values()) > 2000
-    assert sizes["train"] > 0.8 * sum(sizes.values())
-    assert min(sizes["validation"], sizes["test"]) > 50
-    sources = [set(split["source"]) for split in corpus.values()]
+    assert sizes["train"] > 0.85 * sum(sizes.values()) and min(sizes.values()) > 0
     targets = [set(split["target"]) for split in corpus.values()]
+    sources = [set(split["source"]) for split in corpus.values()]
     for a in range(3):
         for b in range(a + 1, 3):
-            assert not sources[a] & sources[b]
-            assert not targets[a] & targets[b]
-    assert sum(map(len, sources)) == sum(sizes.values())  # no duplicate source anywhere
-
-
-def test_corpus_examples_are_signature_body_and_summary(corpus):
-    examples = [row for split in corpus.values() for row in split]
-    pattern = re.compile(r"(async def|def|class) \w+")
-    assert all(pattern.match(row["source"]) and "\n" in row["source"] for row in examples)
-    assert all("\n" not in row["target"] and len(row["target"].split()) >= 3 for row in examples)
-    dedent = [row for row in examples if row["source"].startswith("def dedent(text)\n")]
-    assert len(dedent) == 1
-    assert dedent[0]["target"].startswith("Remove any common leading whitespace")
-    assert "triple-quoted strings" in dedent[0]["source"]
-
-
-def test_corpus_is_deterministic_for_a_seed(corpus):
-    again = stdlib_docstring_corpus(seed=0)
+            assert not targets[a] & targets[b] and not sources[a] & sources[b]
+    # each "Return entry k" summary has 4 examples, all in one split
+    test_entries = [t for t in corpus["test"]["target"] if t.startswith("Return entry")]
+    assert test_entries and all(corpus["test"]["target"].count(t) == 4 for t in test_entries)
+    again = docstring_corpus(roots=[site], seed=0)
     assert all(again[name].to_dict() == corpus[name].to_dict() for name in corpus)
-    other = stdlib_docstring_corpus(seed=1)
-    assert other["train"]["source"] != corpus["train"]["source"]
-    small = stdlib_docstring_corpus(seed=0, max_examples=100)
+    other = docstring_corpus(roots=[site], seed=1)
+    assert other["test"]["target"] != corpus["test"]["target"]
+    small = docstring_corpus(roots=[site], seed=0, max_examples=100)
     assert sum(len(split) for split in small.values()) == 100
+
+
+def test_corpus_fingerprint_and_cache(site, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    corpus = docstring_corpus(roots=[site], cache_dir=cache)
+    digest = corpus_fingerprint(corpus)
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert list(cache.glob("docstrings-*.json.gz"))
+    # a second process reads every file's examples from the cache: nothing is parsed
+    corpus_module._docstrings_of.cache_clear()
+    parsed = []
+    monkeypatch.setattr(corpus_module, "_file_docstrings", parsed.append)
+    assert corpus_fingerprint(docstring_corpus(roots=[site], cache_dir=cache)) == digest
+    assert parsed == []
+    monkeypatch.undo()
+    # a changed file is parsed again, and the corpus and its fingerprint change with it
+    with (site / "solo.py").open("a") as fh:
+        fh.write('\n\ndef added(z):\n    """A function added later on.\n\n    New body.\n    """\n')
+    corpus_module._docstrings_of.cache_clear()
+    changed = docstring_corpus(roots=[site], cache_dir=cache)
+    assert sum(map(len, changed.values())) == sum(map(len, corpus.values())) + 1
+    assert corpus_fingerprint(changed) != digest
+    assert corpus_fingerprint(docstring_corpus(roots=[site])) == corpus_fingerprint(changed)
+
+
+def test_run_stats_record_the_corpus_size_and_hash(site, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "installed_roots", lambda: (site,))
+    monkeypatch.setenv("TFORMER_CACHE_DIR", str(tmp_path / "cache"))
+    texts, stats = load_texts(load_config(None, []))
+    expected = docstring_corpus(roots=[site])
+    assert stats["corpus_examples"] == sum(map(len, expected.values())) == 404
+    assert stats["corpus_sha256"] == corpus_fingerprint(expected)
+    assert f"404 examples, sha256 {stats['corpus_sha256'][:16]}" in stats["corpus"]
+    assert texts["test"]["target"] == expected["test"]["target"]
 
 
 def test_first_sentence_baseline():

@@ -4,12 +4,19 @@
 - `encoding`: texts to ``input_ids``/``labels``, with truncation counted.
 - `batching`: length-bucketed, token-budget batches, resumable mid-epoch.
 - `collate`: padding, attention mask, -100 labels and shifted decoder inputs.
-- `corpus`: the embedded demo corpus (standard-library docstrings), needing no download.
+- `corpus`: the embedded demo corpus (the docstrings of the installed packages), needing no
+  download.
 """
 
 from tformer.data.batching import TokenBudgetBatchSampler, padding_fraction
 from tformer.data.collate import Seq2SeqCollator
-from tformer.data.corpus import first_sentence_baseline, stdlib_docstring_corpus
+from tformer.data.corpus import (
+    corpus_fingerprint,
+    default_cache_dir,
+    docstring_corpus,
+    first_sentence_baseline,
+    installed_roots,
+)
 from tformer.data.encoding import TruncationReport, sequence_lengths, tokenize_examples
 from tformer.data.loading import (
     DataError,
@@ -27,12 +34,15 @@ __all__ = [
     "Seq2SeqCollator",
     "TokenBudgetBatchSampler",
     "TruncationReport",
+    "corpus_fingerprint",
+    "default_cache_dir",
+    "docstring_corpus",
     "first_sentence_baseline",
+    "installed_roots",
     "load_eval_examples",
     "load_examples",
     "load_splits",
     "padding_fraction",
     "sequence_lengths",
-    "stdlib_docstring_corpus",
     "tokenize_examples",
 ]

@@ -147,7 +147,7 @@ class DataSection:
     """Where the examples come from and how they are cut: a named public dataset (``dataset``,
     read from the local mirror ``$TFORMER_DATA_DIR`` or the Hub, see `tformer.data.sources`),
     files or a Hub name per split (``train``, ``validation``, ``test``), or neither: the embedded
-    corpus of docstrings (no download)."""
+    corpus of the installed packages' docstrings (no download)."""
 
     dataset: str | None = None  # a name of `tformer data list`, e.g. "multi30k"
     train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name

@@ -24,7 +24,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from datasets import Dataset
-from tqdm.auto import tqdm
 
 from tformer.data import Seq2SeqCollator, padding_fraction
 from tformer.training.adapter import FullModel, trained_weights
@@ -47,6 +46,7 @@ from tformer.training.distributed import (
     shards_state,
 )
 from tformer.training.log import MetricsLogger, Window
+from tformer.training.progress import TrainProgress
 from tformer.training.rundir import claim_run_dir, drop_metrics_after, record_data_files, resume_point
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
@@ -168,7 +168,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
     interrupted = InterruptFlag()
     batches = micro_batches(train_split, state, accelerator.num_processes,
                             accelerator.process_index)
-    progress = _progress(t.max_steps, state.step, accelerator.is_main_process)
+    progress = TrainProgress(t.max_steps, t.max_minutes, state, accelerator.is_main_process)
     window = Window(state, t.clip_grad_norm)
     clock = RunClock()
     horizon = TimeHorizon(clock, t.warmup_steps, t.max_minutes, t.decay_over == "time")
@@ -202,7 +202,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
             scheduler.step()
             state.step += 1
             window.add(loss_value)
-            progress.update(1)
+            progress.update(state.step, clock.seconds())
             out_of_time = False
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 record = window.flush(accelerator, scheduler.get_last_lr()[0])
@@ -338,6 +338,3 @@ def _write_summary(run_dir: Path, state: TrainState, best, last, stopped_by: str
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _progress(total: int, initial: int, active: bool):
-    return tqdm(total=total, initial=initial, disable=not active, desc="train", unit="step",
-                dynamic_ncols=True)

@@ -19,10 +19,12 @@ from transformers import AutoConfig
 from tformer.data import (
     DataError,
     TokenBudgetBatchSampler,
+    corpus_fingerprint,
+    default_cache_dir,
+    docstring_corpus,
     load_examples,
     sequence_lengths,
     sources,
-    stdlib_docstring_corpus,
     tokenize_examples,
 )
 from tformer.data.encoding import encode_pairs, truncate_all
@@ -53,15 +55,20 @@ class RunData:
 
 
 def load_texts(config: Config) -> tuple[DatasetDict, dict]:
-    """The splits as text. ``data.train`` None = the embedded stdlib docstring corpus."""
+    """The splits as text. ``data.train`` None = the embedded docstring corpus, whose size
+    and SHA-256 go into the stats (it depends on the packages installed)."""
     d = config.data
     stats: dict = {}
     if d.dataset is not None:
         splits = _load_dataset(d, stats)
     elif d.train is None:
-        corpus = stdlib_docstring_corpus(seed=config.train.seed)
+        corpus = docstring_corpus(seed=config.train.seed, cache_dir=default_cache_dir())
         splits = dict(corpus)
-        stats["corpus"] = "stdlib docstrings (embedded)"
+        stats["corpus_examples"] = sum(len(split) for split in corpus.values())
+        stats["corpus_sha256"] = corpus_fingerprint(corpus)
+        stats["corpus"] = (f"docstrings of the installed packages (embedded): "
+                           f"{stats['corpus_examples']:,} examples, "
+                           f"sha256 {stats['corpus_sha256'][:16]}")
     else:
         options = dict(source_column=d.source_column, target_column=d.target_column,
                        prefix=d.prefix, hub_config=d.hub_config)
