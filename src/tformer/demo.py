@@ -10,6 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from tformer.data import default_cache_dir, docstring_corpus, first_sentence_baseline
 from tformer.metrics import rouge
 from tformer.recipe import run_recipe
@@ -32,8 +34,6 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
     machine, with other jobs on the cores, a training step with 2 OpenMP threads took 4.3-8.1 s
     and with one thread 0.48-0.66 s (the demo's model, 4,800-token batches, load average ~5).
     """
-    import torch
-
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
         log.info("demo: training with 1 thread (set OMP_NUM_THREADS to choose)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tqdm.auto import tqdm
+
 from tformer.training.checkpoint import TrainState
 
 
@@ -58,8 +60,6 @@ class TrainProgress:
 
     def __init__(self, max_steps: int, max_minutes: float | None, state: TrainState,
                  active: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.start_step, self.start_seconds = state.step, state.elapsed_seconds
         initial_plan = progress_plan(state.elapsed_seconds, state.step, max_steps, max_minutes,
