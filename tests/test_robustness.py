@@ -405,6 +405,12 @@ def test_the_server_truncates_to_the_model_limit_and_says_how_many(served):
         assert response.status_code == 200, response.text
         assert response.json()["truncated_inputs"] == 1
         assert response.json()["input_tokens"][0] == 1024
+        maps = client.post("/v1/attention", json={"input": long, "target": "A man .",
+                                                  "include": ["cross"]})
+        assert maps.status_code == 200, maps.text
+        assert maps.json()["truncated_inputs"] == 1 and len(maps.json()["source_tokens"]) <= 1024
+        short = client.post("/v1/attention", json={"input": "A dog.", "target": "A dog ."})
+        assert short.json()["truncated_inputs"] == 0
 
 
 # -- 10. metrics written once after kill -9 and --resume ---------------------------------------

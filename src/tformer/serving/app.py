@@ -159,9 +159,9 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
                            "attention maps")
         limits.check_texts([body.input], settings, "input")
         options = limits.resolve_options(body, settings, model_limit)
-        limits.check_tokens(counter.count([body.input]),
-                            limits.source_cap(body.max_source_length, model_limit), settings,
-                            "input")
+        counts = counter.count([body.input])
+        read = limits.check_tokens(counts, limits.source_cap(body.max_source_length, model_limit),
+                                   settings, "input")
         if body.target is not None:
             limits.check_texts([body.target], settings, "target")
             limits.check_tokens(counter.count([body.target]), None, settings, "target")
@@ -173,7 +173,8 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
             raise ApiError(503, error.code, str(error)) from None
         maps = await _answer(future, request, settings.timeout_s)
         shown = {k: v for k, v in maps.items() if k not in _PART_OF or _PART_OF[k] in parts}
-        return AttentionResponse(**shown, timing_ms=(time.monotonic() - started) * 1000.0)
+        return AttentionResponse(**shown, truncated_inputs=int(counts[0] > read[0]),
+                                 timing_ms=(time.monotonic() - started) * 1000.0)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:

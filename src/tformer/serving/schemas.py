@@ -135,6 +135,8 @@ class AttentionResponse(BaseModel):
     p_gen: list[float] | None = Field(
         None, description="(T,) probability that target token t is generated, not copied "
         "(with copy attention)")
+    truncated_inputs: int = Field(0, description="1 when the input was longer than the model's "
+                                  "source limit and its maps are of the first tokens only")
     timing_ms: float
 
 
