@@ -90,8 +90,8 @@ def run_demo(recipe: str | Path | None = None, overrides: list[str] | tuple[str,
 
 def _set_aside(run_dir: Path) -> None:
     """Move an earlier demo's run directory to ``<run_dir>.previous`` (replacing an older one):
-    a run directory holding a tokenizer makes `train` reuse it, whatever the recipe's
-    vocabulary now says, and its metrics and checkpoints would mix with this run's."""
+    `train` refuses a fresh run into a used directory (`tformer.training.rundir`), and a second
+    `make demo` should start afresh while keeping the last run to compare with."""
     if run_dir.exists():
         previous = run_dir.with_name(f"{run_dir.name}.previous")
         shutil.rmtree(previous, ignore_errors=True)
