@@ -31,12 +31,13 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from tformer.model import (
     IGNORE_INDEX,
     TransformerConfig,
+    architecture_fields,
     build_transformer,
     compute_loss,
 )
 
 MODEL_TYPE = "tformer"
-_MODEL_FIELDS = [f.name for f in dataclasses.fields(TransformerConfig)]
+_ARCHITECTURE = architecture_fields()
 
 # Loading a checkpoint without ``import tformer``. Transformers knows no "tformer" model type
 # until tformer registers it, and for an unknown type it says to update Transformers, a message
@@ -95,23 +96,13 @@ class TformerConfig(PreTrainedConfig):
         "num_hidden_layers": "n_decoder_layers",
     }
 
-    vocab_size: int = 8000
-    d_model: int = 512
-    n_heads: int = 8
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
-    d_ff: int = 2048
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation: str = "relu"
-    gated_ffn: bool = False
-    norm_first: bool = False
-    positional: str = "sinusoidal"
-    max_positions: int = 1024
-    scale_embeddings: bool = True
-    tie_embeddings: bool = True
-    copy_attention: bool = False
-    layer_norm_eps: float = 1e-5
+    # The architecture: every field of TransformerConfig with its type and default, declared
+    # there once (tformer.model.config.architecture_fields) and copied into this dataclass here.
+    # Hugging Face needs a config that builds with no arguments: vocab_size gets a default.
+    __annotations__.update({name: hint for name, (hint, _) in _ARCHITECTURE.items()})
+    locals().update({name: default for name, (_, default) in _ARCHITECTURE.items()})
+    vocab_size = 8000
+    # Token ids as Hugging Face types them (generate() reads these; None = the model has none).
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 3
@@ -137,7 +128,7 @@ class TformerConfig(PreTrainedConfig):
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def transformer_config(self) -> TransformerConfig:
-        return TransformerConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
+        return TransformerConfig(**{name: getattr(self, name) for name in _ARCHITECTURE})
 
     @classmethod
     def from_transformer_config(cls, config: TransformerConfig, **kwargs) -> TformerConfig:

@@ -14,7 +14,7 @@ from tformer.model.attention import (
     attention_fast,
     attention_math,
 )
-from tformer.model.config import SIZES, TransformerConfig, config_for
+from tformer.model.config import SIZES, TransformerConfig, architecture_fields, config_for
 from tformer.model.copy import CopyGenerator
 from tformer.model.layers import (
     DecoderLayer,
@@ -36,8 +36,8 @@ from tformer.model.transformer import (
 
 __all__ = [
     "AttentionOutput", "DecoderCache", "MultiHeadAttention", "attention_fast", "attention_math",
-    "SIZES", "TransformerConfig", "config_for", "CopyGenerator", "DecoderLayer", "Embeddings",
-    "EncoderLayer",
+    "SIZES", "TransformerConfig", "architecture_fields", "config_for", "CopyGenerator",
+    "DecoderLayer", "Embeddings", "EncoderLayer",
     "FeedForward", "sinusoidal_positions", "IGNORE_INDEX", "compute_loss", "causal_mask",
     "combine", "padding_mask", "Decoder", "Encoder", "KVCache", "Seq2SeqOutput", "Transformer",
     "build_transformer",

@@ -8,6 +8,8 @@ the source, the target and the output projection (section 3.4).
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +22,10 @@ class TransformerConfig:
     """Sizes and options of the encoder-decoder Transformer.
 
     Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming it.
+    This is the one declaration of the architecture: the Hugging Face config
+    (``tformer.hf.TformerConfig``) and the recipe's ``model`` section
+    (``tformer.training.config.ModelSection``) take their fields from it
+    (:func:`architecture_fields`), so a field added here can be saved and set from a recipe.
     """
 
     vocab_size: int
@@ -76,9 +82,9 @@ class TransformerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig.{name} must be true or false, "
                                  f"got {getattr(self, name)!r}")
-        if not self.layer_norm_eps > 0:
+        if not (self.layer_norm_eps > 0 and math.isfinite(self.layer_norm_eps)):
             raise ValueError(
-                f"TransformerConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}"
+                f"TransformerConfig.layer_norm_eps must be finite and > 0, got {self.layer_norm_eps!r}"
             )
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
@@ -103,6 +109,14 @@ class TransformerConfig:
                 f"unknown TransformerConfig field(s) {unknown}; known fields: {sorted(known)}"
             )
         return cls(**values)
+
+
+def architecture_fields() -> dict[str, tuple[Any, Any]]:
+    """Every field of :class:`TransformerConfig`: name -> (type, default), in declaration order
+    (``dataclasses.MISSING`` where there is no default). The Hugging Face config and the recipe's
+    model section are built from this, not written out again."""
+    hints = typing.get_type_hints(TransformerConfig)
+    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(TransformerConfig)}
 
 
 # Named sizes. `base` is the paper's base model (Table 3, 65M parameters with a 37k vocabulary);

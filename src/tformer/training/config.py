@@ -15,7 +15,11 @@ from typing import Any, Literal
 import yaml
 
 from tformer.data.sources import DATASETS
-from tformer.model import SIZES, TransformerConfig, config_for
+from tformer.model import SIZES, TransformerConfig, architecture_fields, config_for
+
+#: The architecture fields a recipe may set: all but those the tokenizer decides.
+_ARCHITECTURE = {name: spec for name, spec in architecture_fields().items()
+                 if name not in ("vocab_size", "pad_token_id")}
 
 
 class ConfigError(ValueError):
@@ -29,10 +33,8 @@ _POSITIVE = (0, False, None, False)
 _FRACTION = (0, True, 1, False)  # [0, 1)
 _RANGES: dict[str, dict[str, tuple]] = {
     "model": {
+        # The architecture's own ranges are TransformerConfig's (checked in ModelSection).
         "lora_r": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": _FRACTION,
-        "d_model": _AT_LEAST_1, "n_heads": _AT_LEAST_1, "n_encoder_layers": _AT_LEAST_1,
-        "n_decoder_layers": _AT_LEAST_1, "d_ff": _AT_LEAST_1, "dropout": _FRACTION,
-        "attention_dropout": _FRACTION, "max_positions": _AT_LEAST_1, "layer_norm_eps": _POSITIVE,
     },
     "data": {
         "max_source_length": _AT_LEAST_1, "max_target_length": _AT_LEAST_1,
@@ -89,28 +91,19 @@ class ModelSection:
     # Linear modules to adapt; None = the attention query and value projections of the
     # architecture (T5: [q, v]; BART, Marian, mBART, Pegasus: [q_proj, v_proj]).
     lora_target_modules: tuple[str, ...] | None = None
-    d_model: int | None = None
-    n_heads: int | None = None
-    n_encoder_layers: int | None = None
-    n_decoder_layers: int | None = None
-    d_ff: int | None = None
-    dropout: float | None = None
-    attention_dropout: float | None = None
-    activation: str | None = None
-    gated_ffn: bool | None = None
-    norm_first: bool | None = None
-    positional: str | None = None
-    max_positions: int | None = None
-    scale_embeddings: bool | None = None
-    tie_embeddings: bool | None = None
-    copy_attention: bool | None = None
-    layer_norm_eps: float | None = None
+    # The own Transformer's architecture: every field of TransformerConfig but those the
+    # tokenizer decides, as an optional override of the size's value (None = the size's).
+    # Declared once, in tformer.model.config; taken from there (`architecture_fields`).
+    __annotations__.update({name: hint | None for name, (hint, _) in _ARCHITECTURE.items()})
+    locals().update(dict.fromkeys(_ARCHITECTURE))
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
         _check_ranges("model", self)
-        if self.pretrained is not None:
+        if self.pretrained is None:
+            self.transformer_config(vocab_size=1, pad_token_id=0)  # architecture errors now
+        else:
             own = [f"model.{name}" for name in self._own_fields() if getattr(self, name) is not None]
             if own:
                 raise ConfigError(
@@ -127,9 +120,7 @@ class ModelSection:
     @classmethod
     def _own_fields(cls) -> list[str]:
         """The fields that size the own Transformer (None = the size's value)."""
-        other = ("size", "pretrained", "lora_r", "lora_alpha", "lora_dropout",
-                 "lora_target_modules")
-        return [f.name for f in dataclasses.fields(cls) if f.name not in other]
+        return list(_ARCHITECTURE)
 
     def transformer_config(self, vocab_size: int, pad_token_id: int) -> TransformerConfig:
         chosen = {
@@ -138,8 +129,8 @@ class ModelSection:
         }
         try:
             return config_for(self.size, vocab_size, pad_token_id=pad_token_id, **chosen)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from e
+        except ValueError as e:  # TransformerConfig names the field: say it as a recipe key
+            raise ConfigError(str(e).replace("TransformerConfig.", "model.")) from e
 
 
 @dataclass(frozen=True)
@@ -273,7 +264,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check a recipe value against the field's type; ints are accepted where floats are."""
     name = f"{section}.{f.name}"
     hint = typing.get_type_hints(_SECTIONS[section])[f.name]
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    options = typing.get_args(hint) if union else (hint,)
     if isinstance(value, Raw):
         for option in sorted(options, key=lambda o: o is str):  # str last: it takes anything
             try:
