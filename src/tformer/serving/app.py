@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
 import time
 from importlib import resources
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -29,9 +29,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tformer
+from tformer.generation import max_source_length_of
 from tformer.serving import limits
 from tformer.serving.batcher import Batcher, BatcherStopped, QueueFull
 from tformer.serving.batching import DynamicBatcher
+from tformer.serving.continuous import ContinuousBatcher, supports_continuous
 from tformer.serving.limits import ApiError
 from tformer.serving.process import ProcessBatcher
 from tformer.serving.schemas import (
@@ -46,6 +48,7 @@ from tformer.serving.schemas import (
 )
 from tformer.serving.security import PAGE_CSP, GuardMiddleware, key_dependency
 from tformer.serving.settings import ServeSettings
+from tformer.visualization.attention import attention_maps
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ def make_batcher(seq2seq, settings: ServeSettings) -> Batcher:
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
     own when ``settings.batcher_process`` (`tformer.serving.process`). The app knows it only
     as a `tformer.serving.batcher.Batcher`."""
-    from tformer.serving.continuous import ContinuousBatcher, supports_continuous
-
     kind = settings.batching
     if kind == "auto":
         kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
@@ -88,8 +89,6 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
     settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
     model_limit = source_limit(seq2seq)
-    if has_attention(seq2seq):  # imported now, not on the first request (it takes ~1.5 s)
-        importlib.import_module("tformer.visualization.attention")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -231,8 +230,6 @@ def state_limits(schema: dict, settings: ServeSettings) -> dict:
 def has_attention(seq2seq) -> bool:
     """Whether attention maps can be drawn: a PyTorch model (own or Hugging Face) and a
     tokenizer. Other engines (e.g. CTranslate2) do not return attention weights."""
-    import torch
-
     model = getattr(seq2seq, "model", None)
     return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
 
@@ -240,10 +237,6 @@ def has_attention(seq2seq) -> bool:
 def source_limit(seq2seq) -> int | None:
     """The longest source the loaded PyTorch model reads (its checkpoint's limit); None for
     another engine, which truncates by its own."""
-    import torch
-
-    from tformer.generation import max_source_length_of
-
     model = getattr(seq2seq, "model", None)
     if not isinstance(model, torch.nn.Module):
         return None
@@ -252,8 +245,6 @@ def source_limit(seq2seq) -> int | None:
 
 def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> dict:
     """Runs in the batcher's worker: the model is only ever used from that thread."""
-    from tformer.visualization.attention import attention_maps
-
     options = dict(options)
     max_new_tokens = options.pop("max_new_tokens")
     max_source_length = options.pop("max_source_length")
@@ -297,8 +288,6 @@ async def _disconnected(request: Request) -> None:
 
 
 def _model_info(seq2seq, settings: ServeSettings) -> ModelInfo:
-    import torch
-
     model = getattr(seq2seq, "model", None)
     config = getattr(model, "config", None)
     first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None

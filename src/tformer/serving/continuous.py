@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tformer.hf import TformerForConditionalGeneration
 from tformer.serving.batcher import BatcherStopped, BatchResult
 from tformer.serving.batching import STOP, Call, DynamicBatcher, Job, settle
 from tformer.serving.slot_cache import SlotCache, concat_encoded
@@ -60,8 +61,6 @@ def supports_continuous(seq2seq) -> bool:
     """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives),
     with or without copy attention, whose generation config asks for nothing but plain greedy
     search."""
-    from tformer.hf import TformerForConditionalGeneration
-
     model = getattr(seq2seq, "model", None)
     if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
             model, TformerForConditionalGeneration):

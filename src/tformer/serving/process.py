@@ -52,8 +52,10 @@ from typing import Any
 
 import torch
 
+import tformer
 from tformer.serving.batcher import BatcherStopped, QueueFull, WorkerDown, settle_future
 from tformer.serving.batching import DynamicBatcher
+from tformer.serving.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ class ProcessBatcher:
 
     def __init__(self, seq2seq, *, kind: str, max_batch_size: int, max_wait_ms: float,
                  max_queue: int) -> None:
-        from tformer.serving.continuous import ContinuousBatcher
-
         cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
         # Built here too (a model the batcher cannot drive fails now, in this process, with the
         # batcher's own message). Never started: a continuous one encodes the texts here.
@@ -311,8 +311,6 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     inherited, and no caller's ``__main__`` is re-imported, as multiprocessing's spawn would
     do), talking over one end of a socket pair. The directory this package was imported from
     is appended to the child's path, a fallback for a checkout that is not installed."""
-    import tformer
-
     ours, theirs = socket.socketpair()
     root = str(Path(tformer.__file__).resolve().parents[1])
     code = (f"import sys; sys.path.append({root!r}); "
@@ -343,8 +341,6 @@ def _picklable(error: BaseException) -> BaseException:
 def _child(conn: Connection) -> None:
     """The child's main: its batcher's worker thread decodes; this thread runs an event loop
     that turns pipe messages into ``submit()`` calls and settled futures into answers."""
-    from tformer.serving.continuous import ContinuousBatcher
-
     try:
         seq2seq, options = _get(conn)
         kind = options.pop("kind")
