@@ -18,6 +18,8 @@ from tformer.hf import TformerConfig, TformerForCausalLM
 from tformer.model import config_for
 from tformer.tokenization import train_tokenizer
 
+from .test_hf_causal import GENERATION_MODES
+
 V = 60
 TOLERANCE = 1e-5
 
@@ -80,14 +82,6 @@ def test_weights_copied_both_ways_give_the_same_logits(name):
     assert max_difference(built, exported) < TOLERANCE
     if name == "llama":
         assert exported.config.num_key_value_heads == 2 < exported.config.num_attention_heads
-
-
-GENERATION_MODES = {
-    "greedy": dict(do_sample=False),
-    "beam": dict(num_beams=3, no_repeat_ngram_size=2),
-    "sample": dict(do_sample=True, temperature=0.8, top_k=25, top_p=0.9),
-    "penalty": dict(do_sample=False, repetition_penalty=1.5),
-}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -217,6 +217,30 @@ class TformerPreTrainedModel(PreTrainedModel):
     # stacks (tformer.model.transformer._Stack), which then checkpoint each layer
     supports_gradient_checkpointing = True
 
+    #: The family of the concrete class: decoder-only (n_encoder_layers == 0) or encoder-decoder.
+    decoder_only: bool
+
+    def __init__(self, config: TformerConfig) -> None:
+        super().__init__(config)
+        if (config.n_encoder_layers == 0) != self.decoder_only:
+            wanted, other = (("decoder-only", "TformerForConditionalGeneration")
+                             if self.decoder_only else ("encoder-decoder", "TformerForCausalLM"))
+            raise ValueError(f"{type(self).__name__} is the {wanted} model: this config has "
+                             f"n_encoder_layers={config.n_encoder_layers}; use {other}")
+        self.model = build_transformer(config.transformer_config())
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.model.lm_head  # None when tied to the input embedding
+
+    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
+        self.model.lm_head = value
+
+    def _follow_vocabulary(self, embeddings: torch.nn.Embedding) -> None:
+        """The torch model's config takes the new input embedding's vocabulary size."""
+        self.model.config = dataclasses.replace(self.model.config,
+                                                vocab_size=embeddings.num_embeddings)
+
     def _init_weights(self, module) -> None:
         # build_transformer() already initialised every weight (tformer.model.init_weights);
         # from_pretrained overwrites them with the checkpoint.
@@ -247,13 +271,6 @@ class TformerPreTrainedModel(PreTrainedModel):
             prepared.max_new_tokens = None
         return prepared, model_kwargs
 
-    def _check_family(self, config: TformerConfig, decoder_only: bool) -> None:
-        if (config.n_encoder_layers == 0) != decoder_only:
-            wanted, other = (("decoder-only", "TformerForConditionalGeneration") if decoder_only
-                             else ("encoder-decoder", "TformerForCausalLM"))
-            raise ValueError(f"{type(self).__name__} is the {wanted} model: this config has "
-                             f"n_encoder_layers={config.n_encoder_layers}; use {other}")
-
 
 class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
     """The own Transformer behind the Hugging Face seq2seq interface.
@@ -268,11 +285,7 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"model.tgt_embed.token.weight": "model.src_embed.token.weight"}
 
-    def __init__(self, config: TformerConfig) -> None:
-        super().__init__(config)
-        self._check_family(config, decoder_only=False)
-        self.model = build_transformer(config.transformer_config())
-        self.post_init()
+    decoder_only = False
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.src_embed.token
@@ -281,14 +294,7 @@ class TformerForConditionalGeneration(TformerPreTrainedModel, GenerationMixin):
         self.model.src_embed.token = value
         if self.config.tie_embeddings:
             self.model.tgt_embed.token = value
-        self.model.config = dataclasses.replace(self.model.config,
-                                                vocab_size=value.num_embeddings)
-
-    def get_output_embeddings(self):
-        return self.model.lm_head  # None when tied to the input embedding
-
-    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
-        self.model.lm_head = value
+        self._follow_vocabulary(value)
 
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None,
                                  mean_resizing=True):
@@ -380,25 +386,14 @@ class TformerForCausalLM(TformerPreTrainedModel, GenerationMixin):
     ``document_ids`` (B, T): packed rows, each token attending only to its own document.
     """
 
-    def __init__(self, config: TformerConfig) -> None:
-        super().__init__(config)
-        self._check_family(config, decoder_only=True)
-        self.model = build_transformer(config.transformer_config())
-        self.post_init()
+    decoder_only = True
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed.token
 
     def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
         self.model.embed.token = value
-        self.model.config = dataclasses.replace(self.model.config,
-                                                vocab_size=value.num_embeddings)
-
-    def get_output_embeddings(self):
-        return self.model.lm_head  # None when tied to the input embedding
-
-    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
-        self.model.lm_head = value
+        self._follow_vocabulary(value)
 
     def forward(
         self,
