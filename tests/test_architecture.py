@@ -25,7 +25,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("tformer",),  # the package root, tformer/__init__.py: the public API (tformer.load, ...)
     ("engines",),  # checkpoint → engine (torch | CTranslate2): tformer.load
-    ("generation", "ct2"),
+    # CTranslate2's engine continues a decoder-only model's prompts through generation's
+    # continue_prompts (one windowing and decoding for both engines)
+    ("ct2",),
+    ("generation",),
     ("loading",),  # checkpoint → model, tokenizer: the one loader
     ("tokenization", "data"),
     ("lora", "hub", "weights", "metrics", "convert"),
