@@ -237,8 +237,6 @@ class CT2Generator(_CT2Engine):
         engine's); ``early_stopping`` is accepted for the same interface (see CT2Seq2Seq)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_text is not None and num_beams > 1:
-            raise ValueError("streaming (on_text) needs num_beams=1, as generate()'s streamer")
         options = dict(search_options(
             num_beams=num_beams, length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
@@ -258,30 +256,25 @@ class CT2Generator(_CT2Engine):
         stopped), by ``generate_batch`` (`tformer.generation.ContinueIds`); ``options``: its
         keyword arguments (default: greedy, ending at the checkpoint's end tokens).
 
-        ``generate_batch`` feeds the prompts' first m tokens at once (m the shortest prompt's
-        length) and forces the rest of each longer prompt in its decoding loop, counting them
-        in ``max_length`` and returning them: a prompt k tokens longer than the shortest gets
-        ``count + k`` steps and its first k returned tokens are its own. The shorter prompts'
-        extra steps are cut off, which leaves greedy and sampled tokens as they were (each row
-        at its own positions, no padding); a beam search, whose winner depends on where it
-        must stop, runs prompts of each length in a call of their own instead."""
+        Prompts of different lengths go in one call, unpadded: ``generate_batch`` feeds the
+        first m - 1 tokens of every prompt at once (m the shortest prompt's length), forces the
+        rest of each longer prompt in its decoding loop, and returns up to ``max_length`` new
+        tokens per row. Where the shortest prompt has a single token (nothing fed at once) it
+        returns the forced tokens as well and counts them in ``max_length``, so one-token
+        prompts get a call of their own."""
         options = options if options is not None else dict(beam_size=1, **self.end_tokens())
-        beam = options.get("beam_size", 1) > 1
-        groups: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            groups.setdefault(len(prompt) if beam else 0, []).append(i)
         new: list[list[int]] = [[] for _ in prompts]
-        for rows in groups.values():
-            for i, ids in zip(rows, self._generate_batch([prompts[i] for i in rows], count,
-                                                         streamer, options)):
-                new[i] = ids
+        for one_token in (True, False):
+            rows = [i for i, p in enumerate(prompts) if (len(p) == 1) == one_token]
+            if rows:
+                calls = self._generate_batch([prompts[i] for i in rows], count, streamer, options)
+                for i, ids in zip(rows, calls):
+                    new[i] = ids
         return new
 
     def _generate_batch(self, prompts: list[list[int]], count: int, streamer: Any,
                         options: dict[str, Any]) -> list[list[int]]:
         """One ``generate_batch`` call (see :meth:`continue_ids`)."""
-        shortest = min(len(p) for p in prompts)
-        longest = max(len(p) for p in prompts)
         callback = None
         if streamer is not None:  # one prompt (continue_prompts streams batches of one)
             streamer.put(torch.tensor(prompts[0]))  # the prompt: skipped, as generate() does
@@ -291,13 +284,11 @@ class CT2Generator(_CT2Engine):
                 return False  # go on
 
         results = self.generator.generate_batch(
-            [self.tokenizer.convert_ids_to_tokens(p) for p in prompts],
-            max_length=count + longest - shortest, include_prompt_in_result=False,
-            return_end_token=True, callback=callback, **options)
+            [self.tokenizer.convert_ids_to_tokens(p) for p in prompts], max_length=count,
+            include_prompt_in_result=False, return_end_token=True, callback=callback, **options)
         if streamer is not None:
             streamer.end()
-        return [r.sequences_ids[0][len(p) - shortest:][:count]
-                for p, r in zip(prompts, results)]
+        return [r.sequences_ids[0] for r in results]
 
 
 def _device(device: str | None) -> tuple[str, int]:
