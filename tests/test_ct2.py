@@ -218,6 +218,10 @@ VARIANTS = {
     "learned positions": dict(positional="learned", max_positions=64),
     "untied, unscaled, eps 1e-3, pre-norm": dict(tie_embeddings=False, scale_embeddings=False,
                                                   layer_norm_eps=1e-3, norm_first=True),
+    "Llama's blocks: RMSNorm, RoPE, SwiGLU, no bias, GQA": dict(
+        norm="rmsnorm", norm_first=True, positional="rope", activation="silu", gated_ffn=True,
+        bias=False, n_kv_heads=2, rope_theta=500.0, scale_embeddings=False),
+    "GPT-2's GELU (tanh), multi-query attention": dict(activation="gelu_tanh", n_kv_heads=1),
 }
 
 
@@ -275,7 +279,11 @@ def test_unsupported_inputs_are_refused_naming_them(copy_run, copy_export, tmp_p
 
     with pytest.raises(NotExportableError, match="TransformerConfig.rotary"):
         check_exportable(FutureConfig(vocab_size=100))
+    with pytest.raises(NotExportableError, match="copy_attention=True: CTranslate2"):
+        check_exportable(TransformerConfig(vocab_size=100, copy_attention=True))
     check_exportable(TransformerConfig(vocab_size=100, gated_ffn=True, positional="learned"))
+    check_exportable(TransformerConfig(vocab_size=100, n_encoder_layers=0, norm="rmsnorm",
+                                       positional="rope", bias=False, n_kv_heads=2))
 
     with pytest.raises(ValueError, match="quantization must be one of"):
         ct2.export(copy_run["checkpoint"], tmp_path / "x", quantization="int4")
