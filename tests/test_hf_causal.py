@@ -130,6 +130,28 @@ def test_cached_generate_feeds_one_new_token_per_step():
     assert seen == [5, 1, 1, 1]  # the prompt once, then one new token per step
 
 
+def test_generate_projects_only_the_last_position():
+    """generate() passes logits_to_keep=1, as to Hugging Face's own models: the prompt's other
+    positions are never projected onto the vocabulary, and the kept logits are the full ones'
+    (to rounding: a matmul of another shape)."""
+    model = causal_lm()
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert last.shape == (2, 1, V)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    rows = []
+    hook = model.model.register_forward_hook(lambda m, a, o: rows.append(o.logits.shape[1]))
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3)
+    finally:
+        hook.remove()
+    assert rows == [1, 1, 1]
+    with pytest.raises(ValueError, match="logits_to_keep=0"):
+        model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
 def test_labels_are_shifted_once_and_give_plain_cross_entropy():
     model = causal_lm().train()
     ids, mask = left_padded([6, 4])

@@ -408,20 +408,26 @@ class TformerForCausalLM(TformerPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: DynamicCache | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids`` (B, T), only the new positions when a cache holds the earlier ones;
         ``attention_mask`` (B, T_past + T), 1 = token, 0 = padding (left padding works: the
         positions count real tokens); ``cache`` or ``past_key_values``: a ``DynamicCache``
-        (``generate()`` passes it)."""
+        (``generate()`` passes it); ``logits_to_keep`` K > 0: logits of the last K positions
+        only (``generate()`` passes 1, as to Hugging Face's own models, and then projects
+        one position of the prompt instead of all of them: see
+        ``DecoderOnlyTransformer.forward``)."""
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training and document_ids is None:
             cache = DynamicCache()
         view = _HFCacheView(cache) if (use_cache and cache is not None) else None
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: logits_to_keep=0")
         out = self.model(input_ids, attention_mask, position_ids, document_ids, view,
                          need_weights=bool(output_attentions),
-                         need_hidden=bool(output_hidden_states))
+                         need_hidden=bool(output_hidden_states), logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:  # position t predicts token t + 1
             loss = compute_loss(out.logits[:, :-1], labels[:, 1:])

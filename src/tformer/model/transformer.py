@@ -53,7 +53,7 @@ class Seq2SeqOutput(NamedTuple):
 
 
 class DecoderOnlyOutput(NamedTuple):
-    logits: Tensor  # (B, T, V)
+    logits: Tensor  # (B, T, V); (B, K, V) for the last K positions with logits_to_keep=K
     hidden: Tensor  # (B, T, D), after the final norm
     attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, T_past + T)
     hidden_states: tuple[Tensor, ...] | None  # N + 1 tensors (B, T, D), as the encoder's
@@ -297,7 +297,7 @@ class DecoderOnlyTransformer(nn.Module):
     def forward(
         self, ids: Tensor, attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None, document_ids: Tensor | None = None, cache=None,
-        need_weights: bool = False, need_hidden: bool = False,
+        need_weights: bool = False, need_hidden: bool = False, logits_to_keep: int = 0,
     ) -> DecoderOnlyOutput:
         """Next-token logits (B, T, V) for ``ids`` (B, T).
 
@@ -307,7 +307,11 @@ class DecoderOnlyTransformer(nn.Module):
         :func:`default_positions`. ``document_ids`` (B, T), packed training (no cache): a token
         attends only to earlier tokens of its own document. ``need_weights`` /
         ``need_hidden``: also return the attention maps / the embedding output and each
-        layer's.
+        layer's. ``logits_to_keep`` K > 0: project only the last K positions (B, K, V), as
+        Hugging Face's models do in ``generate()``, which reads the last position's logits
+        alone: a prompt's other T - 1 rows of (T, V) logits would cost T × D × V
+        multiply-adds (with GPT-2's V = 50,257, more than the whole stack for a 300-token prompt
+        of a 6-layer, D 384 model).
         """
         past = cache.seq_length() if cache is not None else 0
         t = ids.size(1)
@@ -325,7 +329,8 @@ class DecoderOnlyTransformer(nn.Module):
         mask = decoder_self_mask(keep, document_ids, t, past + t)  # (B, 1, T, past + T) or None
         dec = self.decoder(x, None, None, cache, need_weights, mask, need_hidden,
                            rotary(self.config, position_ids))
-        return DecoderOnlyOutput(self.project(dec.hidden), dec.hidden, dec.self_attentions,
+        kept = dec.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else dec.hidden
+        return DecoderOnlyOutput(self.project(kept), dec.hidden, dec.self_attentions,
                                  dec.hidden_states)
 
 
