@@ -2,7 +2,8 @@
 ``GPT2LMHeadModel`` with the same weights, sampling at batch 1 and 16, in one run.
 
     .venv/bin/python bench/generate_causal.py                 # both shapes, 3 rounds
-    .venv/bin/python bench/generate_causal.py --quick         # fewer prompts, < 3 min
+    .venv/bin/python bench/generate_causal.py --quick         # fewer prompts, 3 rounds: 2-3 min
+    .venv/bin/python bench/generate_causal.py --quick --rounds 7  # the figures of benchmarks.md
     .venv/bin/python bench/generate_causal.py --shapes small  # nanoGPT's CPU shape only
 
 **Model.** A random ``gpt2``-preset ``TformerForCausalLM`` over a character vocabulary of 65
@@ -35,7 +36,7 @@ time of the pass, tokenization and decoding included. The two torch paths draw t
 **Alternating.** Each path runs in its own worker process (torch's and CTranslate2's thread pools
 must not share one), one at a time; each round times every path once, in rotating order, so that
 the machine's load drift hits all of them. The figure is the median over rounds, the ratio the
-median of the per-round ratios to HF GPT-2 (above 1: faster than HF).
+median of the per-round ratios to HF GPT-2 (above 1: faster than HF), printed with their range.
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def speed(workers: dict, prompts: list[str], batch_size: int, options: dict,
         ratios = [a / h for a, h in zip(rates[name], rates["HF GPT-2"])]
         same = sum(a == b for a, b in zip(outputs[name], outputs["HF GPT-2"]))
         result[name] = {"tokens_per_s": statistics.median(rates[name]),
-                        "ratio": statistics.median(ratios), "tokens": tokens[name],
-                        "same_as_hf": same}
+                        "ratio": statistics.median(ratios), "ratios": ratios,
+                        "tokens": tokens[name], "same_as_hf": same}
     return result
 
 
@@ -169,14 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=1, help="torch = CTranslate2 threads")
-    parser.add_argument("--rounds", type=int, default=5, help="timed passes per path")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed passes per path (default 5, 3 with --quick)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--quick", action="store_true",
-                        help="8 prompts at batch 1, 16 at batch 16, 3 rounds")
+                        help="8 prompts at batch 1, 16 at batch 16 (32 and 64 without)")
     parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     counts = {1: 8, 16: 16} if args.quick else {1: 32, 16: 64}
-    rounds = 3 if args.quick else args.rounds
+    rounds = args.rounds or (3 if args.quick else 5)
 
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
           f"T 0.8, max_new_tokens {args.max_new_tokens}; load average at start "
           f"{os.getloadavg()[0]:.2f}")
     header = (f"{'shape':6} {'batch':>5} {'path':12} {'tokens/s':>9} {'vs HF GPT-2':>11} "
-              f"{'new tokens':>10} {'same as HF':>10}")
+              f"{'(rounds)':>13} {'new tokens':>10} {'same as HF':>10}")
     print(header)
     print("-" * len(header))
     figures: dict = {}
@@ -209,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
                 result = speed(workers, prompts_of(n), batch_size, options, rounds)
                 figures[f"{shape}, batch {batch_size}"] = result
                 for name, r in result.items():
+                    spread = f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}"
                     print(f"{shape:6} {batch_size:>5} {name:12} {r['tokens_per_s']:>9.0f} "
-                          f"{r['ratio']:>10.2f}x {r['tokens']:>10} {r['same_as_hf']:>6}/{n}")
+                          f"{r['ratio']:>10.2f}x {spread:>13} {r['tokens']:>10} "
+                          f"{r['same_as_hf']:>6}/{n}")
             for name in PATHS:
                 workers[name].send(None)
             for process in processes:
