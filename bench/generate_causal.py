@@ -33,10 +33,11 @@ end early at the end-of-text token, so the count is what was produced, not the b
 time of the pass, tokenization and decoding included. The two torch paths draw the same samples
 (same logits, same seed: "same as HF" counts identical outputs), so they do the same work.
 
-**Alternating.** Each path runs in its own worker process (torch's and CTranslate2's thread pools
-must not share one), one at a time; each round times every path once, in rotating order, so that
-the machine's load drift hits all of them. The figure is the median over rounds, the ratio the
-median of the per-round ratios to HF GPT-2 (above 1: faster than HF), printed with their range.
+**Alternating.** Each path runs in its own worker process (``worker_pool.py``: torch's and
+CTranslate2's thread pools must not share one), one at a time; each round times every path
+once, in rotating order, so that the machine's load drift hits all of them. The figure is the
+median over rounds, the ratio the median of the per-round ratios to HF GPT-2 (above 1: faster
+than HF), printed with their range.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import random
 import statistics
@@ -58,6 +58,7 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2LMHeadModel
+from worker_pool import WorkerPool, rotations
 
 import tformer
 from tformer import ct2
@@ -132,19 +133,15 @@ def worker(conn, name: str, model_dir: str, threads: int) -> None:
         conn.send((seconds, out, new))
 
 
-def speed(workers: dict, prompts: list[str], batch_size: int, options: dict,
+def speed(workers: WorkerPool, prompts: list[str], batch_size: int, options: dict,
           rounds: int) -> dict[str, dict]:
-    times: dict[str, list[float]] = {name: [] for name in PATHS}
     rates: dict[str, list[float]] = {name: [] for name in PATHS}
     outputs: dict[str, list[str]] = {}
     tokens: dict[str, int] = {}
-    for r in range(rounds):
-        order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]  # rotate who goes first
-        for name in order:
-            workers[name].send((prompts, batch_size, options, 1000 + r))
-            seconds, outputs[name], tokens[name] = workers[name].recv()
-            times[name].append(seconds)
-            rates[name].append(tokens[name] / seconds)
+    for r, name in rotations(PATHS, rounds):
+        seconds, outputs[name], tokens[name] = workers.run(
+            name, (prompts, batch_size, options, 1000 + r))
+        rates[name].append(tokens[name] / seconds)
     result = {}
     for name in PATHS:
         ratios = [a / h for a, h in zip(rates[name], rates["HF GPT-2"])]
@@ -194,19 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     figures: dict = {}
-    context = multiprocessing.get_context("spawn")
     for shape in args.shapes:
         with tempfile.TemporaryDirectory(prefix="generate-causal-") as tmp:
             dirs = build_models(shape, Path(tmp))
-            workers, processes = {}, []
-            for name in PATHS:
-                here, there = context.Pipe()
-                process = context.Process(target=worker, args=(there, name, dirs[name],
-                                                               args.threads), daemon=True)
-                process.start()
-                workers[name], processes = here, [*processes, process]
-            for name in PATHS:
-                assert workers[name].recv() == "ready", name
+            workers = WorkerPool(worker, {name: dirs[name] for name in PATHS}, args.threads)
             for batch_size, n in counts.items():
                 result = speed(workers, prompts_of(n), batch_size, options, rounds)
                 figures[f"{shape}, batch {batch_size}"] = result
@@ -215,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{shape:6} {batch_size:>5} {name:12} {r['tokens_per_s']:>9.0f} "
                           f"{r['ratio']:>10.2f}x {spread:>13} {r['tokens']:>10} "
                           f"{r['same_as_hf']:>6}/{n}")
-            for name in PATHS:
-                workers[name].send(None)
-            for process in processes:
-                process.join()
+            workers.close()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     goal = {key: round(r["tformer"]["ratio"], 2) for key, r in figures.items()}
     print(f"goal: tformer >= 1x HF GPT-2 generate(): {goal}")
