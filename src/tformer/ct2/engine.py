@@ -86,11 +86,14 @@ class _CT2Engine:
         return {"end_token": self.tokenizer.convert_ids_to_tokens(list(eos))} if eos else {}
 
 
-def search_options(*, num_beams: int, length_penalty: float, no_repeat_ngram_size: int,
-                   do_sample: bool, temperature: float, top_k: int,
-                   top_p: float) -> dict[str, Any]:
+def search_options(*, num_beams: int = 1, length_penalty: float = 1.0,
+                   no_repeat_ngram_size: int = 0, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> dict[str, Any]:
     """The keyword arguments of ``translate_batch`` and ``generate_batch`` (the same names in
-    both) for these ``generate()`` options: beam size, length penalty, n-gram ban, sampling."""
+    both) for the search options of ``generate()``: beam size, length penalty, n-gram ban,
+    sampling (the defaults are :func:`tformer.generation.generate_texts`'). Both engines take
+    these options as ``**search`` and pass them here, so that a misspelt one is a TypeError."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     options: dict[str, Any] = dict(beam_size=num_beams, length_penalty=length_penalty,
@@ -112,35 +115,18 @@ class CT2Seq2Seq(_CT2Engine):
         super().__init__(tokenizer, settings, path)
         self.translator = translator
 
-    def generate_texts(
-        self,
-        texts: Sequence[str],
-        *,
-        max_new_tokens: int,
-        batch_size: int = 32,
-        max_source_length: int | None = None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | None = None,
-        no_repeat_ngram_size: int = 0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        progress: bool = False,
-    ) -> list[str]:
+    def generate_texts(self, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32,
+                       max_source_length: int | None = None, early_stopping: bool | None = None,
+                       progress: bool = False, **search: Any) -> list[str]:
         """One output per text, in input order: :func:`tformer.generation.generate_texts`
-        through CTranslate2. ``early_stopping`` is accepted for the same interface; CTranslate2's
-        beam search always stops as ``generate(early_stopping=True)`` does."""
+        through CTranslate2; ``search``: the beam and sampling options (:func:`search_options`).
+        ``early_stopping`` is accepted for the same interface; CTranslate2's beam search always
+        stops as ``generate(early_stopping=True)`` does."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = self.translate_options(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-        )
+        options = self.translate_options(max_new_tokens=max_new_tokens, **search)
         limit = self._source_limit(max_source_length)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         outputs: list[str] = [""] * len(texts)
@@ -161,9 +147,7 @@ class CT2Seq2Seq(_CT2Engine):
                 outputs[i] = self.decode(result.hypotheses[0])
         return outputs
 
-    def translate_options(self, *, max_new_tokens: int, num_beams: int, length_penalty: float,
-                          no_repeat_ngram_size: int, do_sample: bool, temperature: float,
-                          top_k: int, top_p: float) -> dict[str, Any]:
+    def translate_options(self, *, max_new_tokens: int, **search: Any) -> dict[str, Any]:
         """``translate_batch`` keyword arguments for these ``generate()`` options."""
         s = self.settings
         length = max_new_tokens
@@ -174,13 +158,9 @@ class CT2Seq2Seq(_CT2Engine):
             length = min(length, s["max_positions"] - 1)
         # HF min_length counts the decoder start token; translate_batch counts outputs only.
         min_length = max(0, int(s.get("min_length") or 0) - 1)
-        return dict(
-            search_options(num_beams=num_beams, length_penalty=length_penalty,
-                           no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p),
-            max_decoding_length=length, min_decoding_length=min(min_length, length),
-            max_input_length=0, **self.end_tokens(),
-        )
+        return dict(search_options(**search), max_decoding_length=length,
+                    min_decoding_length=min(min_length, length), max_input_length=0,
+                    **self.end_tokens())
 
     def decode(self, tokens: list[str]) -> str:
         """Output token strings to text, as ``batch_decode(skip_special_tokens=True)``."""
@@ -212,35 +192,19 @@ class CT2Generator(_CT2Engine):
         super().__init__(tokenizer, settings, path)
         self.generator = generator
 
-    def generate_texts(
-        self,
-        texts: Sequence[str],
-        *,
-        max_new_tokens: int,
-        batch_size: int = 32,
-        max_source_length: int | None = None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | None = None,
-        no_repeat_ngram_size: int = 0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        progress: bool = False,
-        report: dict | None = None,
-        on_text: Callable[[str], None] | None = None,
-    ) -> list[str]:
+    def generate_texts(self, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 32,
+                       max_source_length: int | None = None, early_stopping: bool | None = None,
+                       progress: bool = False, report: dict | None = None,
+                       on_text: Callable[[str], None] | None = None,
+                       **search: Any) -> list[str]:
         """The continuation of each prompt, in input order: ``Seq2Seq.generate`` of a
-        decoder-only model (:func:`tformer.generation.continue_texts`) through CTranslate2.
+        decoder-only model (:func:`tformer.generation.continue_texts`) through CTranslate2;
+        ``search``: the beam and sampling options (:func:`search_options`).
         ``max_source_length`` is the context (default: the checkpoint's, as the torch
         engine's); ``early_stopping`` is accepted for the same interface (see CT2Seq2Seq)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = dict(search_options(
-            num_beams=num_beams, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p), **self.end_tokens())
+        options = dict(search_options(**search), **self.end_tokens())
 
         def continue_ids(prompts: list[list[int]], count: int, streamer) -> list[list[int]]:
             return self.continue_ids(prompts, count, streamer, options)
