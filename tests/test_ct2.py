@@ -20,7 +20,7 @@ from tformer.ct2.own_spec import NotExportableError, check_exportable  # noqa: E
 from tformer.metrics import chrf  # noqa: E402
 from tformer.model import TransformerConfig  # noqa: E402
 
-from .conftest import build_tiny_t5, tiny_overrides  # noqa: E402
+from .conftest import build_tiny_t5, save_scaled, tiny_overrides  # noqa: E402
 from .synthetic import captions, tokenizer_corpus  # noqa: E402
 
 # Beam search is compared with early_stopping=True: CTranslate2 stops once num_beams
@@ -120,13 +120,7 @@ def random_own_model(directory: Path, tokenizer, **options) -> Path:
     torch.manual_seed(0)
     config = TformerConfig(vocab_size=len(tokenizer), d_model=32, n_heads=4, n_encoder_layers=2,
                            n_decoder_layers=3, d_ff=64, **options)
-    model = TformerForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_scaled(TformerForConditionalGeneration(config), tokenizer, directory)
 
 
 @pytest.fixture(scope="module")

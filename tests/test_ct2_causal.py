@@ -17,6 +17,7 @@ from tformer import ct2  # noqa: E402
 from tformer.ct2.engine import CT2Generator  # noqa: E402
 from tformer.generation import Seq2Seq  # noqa: E402
 
+from .conftest import save_scaled  # noqa: E402
 from .synthetic import captions  # noqa: E402
 
 PRESETS = ("gpt2", "llama")
@@ -42,13 +43,8 @@ def causal_checkpoint(directory: Path, tokenizer, preset: str) -> Path:
 
     torch.manual_seed(0)
     core = config_for("tiny", len(tokenizer), preset, dropout=0.0, max_positions=CONTEXT)
-    model = TformerForCausalLM(TformerConfig.from_transformer_config(core))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_scaled(TformerForCausalLM(TformerConfig.from_transformer_config(core)), tokenizer,
+                       directory)
 
 
 @pytest.fixture(scope="module", params=PRESETS)
