@@ -43,6 +43,7 @@ from tformer.training.distributed import (
     full_model,
     load_sharded_state,
     save_sharded_state,
+    setup_deepspeed,
     shards_state,
 )
 from tformer.training.log import MetricsLogger, Window
@@ -101,13 +102,16 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Trai
         raise ValueError("--resume continues the run in train.output_dir and --overwrite deletes "
                          "it: give one of them")
     t = config.train
+    precision = resolve_precision(t.precision, config)
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(t.precision, config),
+        mixed_precision=precision,
         gradient_accumulation_steps=t.grad_accum,
         # Without cpu=True, accelerate 1.15 ignores torchrun's WORLD_SIZE on a CPU-only
-        # machine and every process trains alone (measured); with it, DDP over gloo.
+        # machine and every process trains alone (measured); with it, DDP over gloo (or
+        # DeepSpeed on that group, which setup_deepspeed enters).
         cpu=not torch.cuda.is_available(),
     )
+    setup_deepspeed(accelerator, precision, t.grad_accum, t.clip_grad_norm)
     lock = claim_run_dir(Path(t.output_dir), resume, overwrite, accelerator)
     try:
         return _train(config, resume, accelerator)
@@ -185,6 +189,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
                     loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.clip_grad_norm:
+                        # under DeepSpeed this only reads the norm: its engine clipped already
                         window.add_grad_norm(
                             accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
                     optimizer.step()
