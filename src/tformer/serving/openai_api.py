@@ -207,7 +207,6 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(400, "invalid_request", "give max_tokens or max_completion_tokens, "
                            "not both", param="max_completion_tokens")
-        limits.check_texts([m.text() for m in body.messages], settings, "messages")
         try:
             prompt = counter.chat_prompt([{"role": m.role, "content": m.text()}
                                           for m in body.messages])
@@ -217,7 +216,7 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
         maximum, param = ((body.max_completion_tokens, "max_completion_tokens")
                           if body.max_completion_tokens is not None else (body.max_tokens,
                                                                           "max_tokens"))
-        plan = make_plan([prompt], body, maximum, param, "messages")
+        plan = make_plan([prompt], body, maximum, param, "messages")  # limits: the prompt
         return await respond(plan, request, Render(chat=True, model=name))
 
     def check_model(asked: str | None) -> None:

@@ -56,7 +56,8 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     rank = torch.arange(scores.size(-1), device=scores.device)[None, :]
     drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
     ordered = ordered.masked_fill(drop, float("-inf"))
-    before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the larger ones
+    probs = ordered.softmax(-1)
+    before = probs.cumsum(-1) - probs  # the mass of the larger ones
     drop = (before >= top_p[:, None]) & (rank > 0)
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
