@@ -313,7 +313,9 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
         for row, output in zip(rows, result.outputs):
             row.finish(output)
         texts = [row.sent for row in rows]
-        counts = counter.count(texts, special=False)
+        cut = any(row.stopped for row in rows)  # else the batcher's own counts are the texts'
+        counts = (result.output_tokens if result.output_tokens is not None and not cut
+                  else counter.count(texts, special=False))
         reasons = [finish_reason(row, result, i, plan.options["max_new_tokens"])
                    for i, row in enumerate(rows)]
         return texts, reasons, Usage(prompt_tokens=plan.prompt_tokens,
