@@ -324,9 +324,12 @@ def test_continuous_batching_stop_finishes_the_rows_in_flight(seq2seq, texts):
     assert not batcher.healthy
 
 
-def test_sampling_filters_equal_hugging_faces_warpers():
+@pytest.mark.parametrize("scale", [10.0, 0.3], ids=["peaked", "flat"])
+def test_sampling_filters_equal_hugging_faces_warpers(scale):
     """`filter_logits` (per row: temperature, top-k, top-p, in one batched pass) against
-    transformers' own logits warpers applied row by row, in generate()'s order."""
+    transformers' own logits warpers applied row by row, in generate()'s order: with peaked
+    logits (every row's kept tokens among the first candidates) and flat ones (nuclei wider
+    than the candidates, and a top-k larger: those rows sort their whole vocabulary)."""
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,
@@ -336,10 +339,11 @@ def test_sampling_filters_equal_hugging_faces_warpers():
     from tformer.serving.sampling import filter_logits
 
     torch.manual_seed(0)
-    logits = torch.randn(5, 64) * 3
-    settings = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6), (2.0, 1, 0.3)]
+    settings = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6), (2.0, 1, 0.3),
+                (1.0, 100, 1.0), (0.9, 200, 0.95)]
+    logits = torch.randn(len(settings), 500) * scale
     ours = filter_logits(logits, *(torch.tensor(column) for column in zip(*settings)))
-    for row, (temperature, top_k, top_p) in zip(range(5), settings):
+    for row, (temperature, top_k, top_p) in enumerate(settings):
         theirs = TemperatureLogitsWarper(temperature)(None, logits[row: row + 1].clone())
         if top_k:
             theirs = TopKLogitsWarper(top_k)(None, theirs)

@@ -46,29 +46,63 @@ def row_sampler(options: dict, row: int, device: torch.device) -> RowSampler | N
                       float(options.get("top_p", 1.0)), generator)
 
 
+#: Candidates a row's top-k / top-p is looked for among before sorting the whole vocabulary:
+#: sorting (16, 2,000) logits took 3.0 ms on one CPU thread, their 64 largest 0.09 ms.
+CANDIDATES = 64
+
+
 def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Logits (k, V) with what each row may not sample set to -inf: divided by the row's
     temperature (k,), then outside its ``top_k`` (k,; 0 = off) largest, then outside the
-    smallest set of largest whose probability reaches ``top_p`` (k,; 1.0 = off). The largest
-    logit always stays (as ``generate()``'s ``min_tokens_to_keep=1``)."""
-    scores = logits.float() / temperature[:, None]
-    ordered, order = scores.sort(dim=-1, descending=True)  # (k, V)
-    rank = torch.arange(scores.size(-1), device=scores.device)[None, :]
-    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    probs = ordered.softmax(-1)
+    smallest set of largest whose probability (after top-k) reaches ``top_p`` (k,; 1.0 = off).
+    The largest logit always stays (as ``generate()``'s ``min_tokens_to_keep=1``).
+
+    The kept tokens are looked for among the `CANDIDATES` largest of each row; only a row that
+    needs more (a larger top-k, or a nucleus wider than them) has its whole vocabulary sorted."""
+    scores = logits.float() / temperature[:, None]  # (k, V)
+    limited = (top_k > 0) | (top_p < 1.0)
+    if not bool(limited.any()):
+        return scores
+    ordered, order = scores.topk(min(scores.size(-1), CANDIDATES), dim=-1)  # (k, C), descending
+    kept, enough = _nucleus(scores, ordered, top_k, top_p)
+    filtered = torch.full_like(scores, float("-inf")).scatter(-1, order, kept)
+    wide = (limited & ~enough).nonzero()[:, 0]  # the rows that need their whole vocabulary
+    if wide.numel():
+        ordered, order = scores[wide].sort(dim=-1, descending=True)  # (w, V)
+        kept, _ = _nucleus(scores[wide], ordered, top_k[wide], top_p[wide])
+        filtered[wide] = torch.full_like(ordered, float("-inf")).scatter(-1, order, kept)
+    return torch.where(limited[:, None], filtered, scores)
+
+
+def _nucleus(scores: Tensor, ordered: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor,
+                                                                                      Tensor]:
+    """``ordered`` (k, C: each row's C largest scores, descending) with the dropped set to
+    -inf, and whether C was enough for each row (its top-k and nucleus lie within)."""
+    rank = torch.arange(ordered.size(-1), device=ordered.device)[None, :]
+    cut = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    ordered = ordered.masked_fill(cut, float("-inf"))
+    # Probabilities over what top-k kept (the whole row without top-k), as generate() does.
+    total = torch.where(top_k > 0, ordered.logsumexp(-1), scores.logsumexp(-1))
+    probs = (ordered - total[:, None]).exp()
     before = probs.cumsum(-1) - probs  # the mass of the larger ones
-    drop = (before >= top_p[:, None]) & (rank > 0)
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
+    # (top-p 1.0 is off: in float32 the mass before a far tail token can round up to 1.0)
+    nucleus = (top_p[:, None] < 1.0) & (before >= top_p[:, None]) & (rank > 0)
+    kept = ordered.masked_fill(nucleus, float("-inf"))
+    enough = (top_k <= ordered.size(-1)) & ((top_k > 0) | (probs.sum(-1) >= top_p))
+    return kept, enough
 
 
 def sample(logits: Tensor, samplers: list[RowSampler]) -> Tensor:
-    """One token per row of ``logits`` (k, V), row ``i`` drawn as ``samplers[i]`` says: (k,)."""
+    """One token per row of ``logits`` (k, V), row ``i`` drawn as ``samplers[i]`` says: (k,).
+    Each row's uniform number comes from its own generator; the token is where it falls in the
+    row's cumulative distribution (one batched search: a ``torch.multinomial`` per row cost
+    2 ms for 16 rows)."""
     device = logits.device
     temperature = torch.tensor([s.temperature for s in samplers], device=device)
     top_k = torch.tensor([s.top_k for s in samplers], device=device)
     top_p = torch.tensor([s.top_p for s in samplers], device=device)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=s.generator)
-                      for p, s in zip(probs, samplers)])
+    cdf = filter_logits(logits, temperature, top_k, top_p).softmax(-1).cumsum(-1)  # (k, V)
+    u = torch.cat([torch.rand(1, generator=s.generator, device=device) for s in samplers])
+    # right=True: a token of probability 0 (its cdf equal to the one before) is never chosen
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_max(
+        cdf.size(-1) - 1)
