@@ -219,33 +219,17 @@ class Streamed:
         return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))] if data else float("nan")
 
 
-async def drive_stream(server: Server, texts: list[str], clients: int, requests: int,
-                       max_new_tokens: int, name: str) -> Streamed:
-    """``requests`` streamed completions (greedy) from ``clients`` closed-loop clients."""
+async def closed_loop(server: Server, texts: list[str], clients: int, requests: int,
+                      one) -> tuple[float, float, float]:
+    """``requests`` calls of ``await one(session, text)`` (the texts cycled) from ``clients``
+    closed-loop clients: (seconds, CPU seconds of this process, of the server)."""
     jobs = asyncio.Queue()
     for i in range(requests):
         jobs.put_nowait(texts[i % len(texts)])
-    first, gaps, errors = [], [], 0
 
     async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
         while not jobs.empty():
-            text = jobs.get_nowait()
-            started = time.perf_counter()
-            arrivals = []
-            async with session.post("/v1/completions", json={
-                    "prompt": text, "max_tokens": max_new_tokens, "temperature": 0,
-                    "stream": True}) as r:
-                if r.status != 200:
-                    errors += 1
-                    await r.read()
-                    continue
-                async for line in r.content:
-                    if line.startswith(b"data: {") and b'"text":""' not in line:
-                        arrivals.append(time.perf_counter())
-            if arrivals:
-                first.append((arrivals[0] - started) * 1000.0)
-                gaps.extend((b - a) * 1000.0 for a, b in zip(arrivals, arrivals[1:]))
+            await one(session, jobs.get_nowait())
 
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=600)
@@ -253,9 +237,33 @@ async def drive_stream(server: Server, texts: list[str], clients: int, requests:
         started, cpu = time.perf_counter(), time.process_time()
         server_cpu = process_cpu_seconds(server.process.pid)
         await asyncio.gather(*(client(session) for _ in range(clients)))
-        seconds = time.perf_counter() - started
-        cpu, server_cpu = (time.process_time() - cpu,
-                           process_cpu_seconds(server.process.pid) - server_cpu)
+        return (time.perf_counter() - started, time.process_time() - cpu,
+                process_cpu_seconds(server.process.pid) - server_cpu)
+
+
+async def drive_stream(server: Server, texts: list[str], clients: int, requests: int,
+                       max_new_tokens: int, name: str) -> Streamed:
+    """``requests`` streamed completions (greedy) from ``clients`` closed-loop clients."""
+    first, gaps, errors = [], [], 0
+
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
+        nonlocal errors
+        started, arrivals = time.perf_counter(), []
+        async with session.post("/v1/completions", json={
+                "prompt": text, "max_tokens": max_new_tokens, "temperature": 0,
+                "stream": True}) as r:
+            if r.status != 200:
+                errors += 1
+                await r.read()
+                return
+            async for line in r.content:
+                if line.startswith(b"data: {") and b'"text":""' not in line:
+                    arrivals.append(time.perf_counter())
+        if arrivals:
+            first.append((arrivals[0] - started) * 1000.0)
+            gaps.extend((b - a) * 1000.0 for a, b in zip(arrivals, arrivals[1:]))
+
+    seconds, cpu, server_cpu = await closed_loop(server, texts, clients, requests, one)
     return Streamed(name, clients, seconds, first, gaps, errors, cpu, server_cpu)
 
 
@@ -264,36 +272,23 @@ async def drive_route(server: Server, texts: list[str], clients: int, requests: 
     """As `drive`, through /v1/completions (greedy, not streamed) when ``openai``."""
     if not openai:
         return await drive(server, texts, clients, requests, max_new_tokens, name)
-    jobs = asyncio.Queue()
-    for i in range(requests):
-        jobs.put_nowait(texts[i % len(texts)])
     latencies, outputs, errors, lengths = [], {}, 0, []
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
         nonlocal errors
-        while not jobs.empty():
-            text = jobs.get_nowait()
-            started = time.perf_counter()
-            async with session.post("/v1/completions", json={
-                    "prompt": text, "max_tokens": max_new_tokens, "temperature": 0}) as r:
-                body = await r.read()
-                if r.status != 200:
-                    errors += 1
-                    continue
-            latencies.append((time.perf_counter() - started) * 1000.0)
-            answer = json.loads(body)
-            outputs[text] = answer["choices"][0]["text"]
-            lengths.append(answer["usage"]["completion_tokens"])
+        started = time.perf_counter()
+        async with session.post("/v1/completions", json={
+                "prompt": text, "max_tokens": max_new_tokens, "temperature": 0}) as r:
+            body = await r.read()
+            if r.status != 200:
+                errors += 1
+                return
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        answer = json.loads(body)
+        outputs[text] = answer["choices"][0]["text"]
+        lengths.append(answer["usage"]["completion_tokens"])
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(server.url, connector=connector, timeout=timeout) as session:
-        started, cpu = time.perf_counter(), time.process_time()
-        server_cpu = process_cpu_seconds(server.process.pid)
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        seconds = time.perf_counter() - started
-        cpu, server_cpu = (time.process_time() - cpu,
-                           process_cpu_seconds(server.process.pid) - server_cpu)
+    seconds, cpu, server_cpu = await closed_loop(server, texts, clients, requests, one)
     # (no batch size in an OpenAI answer: nan in the table)
     return Scenario(name, clients, seconds, latencies, [float("nan")], outputs, errors, lengths,
                     cpu, server_cpu)
