@@ -256,7 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms",
              "max_queue", "max_inputs", "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
-             "default_max_new_tokens", "max_beams", "timeout_s")
+             "default_max_new_tokens", "max_beams", "timeout_s", "model_name")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
                              **{name: getattr(args, name) for name in names})
     serve(args.checkpoint, settings, device=args.device, **_engine_options(args))
@@ -275,6 +275,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
                    f"KEY or X-API-Key) on every route but /healthz; default: ${API_KEY_ENV}")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--model-name", default=None, help="the model's id on the OpenAI-compatible "
+                   "routes (GET /v1/models, the model field); default: the checkpoint "
+                   "directory's name")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--batching", choices=BATCHING, default=S.batching,
                    help="continuous: requests join the running batch at every step (greedy, "
