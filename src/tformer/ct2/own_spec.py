@@ -55,7 +55,13 @@ _EXPORTABLE = {
     "dropout", "attention_dropout", "activation", "gated_ffn", "norm_first", "positional",
     "max_positions", "scale_embeddings", "tie_embeddings", "layer_norm_eps", "pad_token_id",
     "copy_attention",  # exported only when false (checked below)
+    # exported only at the paper's values (checked below); rope_theta only matters with rope
+    "norm", "bias", "n_kv_heads", "rope_theta",
 }
+
+#: The fields exported only at one value: CTranslate2's TransformerSpec (encoder-decoder,
+#: LayerNorm with biases, multi-head attention, added positions) has no place for the others.
+_ONLY = {"norm": ("layernorm",), "bias": (True,), "positional": ("sinusoidal", "learned")}
 
 
 class NotExportableError(ValueError):
@@ -72,6 +78,16 @@ def check_exportable(config: TransformerConfig) -> None:
     if config.activation not in _ACTIVATIONS:
         problems.append(f"TransformerConfig.activation={config.activation!r} is not one of "
                         f"{sorted(_ACTIVATIONS)}")
+    for name, allowed in _ONLY.items():
+        if getattr(config, name) not in allowed:
+            problems.append(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
+                            f"exported (only {' or '.join(map(repr, allowed))})")
+    if config.n_kv_heads not in (None, config.n_heads):
+        problems.append(f"TransformerConfig.n_kv_heads={config.n_kv_heads!r}: grouped-query "
+                        "attention is not exported")
+    if config.decoder_only:
+        problems.append("TransformerConfig.n_encoder_layers=0: the decoder-only model is not "
+                        "exported to CTranslate2 (serve it with --engine torch)")
     if config.copy_attention:
         problems.append("TransformerConfig.copy_attention=True: CTranslate2's Transformer has "
                         "no pointer-generator output (serve or evaluate with --engine torch)")

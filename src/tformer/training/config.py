@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from tformer.data.sources import DATASETS
-from tformer.model import SIZES, TransformerConfig, architecture_fields, config_for
+from tformer.model import PRESETS, SIZES, TransformerConfig, architecture_fields, config_for
 from tformer.tokenization import KINDS
 
 #: The architecture fields a recipe may set: all but those the tokenizer decides.
@@ -80,11 +80,13 @@ def _check_ranges(section: str, obj) -> None:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The own Transformer as a named size plus any field of
-    :class:`tformer.model.TransformerConfig` (None = the size's value); or a pretrained
-    Hugging Face seq2seq checkpoint, fine-tuned whole or through a LoRA adapter."""
+    """The own Transformer as a named size, an optional preset (``gpt2``, ``llama``: the
+    decoder-only family) and any field of :class:`tformer.model.TransformerConfig` (None = the
+    size's or preset's value); or a pretrained Hugging Face seq2seq checkpoint, fine-tuned whole
+    or through a LoRA adapter."""
 
     size: str = "small"
+    preset: str | None = None  # a name of tformer.model.PRESETS; None = the paper's model
     pretrained: str | None = None  # Hub name or local directory of an AutoModelForSeq2SeqLM
     # LoRA (pretrained models only): rank of the adapter; None = fine-tune every weight.
     lora_r: int | None = None
@@ -102,11 +104,15 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} or null, "
+                              f"got {self.preset!r}")
         _check_ranges("model", self)
         if self.pretrained is None:
             self.transformer_config(vocab_size=1, pad_token_id=0)  # architecture errors now
         else:
-            own = [f"model.{name}" for name in self._own_fields() if getattr(self, name) is not None]
+            own = [f"model.{name}" for name in ("preset", *self._own_fields())
+                   if getattr(self, name) is not None]
             if own:
                 raise ConfigError(
                     f"{', '.join(own)} describe(s) the own Transformer; with model.pretrained "
@@ -130,7 +136,8 @@ class ModelSection:
             if getattr(self, name) is not None
         }
         try:
-            return config_for(self.size, vocab_size, pad_token_id=pad_token_id, **chosen)
+            return config_for(self.size, vocab_size, self.preset, pad_token_id=pad_token_id,
+                              **chosen)
         except ValueError as e:  # TransformerConfig names the field: say it as a recipe key
             raise ConfigError(str(e).replace("TransformerConfig.", "model.")) from e
 
