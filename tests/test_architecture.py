@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("generation", "ct2"),
     ("loading",),  # checkpoint → model, tokenizer: the one loader
     ("tokenization", "data"),
-    ("lora", "hub", "weights", "metrics"),
+    ("lora", "hub", "weights", "metrics", "convert"),
     ("hf",),
     ("model",),
 ]

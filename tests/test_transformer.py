@@ -27,6 +27,9 @@ VARIANTS = [
     {"positional": "learned"},
     {"gated_ffn": True, "activation": "gelu"},
     {"tie_embeddings": False, "scale_embeddings": False},
+    # the decoder-only family's blocks in the encoder-decoder (docs/model.md section 17)
+    {"positional": "rope", "norm": "rmsnorm", "norm_first": True, "n_kv_heads": 2,
+     "bias": False, "gated_ffn": True, "activation": "silu"},
 ]
 
 

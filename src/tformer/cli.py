@@ -133,6 +133,12 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "transformers":
+        from tformer.convert import export_transformers  # import time (module docstring)
+
+        out = export_transformers(args.checkpoint, args.output, force=args.force)
+        print(f"exported to {out}")
+        return 0
     from tformer.ct2 import export  # import time (module docstring)
 
     out = export(args.checkpoint, args.output, quantization=args.quantization, force=args.force)
@@ -370,14 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser("export", help="write a checkpoint as a CTranslate2 model directory "
-                         "(see docs/inference.md)")
+                         "(see docs/inference.md), or a decoder-only one as a plain transformers "
+                         "GPT-2 / Llama directory (docs/model.md)")
     p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
-    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
+    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2", "transformers"],
+                   help="ctranslate2 (default), or transformers: GPT2LMHeadModel / "
+                   "LlamaForCausalLM of a gpt2 / llama preset checkpoint, loadable without tformer")
     p.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
-                   help="stored weight type: int8 for CPUs, float16 / int8_float16 for GPUs "
-                   "(default float32)")
+                   help="CTranslate2's stored weight type: int8 for CPUs, float16 / int8_float16 "
+                   "for GPUs (default float32)")
     p.add_argument("--output", "-o", default=None,
-                   help="directory to write (default: ./NAME-ct2-QUANTIZATION)")
+                   help="directory to write (default: ./NAME-ct2-QUANTIZATION, "
+                   "./NAME-transformers)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_export)
 
