@@ -31,6 +31,7 @@ from tformer.training.setup import LMTrainSplit, load_texts, micro_batches
 
 from .conftest import MIRROR, needs_mirror
 from .synthetic import text_lines, write_jsonl
+from .test_training import DDP_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = "ROMEO:\nBut soft!  What light\tthrough yonder window?\n\n床前明月光，疑是地上霜。\n"
@@ -376,28 +377,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(lm_run, text_files, tmp_p
     assert_same_weights(last_weights(out), last_weights(lm_run))
 
 
-DDP_WORKER = """
-import json, os, sys
-import torch
-from tformer.training import load_config, loop, train
-
-seen = []
-real = loop.micro_batches
-def recording(*args):
-    for starts in real(*args):
-        seen.append(list(starts))
-        yield starts
-loop.micro_batches = recording
-train(load_config(None, sys.argv[2:]))
-json.dump(seen, open(os.path.join(sys.argv[1], f"batches-{os.environ['RANK']}.json"), "w"))
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_read_different_windows_and_equal_gradient_accumulation(text_files,
                                                                             tmp_path):
-    """DDP over 2 processes: each takes every other batch of the one order (different windows),
-    and without dropout the run equals one process accumulating the same two batches a step."""
+    """DDP over 2 processes: the replicas stay equal, each takes every other batch of the one
+    order (different windows), and without dropout the run equals one process accumulating the
+    same two batches a step."""
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     common = {"train.max_steps": 6, "train.eval_every": 6, "model.dropout": 0.0}
@@ -408,6 +393,7 @@ def test_two_processes_read_different_windows_and_equal_gradient_accumulation(te
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_weights(*(torch.load(tmp_path / f"weights-{r}.pt") for r in (0, 1)))
     b0, b1 = (json.loads((tmp_path / f"batches-{r}.json").read_text()) for r in (0, 1))
     assert len(b0) == len(b1) == 6 and b0 != b1
     config = load_config(None, lm_overrides(text_files, tmp_path / "one", **common))

@@ -152,8 +152,8 @@ def continue_texts(
     hundreds of characters from a 64-character context) is continued one prompt at a time
     in steps of a quarter of the context, each step reading the last tokens that leave room
     for it (nanoGPT crops to the context before every token: same idea, fewer calls); so does a
-    prompt too long for the context (counted as truncated). ``on_text`` (batches of one prompt) receives the
-    text as it is generated. ``options``: those of ``generate()`` (do_sample, top_k, ...).
+    prompt too long for the context (counted as truncated). ``on_text`` (batches of one prompt)
+    receives the text as it is generated. ``options``: those of ``generate()`` (do_sample, top_k, ...).
     """
     if context is None:
         context = max_source_length_of(model, tokenizer)
