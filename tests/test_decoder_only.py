@@ -61,7 +61,8 @@ def test_config_errors_name_the_field_and_the_choices():
         TransformerConfig(vocab_size=V, activation="swish")
     with pytest.raises(ConfigError, match=r"model.preset must be one of \['gpt2', 'llama'\]"):
         load_config(None, ["model.preset=gpt3"])
-    config = load_config(None, ["model.size=tiny", "model.preset=llama", "model.n_kv_heads=1"])
+    config = load_config(None, ["model.size=tiny", "model.preset=llama", "model.n_kv_heads=1",
+                                "data.task=lm", "data.train=text.txt"])  # a decoder-only task
     built = config.model.transformer_config(V, 0)
     assert built.n_encoder_layers == 0 and built.n_kv_heads == 1 and built.norm == "rmsnorm"
 

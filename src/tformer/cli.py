@@ -41,11 +41,14 @@ def _data(args: argparse.Namespace) -> int:
         for source in sources.DATASETS.values():
             config = f", config {source.hub_config}" if source.hub_config else ""
             print(f"{source.name}: {source.task}; {source.license}")
-            print(f"  Hub: {source.hub_id}{config}, columns {source.source_column} -> source, "
-                  f"{source.target_column} -> target")
+            columns = (f"columns {' + '.join(source.text_columns)} -> one document (data.task: "
+                       "lm)" if source.is_text else f"columns {source.source_column} -> source, "
+                       f"{source.target_column} -> target")
+            print(f"  Hub: {source.hub_id}{config}, {columns}")
             for role, split in source.splits.items():
-                print(f"  {role:<10} Hub split {split.hub_split:<12} mirror "
-                      f"{source.name}/{split.file} ({split.rows:,} rows in the reference mirror)")
+                rows = "lines" if split.file.endswith(".txt") else "rows"
+                print(f"  {role:<10} Hub split {split.hub_split:<15} mirror {source.name}/"
+                      f"{split.file} ({split.rows:,} {rows} in the reference mirror)")
             print(f"  note: {source.note}")
         where = root if root is not None else f"unset: set {sources.DATA_DIR_ENV} to use one"
         print(f"\nmirror ({sources.DATA_DIR_ENV}): {where}")
@@ -147,9 +150,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tformer.engines import load  # import time (module docstring)
 
-    records = _read_inputs(args.input, args.field)
+    records = [("prompt", args.prompt)] if args.prompt is not None else \
+        _read_inputs(args.input, args.field)
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    if args.stream:
+        return _stream(generator, [text for _, text in records], options)
     outputs = generator.generate([text for _, text in records], progress=True, **options)
     to_jsonl = args.output is not None and args.output.endswith((".jsonl", ".json"))
     lines = (
@@ -163,6 +169,20 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.writelines(line + "\n" for line in lines)
+    return 0
+
+
+def _stream(generator, prompts: list[str], options: dict) -> int:
+    """``--stream``: each prompt, then its continuation as it is generated (decoder-only)."""
+    model = getattr(generator, "model", None)
+    if model is None or model.config.is_encoder_decoder:
+        raise ValueError("--stream continues the prompt of a decoder-only model (torch "
+                         "engine); this checkpoint is an encoder-decoder or a CTranslate2 one")
+    for prompt in prompts:
+        print(prompt, end="", flush=True)
+        generator.generate(prompt, on_text=lambda piece: print(piece, end="", flush=True),
+                           **options)
+        print(flush=True)
     return 0
 
 
@@ -210,6 +230,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    model = getattr(generator, "model", None)
+    if model is not None and not model.config.is_encoder_decoder:  # a language model
+        from tformer.evaluation import evaluate_text  # import time (module docstring)
+
+        metrics = evaluate_text(generator, args.data, output_dir=args.output_dir,
+                                text_column=args.text_column, block_size=args.block_size)
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return 0
     metrics = evaluate(
         generator, args.data, output_dir=args.output_dir, source_column=args.source_column,
         target_column=args.target_column, prefix=args.prefix, language=args.language,
@@ -256,7 +284,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms",
              "max_queue", "max_inputs", "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
-             "default_max_new_tokens", "max_beams", "timeout_s")
+             "default_max_new_tokens", "max_beams", "timeout_s", "model_name")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
                              **{name: getattr(args, name) for name in names})
     serve(args.checkpoint, settings, device=args.device, **_engine_options(args))
@@ -275,6 +303,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
                    f"KEY or X-API-Key) on every route but /healthz; default: ${API_KEY_ENV}")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--model-name", default=None, help="the model's id on the OpenAI-compatible "
+                   "routes (GET /v1/models, the model field); default: the checkpoint "
+                   "directory's name")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--batching", choices=BATCHING, default=S.batching,
                    help="continuous: requests join the running batch at every step (greedy, "
@@ -337,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", default=None, help=".txt (one text per line) or .jsonl; "
                    "default: stdin")
     p.add_argument("--field", default="source", help="JSONL field holding the text")
+    p.add_argument("--prompt", default=None, help="one text to generate for, instead of "
+                   "--input (a decoder-only model continues it; \"\" = from the start of a "
+                   "document)")
+    p.add_argument("--stream", action="store_true", help="decoder-only models: print each "
+                   "prompt and its continuation as it is generated")
     p.add_argument("--output", "-o", default=None, help=".txt or .jsonl (with ids); default: stdout")
     _add_generation_flags(p)
     _add_engine_flags(p)
@@ -387,10 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.set_defaults(func=_serve)
 
-    p = verbs.add_parser("evaluate", help="score a model on a file with references")
+    p = verbs.add_parser("evaluate", help="score a model on a file with references; a "
+                         "decoder-only model: its loss and perplexity on a text")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet with source and target "
-                   "(a string or a list of reference strings)")
+                   "(a string or a list of reference strings); for a decoder-only model a .txt "
+                   "file, a folder of them, or a file with --text-column")
+    p.add_argument("--text-column", default="text", help="decoder-only: the field of a "
+                   "document's text in a JSONL/CSV/Parquet file")
+    p.add_argument("--block-size", type=int, default=None, help="decoder-only: the context each "
+                   "token is predicted from (default: the one the model was trained on)")
     p.add_argument("--output-dir", default=None, help="write metrics.json and predictions.jsonl")
     p.add_argument("--source-column", default="source")
     p.add_argument("--target-column", default="target")

@@ -16,6 +16,7 @@ import yaml
 
 from tformer.data.sources import DATASETS
 from tformer.model import PRESETS, SIZES, TransformerConfig, architecture_fields, config_for
+from tformer.tokenization import KINDS
 
 #: The architecture fields a recipe may set: all but those the tokenizer decides.
 _ARCHITECTURE = {name: spec for name, spec in architecture_fields().items()
@@ -39,6 +40,7 @@ _RANGES: dict[str, dict[str, tuple]] = {
     "data": {
         "max_source_length": _AT_LEAST_1, "max_target_length": _AT_LEAST_1,
         "max_train_examples": _AT_LEAST_1, "vocab_size": _AT_LEAST_1, "bpe_dropout": _FRACTION,
+        "block_size": _AT_LEAST_1,
     },
     "train": {
         "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
@@ -140,34 +142,53 @@ class ModelSection:
             raise ConfigError(str(e).replace("TransformerConfig.", "model.")) from e
 
 
+#: What a run trains (``data.task``): a text-to-text model on {source, target} pairs, or a
+#: language model on raw text (next-token prediction over packed blocks).
+TASKS = ("seq2seq", "lm")
+
+
 @dataclass(frozen=True)
 class DataSection:
     """Where the examples come from and how they are cut: a named public dataset (``dataset``,
     read from the local mirror ``$TFORMER_DATA_DIR`` or the Hub, see `tformer.data.sources`),
     files or a Hub name per split (``train``, ``validation``, ``test``), or neither: the embedded
-    corpus of the installed packages' docstrings (no download)."""
+    corpus of the installed packages' docstrings (no download).
 
+    ``task: lm`` reads raw text instead of pairs: ``.txt`` files, folders of them, or the
+    ``text_column`` of JSONL/CSV/Parquet files and Hub datasets, one document per file or row
+    (see `tformer.data.packing`)."""
+
+    task: Literal["seq2seq", "lm"] = "seq2seq"
     dataset: str | None = None  # a name of `tformer data list`, e.g. "multi30k"
-    train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
+    train: str | None = None  # file (jsonl/csv/tsv/parquet; lm: also txt, a folder) or Hub name
     hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
     validation: str | None = None
     test: str | None = None
     source_column: str = "source"
     target_column: str = "target"
+    text_column: str = "text"  # lm: the column holding a document's text
     prefix: str = ""  # prepended to every source, e.g. "summarize: "
     max_source_length: int = 256
     max_target_length: int = 128
-    max_train_examples: int | None = None
+    # lm: tokens per training block (the context the model learns on); a block is read with
+    # the token after it, its last target
+    block_size: int = 256
+    max_train_examples: int | None = None  # lm: documents
     tokenizer: str | None = None  # existing tokenizer; None = train one on the training split
     # BPE by default: `tokenizers`' Unigram trainer is not reproducible (two trainings on the
-    # same text give different vocabularies), so a run could not be repeated exactly.
-    tokenizer_kind: Literal["unigram", "bpe"] = "bpe"
+    # same text give different vocabularies), so a run could not be repeated exactly. char and
+    # bytelevel (GPT-2's byte-level BPE) are the usual choices of a language model.
+    tokenizer_kind: Literal["unigram", "bpe", "char", "bytelevel"] = "bpe"
     vocab_size: int = 8000
     # BPE-dropout (Provilkov et al. 2020): each epoch the training split is encoded afresh with
     # every BPE merge skipped with this probability; validation, test and inference are not.
     bpe_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for name, allowed in (("task", TASKS), ("tokenizer_kind", KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"data.{name} must be one of {list(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         if self.dataset is not None:
             if self.dataset not in DATASETS:
                 raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)} "
@@ -177,11 +198,20 @@ class DataSection:
             if given:
                 raise ConfigError(f"data.dataset={self.dataset} names every split; drop "
                                   f"{', '.join(given)} (or drop data.dataset to give files)")
+            kind = "lm" if DATASETS[self.dataset].is_text else "seq2seq"
+            if kind != self.task:
+                raise ConfigError(f"data.dataset={self.dataset} is a {kind} dataset; set "
+                                  f"data.task: {kind} (data.task is {self.task})")
         _check_ranges("data", self)
-        if self.tokenizer_kind not in ("unigram", "bpe"):
-            raise ConfigError(
-                f"data.tokenizer_kind must be 'unigram' or 'bpe', got {self.tokenizer_kind!r}"
-            )
+        if self.task == "lm":
+            if self.train is None and self.dataset is None:
+                raise ConfigError("data.task: lm needs text: data.train (a .txt file, a folder "
+                                  "of them, a JSONL file or a Hub name) or data.dataset")
+            if self.bpe_dropout:
+                raise ConfigError("data.bpe_dropout applies to data.task: seq2seq (a language "
+                                  "model's windows are encoded once)")
+            if self.prefix:
+                raise ConfigError("data.prefix applies to data.task: seq2seq (its sources)")
 
 
 @dataclass(frozen=True)
@@ -248,6 +278,27 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        """The settings of two sections that must agree."""
+        d, t = self.data, self.train
+        if self.model.pretrained is None:
+            core = self.model.transformer_config(vocab_size=1, pad_token_id=0)
+            decoder_only = core.n_encoder_layers == 0
+            if d.task == "lm" and not decoder_only:
+                raise ConfigError("data.task: lm trains a decoder-only model: set model.preset: "
+                                  "gpt2 (or llama), or model.n_encoder_layers: 0")
+            if d.task == "seq2seq" and decoder_only:
+                raise ConfigError("model.n_encoder_layers: 0 is a decoder-only model, trained "
+                                  "with data.task: lm")
+            if d.task == "lm" and d.block_size > core.max_positions:
+                raise ConfigError(f"data.block_size ({d.block_size}) exceeds the positions the "
+                                  f"model has, model.max_positions ({core.max_positions})")
+        if d.task == "lm" and t.max_tokens % d.block_size:
+            raise ConfigError(
+                f"train.max_tokens ({t.max_tokens}) must be a multiple of data.block_size "
+                f"({d.block_size}) for data.task: lm: a micro-batch is max_tokens / block_size "
+                "blocks")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ of it; `tformer.recipe.run_recipe` (``tformer train``, ``tformer demo``) calls
   adapter merged in (`tformer.training.adapter`);
 - the test score: the best checkpoint on the whole test split, through
   `tformer.evaluation.evaluate_examples`: ``test_metrics.json`` and
-  ``test_predictions.jsonl`` in the run directory.
+  ``test_predictions.jsonl`` in the run directory (a language model: its loss and perplexity,
+  `tformer.evaluation.evaluate_documents`, ``test_metrics.json``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from tformer.engines import load
-from tformer.evaluation import evaluate_examples
+from tformer.evaluation import evaluate_documents, evaluate_examples
 from tformer.training.adapter import trained_weights
 from tformer.training.config import Config
 from tformer.training.loop import TrainResult
@@ -42,6 +43,13 @@ def evaluate_test(result: TrainResult, config: Config) -> dict:
     ``test_predictions.jsonl``)."""
     t, test = config.train, result.test
     seq2seq = load(result.best_checkpoint, device=result.device, engine="torch")
+    if config.data.task == "lm":
+        metrics = evaluate_documents(seq2seq, test["text"], data="test split",
+                                     output_dir=result.run_dir, file_prefix="test_",
+                                     block_size=config.data.block_size, max_tokens=t.max_tokens)
+        log.info("test (%d tokens): loss %.4f, perplexity %.2f", metrics["tokens"],
+                 metrics["loss"], metrics["perplexity"])
+        return metrics
     metrics = evaluate_examples(
         seq2seq, [str(i) for i in range(len(test))], test["source"],
         [[target] for target in test["target"]], data="test split", output_dir=result.run_dir,
