@@ -200,7 +200,7 @@ def test_the_generator_has_the_torch_engines_interface(exported):
     assert samples[0] == samples[1] and samples[0] != samples[2]
 
 
-def test_cli_exports_and_continues_prompts(exported, tmp_path):
+def test_cli_exports_and_continues_prompts(exported, tmp_path, capsys):
     from tformer.cli import main
 
     if exported["preset"] != "gpt2":
@@ -220,3 +220,34 @@ def test_cli_exports_and_continues_prompts(exported, tmp_path):
         results[name] = path.read_text()
     assert results["torch"] == results["ct2"]
     assert len(results["ct2"].splitlines()) == len([p for p in PROMPTS if p])
+
+    streamed = {}
+    for name, target in (("torch", str(exported["checkpoint"])), ("ct2", str(out))):
+        capsys.readouterr()
+        assert main(["generate", target, "--prompt", "A man", "--stream",
+                     "--max-new-tokens", "20"]) == 0
+        streamed[name] = capsys.readouterr().out
+    assert streamed["ct2"] == streamed["torch"]
+    assert streamed["ct2"].startswith("A man") and len(streamed["ct2"]) > len("A man\n")
+
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": "A man"}) + "\n")
+    assert main(["evaluate", str(out), "--data", str(data)]) == 2  # a one-line error
+    assert "needs its PyTorch weights" in capsys.readouterr().err
+
+
+def test_the_server_continues_prompts_on_the_generator(exported):
+    from fastapi.testclient import TestClient
+
+    from tformer.serving.app import create_app
+
+    engine = tformer.load(exported["float32"], intra_threads=1)
+    expected = engine.generate(PROMPTS[:3], max_new_tokens=12)
+    with TestClient(create_app(engine)) as client:
+        answer = client.post("/v1/generate", json={"inputs": PROMPTS[:3], "max_new_tokens": 12})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"] == expected
+        completion = client.post("/v1/completions", json={"prompt": PROMPTS[:3],
+                                                           "max_tokens": 12, "temperature": 0})
+        assert completion.status_code == 200, completion.text
+        assert [c["text"] for c in completion.json()["choices"]] == expected

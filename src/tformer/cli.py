@@ -174,10 +174,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _stream(generator, prompts: list[str], options: dict) -> int:
     """``--stream``: each prompt, then its continuation as it is generated (decoder-only)."""
-    model = getattr(generator, "model", None)
-    if model is None or model.config.is_encoder_decoder:
-        raise ValueError("--stream continues the prompt of a decoder-only model (torch "
-                         "engine); this checkpoint is an encoder-decoder or a CTranslate2 one")
+    if generator.family != "causal":
+        raise ValueError("--stream continues the prompt of a decoder-only model; this "
+                         "checkpoint is an encoder-decoder")
     for prompt in prompts:
         print(prompt, end="", flush=True)
         generator.generate(prompt, on_text=lambda piece: print(piece, end="", flush=True),
@@ -230,8 +229,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
-    model = getattr(generator, "model", None)
-    if model is not None and not model.config.is_encoder_decoder:  # a language model
+    if generator.family == "causal":  # a language model: its loss on a text
+        if getattr(generator, "model", None) is None:
+            raise ValueError("tformer evaluate scores a language model's loss on a text, which "
+                             "needs its PyTorch weights: evaluate the checkpoint this export "
+                             f"came from, {generator.settings.get('source')}")
         from tformer.evaluation import evaluate_text  # import time (module docstring)
 
         metrics = evaluate_text(generator, args.data, output_dir=args.output_dir,

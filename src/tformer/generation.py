@@ -296,7 +296,13 @@ class Seq2Seq:
     model: torch.nn.Module
     tokenizer: object
     path: str = ""
-    engine: ClassVar[str] = "torch"  # "ctranslate2" for tformer.ct2.engine.CT2Seq2Seq
+    engine: ClassVar[str] = "torch"  # "ctranslate2" for tformer.ct2.engine's engines
+
+    @property
+    def family(self) -> str:
+        """"causal" for a decoder-only model (``generate`` continues prompts), else "seq2seq"
+        (the CTranslate2 engines say the same)."""
+        return "seq2seq" if getattr(self.model.config, "is_encoder_decoder", True) else "causal"
 
     def generate(self, texts: Sequence[str] | str, *, max_new_tokens: int = 128,
                  **options) -> list[str] | str:

@@ -110,6 +110,8 @@ class CT2Seq2Seq(_CT2Engine):
     """A CTranslate2 ``Translator`` and its tokenizer: what ``tformer.load(...,
     engine="ctranslate2")`` returns for an encoder-decoder."""
 
+    family = "seq2seq"
+
     def __init__(self, translator: Any, tokenizer: Any, settings: dict[str, Any],
                  path: str = "") -> None:
         super().__init__(tokenizer, settings, path)
@@ -186,6 +188,8 @@ class CT2Generator(_CT2Engine):
     ``generate`` continues prompts as the torch engine does for such a model, through the same
     :func:`tformer.generation.continue_prompts` (encoding, context window, decoding): only the
     step that continues a batch of token ids is CTranslate2's ``generate_batch``."""
+
+    family = "causal"
 
     def __init__(self, generator: Any, tokenizer: Any, settings: dict[str, Any],
                  path: str = "") -> None:
