@@ -32,6 +32,7 @@ import yaml
 from safetensors.torch import load_file
 
 from .conftest import tiny_overrides
+from .weights_check import assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,20 +159,6 @@ def deepspeed_launch(data_files, stage: int, out: Path, steps: int, resume: bool
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _key_biases(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights with every attention's key bias (the middle third of ``in_proj.bias``: q, k,
-    v) taken out into entries of their own, ``NAME:key``."""
-    out = {}
-    for name, tensor in weights.items():
-        if name.endswith("in_proj.bias"):
-            d = tensor.numel() // 3
-            out[name] = torch.cat([tensor[:d], tensor[2 * d:]])
-            out[f"{name}:key"] = tensor[d:2 * d]
-        else:
-            out[name] = tensor
-    return out
-
-
 @pytest.fixture(scope="module")
 def ddp_reference(data_files, tmp_path_factory) -> Path:
     """DDP (torchrun, 2 CPU processes), 8 steps of the DeepSpeed tests' run."""
@@ -217,12 +204,9 @@ def test_deepspeed_two_processes_equals_ddp_and_resumes_exactly(stage, ddp_refer
     (resumed / "summary.json").unlink()
     deepspeed_launch(data_files, stage, resumed, 8, resume=True)
 
-    weights, reference = _key_biases(_weights(whole)), _key_biases(_weights(ddp_reference))
-    assert weights.keys() == reference.keys()
-    bound = 8 * 3e-3  # steps x train.lr: what AdamW can move a weight at most, about
-    for key in weights:
-        tolerance = bound if key.endswith(":key") else 1e-5
-        torch.testing.assert_close(weights[key], reference[key], atol=tolerance, rtol=0, msg=key)
+    # steps x train.lr bounds the key biases (tests/weights_check.py says why)
+    assert_same_weights(_weights(whole), _weights(ddp_reference), atol=1e-5,
+                        key_bias_atol=8 * 3e-3)
     again = _weights(resumed)
     for key, tensor in _weights(whole).items():
         torch.testing.assert_close(again[key], tensor, atol=0, rtol=0, msg=key)

@@ -32,6 +32,7 @@ from tformer.training.setup import LMTrainSplit, load_texts, micro_batches
 from .conftest import MIRROR, needs_mirror
 from .synthetic import text_lines, write_jsonl
 from .test_training import DDP_WORKER
+from .weights_check import assert_same_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = "ROMEO:\nBut soft!  What light\tthrough yonder window?\n\n床前明月光，疑是地上霜。\n"
@@ -77,12 +78,6 @@ def records(run: Path, split: str) -> list[dict]:
 def last_weights(run: Path) -> dict[str, torch.Tensor]:
     summary = json.loads((run / "summary.json").read_text())
     return load_file(Path(summary["last_checkpoint"]) / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 # --- tokenizers -----------------------------------------------------------------------------
@@ -403,8 +398,9 @@ def test_two_processes_read_different_windows_and_equal_gradient_accumulation(te
     assert b1 == [split.sampler.batch(i) for i in range(1, 12, 2)]
     train(load_config(None, lm_overrides(text_files, tmp_path / "one", **common,
                                          **{"train.grad_accum": 2})))
+    # steps x lr bounds the attentions' key biases (tests/weights_check.py says why)
     assert_same_weights(last_weights(tmp_path / "ddp"), last_weights(tmp_path / "one"),
-                        atol=1e-5)
+                        atol=1e-5, key_bias_atol=6 * 3e-3)
 
 
 # --- the real data (TFORMER_DATA_DIR) ------------------------------------------------------
