@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tformer  # noqa: F401  (registers the own models with the Auto classes)
@@ -24,7 +25,7 @@ from tformer.evaluation import causal_lm_loss
 from tformer.hf import TformerConfig, TformerForCausalLM
 from tformer.model import IGNORE_INDEX, config_for
 from tformer.tokenization import train_tokenizer
-from tformer.training import ConfigError, load_config
+from tformer.training import ConfigError, load_config, train
 
 from .synthetic import dialogues, write_jsonl
 
@@ -209,6 +210,21 @@ def test_tiny_sft_run_trains_validates_reloads_and_answers(sft_run, capsys):
     engine = tformer.load(checkpoint, device="cpu")
     expected = engine.generate(chat_prompts(engine.tokenizer, [prompt])[0], max_new_tokens=24)
     assert answer and answer == expected.replace("\n", " ").strip()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(sft_run, dialogue_files, tmp_path):
+    """Stopped at step 8 and resumed to 16: the weights of the run that never stopped (the
+    rows are packed in an order drawn from (seed, epoch))."""
+    out = tmp_path / "run"
+    first = train(load_config(None, sft_overrides(dialogue_files, out, **{
+        "train.max_steps": 8})))
+    assert first.state.step == 8
+    resumed = train(load_config(None, sft_overrides(dialogue_files, out)), resume=True)
+    assert resumed.state.step == 16
+    a, b = (load_file(last_checkpoint(run) / "model.safetensors") for run in (out, sft_run))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_sft_starts_from_a_language_models_checkpoint(dialogue_files, sft_run, tmp_path):
