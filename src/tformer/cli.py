@@ -154,6 +154,14 @@ def _generate(args: argparse.Namespace) -> int:
         _read_inputs(args.input, args.field)
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    if args.chat:  # each text as a user message, the model's answer generated
+        from tformer.data.sft import chat_prompts  # import time (module docstring)
+
+        if not getattr(generator.tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: {args.checkpoint} has no chat template (train it with "
+                             "data.task: sft)")
+        records = list(zip([rid for rid, _ in records],
+                           chat_prompts(generator.tokenizer, [text for _, text in records])))
     if args.stream:
         return _stream(generator, [text for _, text in records], options)
     outputs = generator.generate([text for _, text in records], progress=True, **options)
@@ -375,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "document)")
     p.add_argument("--stream", action="store_true", help="decoder-only models: print each "
                    "prompt and its continuation as it is generated")
+    p.add_argument("--chat", action="store_true", help="decoder-only models with a chat "
+                   "template (data.task: sft): each text is a user message; print the answer")
     p.add_argument("--output", "-o", default=None, help=".txt or .jsonl (with ids); default: stdout")
     _add_generation_flags(p)
     _add_engine_flags(p)

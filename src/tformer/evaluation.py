@@ -104,8 +104,10 @@ def evaluate_examples(
 def causal_lm_loss(model, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
     """The loss of a language model's batch of windows (`tformer.data.CausalLMCollator`): the
     model reads ``input_ids`` and is scored on ``labels``, which are already the next tokens.
-    The one language-model loss of training, validation and evaluation."""
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+    The one language-model loss of training, validation and evaluation. Packed rows (sft)
+    carry ``document_ids``: each example attends to itself alone."""
+    logits = model(input_ids=batch["input_ids"], document_ids=batch.get("document_ids"),
+                   use_cache=False).logits  # (B, T, V)
     return compute_loss(logits, batch["labels"], label_smoothing)
 
 

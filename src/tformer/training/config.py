@@ -142,9 +142,12 @@ class ModelSection:
             raise ConfigError(str(e).replace("TransformerConfig.", "model.")) from e
 
 
-#: What a run trains (``data.task``): a text-to-text model on {source, target} pairs, or a
-#: language model on raw text (next-token prediction over packed blocks).
-TASKS = ("seq2seq", "lm")
+#: What a run trains (``data.task``): a text-to-text model on {source, target} pairs, a
+#: language model on raw text (next-token prediction over packed blocks), or a decoder-only
+#: model instruction-tuned on {source, target} pairs as prompts and responses.
+TASKS = ("seq2seq", "lm", "sft")
+#: The tasks of a decoder-only model.
+DECODER_ONLY_TASKS = ("lm", "sft")
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,13 @@ class DataSection:
 
     ``task: lm`` reads raw text instead of pairs: ``.txt`` files, folders of them, or the
     ``text_column`` of JSONL/CSV/Parquet files and Hub datasets, one document per file or row
-    (see `tformer.data.packing`)."""
+    (see `tformer.data.packing`).
 
-    task: Literal["seq2seq", "lm"] = "seq2seq"
+    ``task: sft`` reads the pairs of ``seq2seq`` as prompts (``prefix`` + source) and responses
+    (target), rendered with the tokenizer's chat template, several packed to a block of
+    ``block_size`` tokens (see `tformer.data.sft`)."""
+
+    task: Literal["seq2seq", "lm", "sft"] = "seq2seq"
     dataset: str | None = None  # a name of `tformer data list`, e.g. "multi30k"
     train: str | None = None  # file (jsonl/csv/tsv/parquet; lm: also txt, a folder) or Hub name
     hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
@@ -183,6 +190,9 @@ class DataSection:
     # BPE-dropout (Provilkov et al. 2020): each epoch the training split is encoded afresh with
     # every BPE merge skipped with this probability; validation, test and inference are not.
     bpe_dropout: float = 0.0
+    # sft: the Jinja chat template saved with the tokenizer (Hugging Face's chat_template);
+    # None = the tokenizer's own, else tformer's (tformer.data.sft.DEFAULT_CHAT_TEMPLATE)
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("task", TASKS), ("tokenizer_kind", KINDS)):
@@ -199,7 +209,7 @@ class DataSection:
                 raise ConfigError(f"data.dataset={self.dataset} names every split; drop "
                                   f"{', '.join(given)} (or drop data.dataset to give files)")
             kind = "lm" if DATASETS[self.dataset].is_text else "seq2seq"
-            if kind != self.task:
+            if kind != self.task and not (kind, self.task) == ("seq2seq", "sft"):
                 raise ConfigError(f"data.dataset={self.dataset} is a {kind} dataset; set "
                                   f"data.task: {kind} (data.task is {self.task})")
         _check_ranges("data", self)
@@ -212,6 +222,11 @@ class DataSection:
                                   "model's windows are encoded once)")
             if self.prefix:
                 raise ConfigError("data.prefix applies to data.task: seq2seq (its sources)")
+        if self.task == "sft" and self.bpe_dropout:
+            raise ConfigError("data.bpe_dropout applies to data.task: seq2seq (sft examples "
+                              "are encoded once)")
+        if self.chat_template is not None and self.task != "sft":
+            raise ConfigError("data.chat_template applies to data.task: sft")
 
 
 @dataclass(frozen=True)
@@ -285,20 +300,20 @@ class Config:
         if self.model.pretrained is None:
             core = self.model.transformer_config(vocab_size=1, pad_token_id=0)
             decoder_only = core.n_encoder_layers == 0
-            if d.task == "lm" and not decoder_only:
-                raise ConfigError("data.task: lm trains a decoder-only model: set model.preset: "
-                                  "gpt2 (or llama), or model.n_encoder_layers: 0")
+            if d.task in DECODER_ONLY_TASKS and not decoder_only:
+                raise ConfigError(f"data.task: {d.task} trains a decoder-only model: set "
+                                  "model.preset: gpt2 (or llama), or model.n_encoder_layers: 0")
             if d.task == "seq2seq" and decoder_only:
                 raise ConfigError("model.n_encoder_layers: 0 is a decoder-only model, trained "
-                                  "with data.task: lm")
-            if d.task == "lm" and d.block_size > core.max_positions:
+                                  "with data.task: lm or sft")
+            if d.task in DECODER_ONLY_TASKS and d.block_size > core.max_positions:
                 raise ConfigError(f"data.block_size ({d.block_size}) exceeds the positions the "
                                   f"model has, model.max_positions ({core.max_positions})")
-        if d.task == "lm" and t.max_tokens % d.block_size:
+        if d.task in DECODER_ONLY_TASKS and t.max_tokens % d.block_size:
             raise ConfigError(
                 f"train.max_tokens ({t.max_tokens}) must be a multiple of data.block_size "
-                f"({d.block_size}) for data.task: lm: a micro-batch is max_tokens / block_size "
-                "blocks")
+                f"({d.block_size}) for data.task: {d.task}: a micro-batch is max_tokens / "
+                "block_size blocks")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

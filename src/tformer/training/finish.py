@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from tformer.data.sft import chat_prompts
 from tformer.engines import load
 from tformer.evaluation import evaluate_documents, evaluate_examples
 from tformer.training.adapter import trained_weights
@@ -50,11 +51,14 @@ def evaluate_test(result: TrainResult, config: Config) -> dict:
         log.info("test (%d tokens): loss %.4f, perplexity %.2f", metrics["tokens"],
                  metrics["loss"], metrics["perplexity"])
         return metrics
+    sources, limit = test["source"], config.data.max_source_length
+    if config.data.task == "sft":  # the responses to the rendered prompts
+        sources, limit = chat_prompts(seq2seq.tokenizer, sources), config.data.block_size
     metrics = evaluate_examples(
-        seq2seq, [str(i) for i in range(len(test))], test["source"],
+        seq2seq, [str(i) for i in range(len(test))], sources,
         [[target] for target in test["target"]], data="test split", output_dir=result.run_dir,
         file_prefix="test_", max_new_tokens=t.max_new_tokens, num_beams=t.num_beams,
-        max_source_length=config.data.max_source_length,
+        max_source_length=limit,
     )
     log.info("test (%d examples): ROUGE-L %.2f, BLEU %.2f", len(test), metrics["rougeL"],
              metrics["bleu"])

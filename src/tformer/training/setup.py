@@ -34,12 +34,20 @@ from tformer.data import (
 )
 from tformer.data.encoding import encode_pairs, truncate_all
 from tformer.data.packing import RandomWindows, hold_out_tail, pack_documents, windows
+from tformer.data.sft import (
+    PackedCollator,
+    Rows,
+    encode_dialogues,
+    pack_rows,
+    row_batches,
+    set_chat_template,
+)
 from tformer.hf import TformerConfig, TformerForCausalLM, TformerForConditionalGeneration
 from tformer.hub import from_pretrained
 from tformer.loading import load_model
 from tformer.tokenization import load_tokenizer, train_tokenizer
 from tformer.training.checkpoint import TrainState
-from tformer.training.config import Config, ConfigError
+from tformer.training.config import DECODER_ONLY_TASKS, Config, ConfigError
 from tformer.training.stopping import TrainingError
 
 log = logging.getLogger(__name__)
@@ -156,7 +164,15 @@ def _load_dataset(d, stats: dict) -> dict[str, Dataset]:
 
 def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: bool = True):
     """The run's tokenizer: the pretrained model's, a given one, the one this run already
-    trained (resume), or a new one trained on the training split (source and target)."""
+    trained (resume), or a new one trained on the training split (source and target). An sft
+    run's has a chat template (`tformer.data.sft.set_chat_template`)."""
+    tokenizer = _tokenizer(config, run_dir, train_texts, is_main)
+    if config.data.task == "sft":
+        set_chat_template(tokenizer, config.data.chat_template)
+    return tokenizer
+
+
+def _tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: bool):
     d = config.data
     saved = run_dir / "tokenizer"
     if config.model.pretrained is not None:
@@ -165,8 +181,8 @@ def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: 
         return load_tokenizer(d.tokenizer)
     if (saved / "tokenizer.json").is_file():
         return load_tokenizer(saved)
-    lm = d.task == "lm"
-    columns = ("text",) if lm else ("source", "target")
+    lm = d.task in DECODER_ONLY_TASKS
+    columns = ("text",) if d.task == "lm" else ("source", "target")
     texts = (t for column in columns for t in train_texts[column])
     # a language model's tokenizer adds no token (the packing appends </s>, prompts are read
     # as they are), and its model_max_length is the context it is trained on
@@ -174,6 +190,8 @@ def get_tokenizer(config: Config, run_dir: Path, train_texts: Dataset, is_main: 
                                 append_eos=not lm)
     if lm:
         tokenizer.model_max_length = d.block_size
+    if d.task == "sft":
+        set_chat_template(tokenizer, d.chat_template)
     if is_main:  # every process trains the same (BPE is deterministic); one writes it
         tokenizer.save_pretrained(saved)
     return tokenizer
@@ -190,6 +208,14 @@ def tokenize_splits(config: Config, texts: DatasetDict, tokenizer) -> RunData:
             data.tokens[split] = pack_documents(tokenizer, dataset["text"],
                                                 tokenizer.eos_token_id)
         data.stats["tokens"] = {k: len(v) for k, v in data.tokens.items()}
+        return data
+    if d.task == "sft":
+        for split, dataset in texts.items():
+            encoded = encode_dialogues(tokenizer, dataset["source"], dataset["target"],
+                                       d.block_size)
+            data.tokens[split] = (encoded.inputs, encoded.labels)
+            data.stats[f"{split}_truncation"] = {"examples": len(encoded.inputs),
+                                                 "truncated": encoded.truncated}
         return data
     for split, dataset in texts.items():
         encoded, report = tokenize_examples(
@@ -304,11 +330,45 @@ class LMTrainSplit:
         return self.sampler.batches(epoch)
 
 
+class SFTTrainSplit:
+    """An sft training split (``data.task: sft``): each epoch, the examples in an order drawn
+    from (seed, epoch), packed into rows of ``data.block_size`` tokens (`pack_rows`),
+    ``train.max_tokens / data.block_size`` rows a micro-batch. A batch is a list of rows, a
+    row a tuple of example indices; the shape of `TrainSplit` otherwise."""
+
+    def __init__(self, config: Config, tokens: TokenLists, pad_token_id: int) -> None:
+        d, t = config.data, config.train
+        self.collate = PackedCollator(pad_token_id)
+        self._tokens = (Rows(tokens[0]), Rows(tokens[1]))
+        self._lengths = [len(x) for x in tokens[0]]
+        self._block, self._rows, self._seed = d.block_size, t.max_tokens // d.block_size, t.seed
+        self._epoch: tuple[int, list] | None = None
+
+    def stats(self) -> dict:
+        rows = [row for batch in self.batches(0) for row in batch]
+        used = sum(self._lengths[i] for row in rows for i in row)
+        return {"rows_per_batch": self._rows, "packed_rows": len(rows),
+                "examples_per_row": len(self._lengths) / max(len(rows), 1),
+                "packing_fill": used / max(len(rows) * self._block, 1)}
+
+    def tokens(self, epoch: int) -> tuple[Rows, Rows]:
+        return self._tokens
+
+    def batches(self, epoch: int) -> list[list[tuple[int, ...]]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = np.random.default_rng([self._seed, epoch]).permutation(len(self._lengths))
+            self._epoch = (epoch, row_batches(pack_rows(self._lengths, self._block, order),
+                                              self._rows))
+        return self._epoch[1]
+
+
 def make_train_split(config: Config, data: RunData, tokenizer, model_config,
-                     share: Callable, is_main: bool) -> TrainSplit | LMTrainSplit:
+                     share: Callable, is_main: bool) -> TrainSplit | LMTrainSplit | SFTTrainSplit:
     """The training split of ``data.task``: its batches, token ids and collator."""
     if config.data.task == "lm":
         return LMTrainSplit(config, data.tokens["train"])
+    if config.data.task == "sft":
+        return SFTTrainSplit(config, data.tokens["train"], tokenizer.pad_token_id)
     return TrainSplit(config, data, tokenizer, share, is_main,
                       model_config.decoder_start_token_id)
 
@@ -319,9 +379,9 @@ def token_lengths(tokens: TokenLists) -> tuple[list[int], list[int]]:
 
 def build_model(config: Config, tokenizer):
     """The own Transformer sized by ``config.model`` (vocabulary from the tokenizer; for
-    ``data.task: lm`` the decoder-only model, `TformerForCausalLM`), or the pretrained
-    checkpoint ``model.pretrained`` (a LoRA adapter, ``model.lora_r``, is added by
-    `tformer.training.adapter`).
+    ``data.task: lm`` and ``sft`` the decoder-only model, `TformerForCausalLM`), or the
+    pretrained checkpoint ``model.pretrained`` (a LoRA adapter, ``model.lora_r``, is added by
+    `tformer.training.adapter`): for ``sft``, a causal checkpoint such as an lm run's.
 
     Pretrained weights are loaded in float32 whatever dtype they were saved in: the optimizer
     updates float32 master weights, and ``train.precision`` decides the compute dtype (bf16
@@ -330,7 +390,7 @@ def build_model(config: Config, tokenizer):
     m = config.model
     if m.pretrained is not None:
         model = load_model(m.pretrained, dtype=torch.float32)
-        if model.config.is_encoder_decoder == (config.data.task == "lm"):
+        if model.config.is_encoder_decoder == (config.data.task in DECODER_ONLY_TASKS):
             family = "encoder-decoder" if model.config.is_encoder_decoder else "decoder-only"
             raise ConfigError(f"model.pretrained {m.pretrained!r} is a {family} model; "
                               f"data.task: {config.data.task} trains the other family")
@@ -344,7 +404,7 @@ def build_model(config: Config, tokenizer):
             )
         return model
     core = config.model.transformer_config(len(tokenizer), tokenizer.pad_token_id)
-    if config.data.task == "lm":
+    if config.data.task in DECODER_ONLY_TASKS:
         # generation from nothing starts after an end of text, where every document starts
         hf_config = TformerConfig.from_transformer_config(
             core, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -1,7 +1,9 @@
 """Validation during training: the loss over the whole validation split and the recipe's
 metric (``train.metric``) on generated outputs of a capped sample; for a language model
 (``data.task: lm``), the loss and perplexity over every validation token, the best checkpoint
-being the lowest loss, and a few samples. The one loss of training and validation is
+being the lowest loss, and a few samples; for an instruction-tuned one (``sft``), the loss and
+perplexity on the validation responses and the metric on responses generated from the
+rendered prompts. The one loss of training and validation is
 `forward_loss` (``tformer.model.compute_loss``). Scoring a finished checkpoint on the test
 split is not done here: see `tformer.training.finish` (through `tformer.evaluation`)."""
 
@@ -16,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from tformer.data import Seq2SeqCollator, TokenBudgetBatchSampler
+from tformer.data.sft import PackedCollator, Rows, chat_prompts, pack_rows, row_batches
 from tformer.evaluation import causal_lm_loss, stream_loss
 from tformer.generation import generate_texts
 from tformer.metrics import score
@@ -55,13 +58,11 @@ def forward_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model, collate, tokens, config: Config, accelerator: Accelerator) -> float:
-    """Token-mean cross-entropy (no smoothing) over the whole validation split."""
-    sampler = TokenBudgetBatchSampler(
-        *token_lengths(tokens), max_tokens=config.train.max_tokens, shuffle=False
-    )
+def validation_loss(model, collate, tokens, batches, accelerator: Accelerator) -> float:
+    """Token-mean cross-entropy (no smoothing) over the whole validation split, read in
+    ``batches`` (lists of indices of ``tokens``)."""
     total, count = 0.0, 0
-    for indices in sampler.batches(0):
+    for indices in batches:
         batch = collate_batch(collate, tokens, indices, accelerator)
         with accelerator.autocast():
             loss = forward_loss(model, batch, 0.0)
@@ -83,6 +84,9 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
         if config.data.task == "lm":
             record, name, higher_is_better = _lm_record(unwrapped, tokenizer, data, config,
                                                         accelerator), "loss", False
+        elif config.data.task == "sft":
+            record, name, higher_is_better = _sft_record(unwrapped, tokenizer, data, config,
+                                                         accelerator), t.metric, True
         else:
             record, name, higher_is_better = _seq2seq_record(unwrapped, tokenizer, data, config,
                                                              accelerator), t.metric, True
@@ -110,18 +114,45 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
 def _seq2seq_record(model, tokenizer, data: RunData, config: Config,
                     accelerator: Accelerator) -> dict[str, Any]:
     """Validation loss, and ``train.metric`` on outputs generated for a capped sample."""
-    t = config.train
+    tokens = data.tokens["validation"]
     collate = Seq2SeqCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+    batches = TokenBudgetBatchSampler(*token_lengths(tokens), max_tokens=config.train.max_tokens,
+                                      shuffle=False).batches(0)
     record: dict[str, Any] = {
-        "loss": validation_loss(model, collate, data.tokens["validation"], config, accelerator)
-    }
+        "loss": validation_loss(model, collate, tokens, batches, accelerator)}
+    return _generation_metric(record, model, tokenizer, data, config, accelerator,
+                              config.data.max_source_length)
+
+
+def _sft_record(model, tokenizer, data: RunData, config: Config,
+                accelerator: Accelerator) -> dict[str, Any]:
+    """The loss and perplexity on the validation responses (packed rows, in order), and
+    ``train.metric`` on responses generated greedily from the rendered prompts of a sample."""
+    d = config.data
+    inputs, labels = data.tokens["validation"]
+    rows = pack_rows([len(x) for x in inputs], d.block_size, range(len(inputs)))
+    loss = validation_loss(model, PackedCollator(tokenizer.pad_token_id),
+                           (Rows(inputs), Rows(labels)),
+                           row_batches(rows, config.train.max_tokens // d.block_size),
+                           accelerator)
+    record: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss)}
+    return _generation_metric(record, model, tokenizer, data, config, accelerator,
+                              d.block_size, prompt=lambda texts: chat_prompts(tokenizer, texts))
+
+
+def _generation_metric(record: dict[str, Any], model, tokenizer, data: RunData, config: Config,
+                       accelerator: Accelerator, max_source_length: int,
+                       prompt=list) -> dict[str, Any]:
+    """``record`` with ``train.metric`` of the outputs generated for the first
+    ``train.eval_max_examples`` validation sources (``prompt`` renders them), and samples."""
+    t = config.train
     sample = data.texts["validation"].select(
         range(min(t.eval_max_examples, len(data.texts["validation"])))
     )
     with accelerator.autocast():
         predictions = generate_texts(
-            model, tokenizer, sample["source"], max_new_tokens=t.max_new_tokens,
-            num_beams=t.num_beams, max_source_length=config.data.max_source_length,
+            model, tokenizer, prompt(sample["source"]), max_new_tokens=t.max_new_tokens,
+            num_beams=t.num_beams, max_source_length=max_source_length,
         )
     record[t.metric] = score(t.metric, predictions, sample["target"])
     record["samples"] = [
