@@ -77,17 +77,14 @@ and ``torch.profiler``'s self CPU time by operator group.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +101,9 @@ from tformer.data import (  # noqa: E402
     tokenize_examples,
 )
 from tformer.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/lockstep.py, also when imported
+from lockstep import Gate, run_lockstep  # noqa: E402
 
 # The multi30k folder of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
 DATA = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k"
@@ -185,90 +185,6 @@ def matched_batch_size(prep: Prepared, batches: list[list[int]]) -> tuple[int, f
     total = sum(len(x) + len(y) for x, y in zip(prep.sources, prep.labels))
     per_batch = total / len(batches)
     return max(1, round(per_batch / (total / len(prep.sources)))), per_batch
-
-
-# --- lock-step --------------------------------------------------------------------------------
-
-
-class Gate:
-    """A side's end of the lock-step: at the end of each step, read the clock, report, and wait
-    for the next turn. Step k is timed from the release after step k-1 to the end of step k."""
-
-    def __init__(self, conn) -> None:
-        self.conn, self.ends, self.releases = conn, [], []
-
-    def step_end(self) -> None:
-        self.ends.append(time.perf_counter())
-        self.conn.send(("step", len(self.ends)))
-        self.conn.recv()  # "go" (next step) or "finish"
-        self.releases.append(time.perf_counter())
-
-    def step_seconds(self, warmup: int) -> list[float]:
-        return [self.ends[k] - self.releases[k - 1] for k in range(warmup, len(self.ends))]
-
-
-def _child(conn, side: str, kwargs: dict) -> None:
-    """Entry point of a side's process: run it behind a Gate, send back its figures."""
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    if os.environ.get("OMP_NUM_THREADS"):  # --threads, set by the parent
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    try:
-        run = run_tformer if side == "tformer" else run_hf
-        measured = run(gate=Gate(conn), **kwargs)
-        conn.send(("result", dataclasses.asdict(measured)))
-    except BaseException:  # report, never leave the parent waiting
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except OSError:  # the parent is gone (it stopped first)
-            pass
-    finally:
-        conn.close()
-
-
-def run_lockstep(sides: list[tuple[str, dict]], total_steps: int) -> list[Measured]:
-    """Start every side in its own process; after their first step, release them one step at a
-    time, in turn (alternating the order every round); collect their figures."""
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no shared accelerate or torch state
-    conns, procs = [], []
-    for side, kwargs in sides:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, side, kwargs), daemon=True)
-        proc.start()
-        child.close()
-        conns.append(parent)
-        procs.append(proc)
-
-    def expect(conn, kind: str):
-        try:
-            message = conn.recv()
-        except EOFError:
-            raise RuntimeError("a benchmark process died (see its output above)") from None
-        if message[0] == "error":
-            raise RuntimeError(f"a benchmark process failed:\n{message[1]}")
-        if message[0] != kind:
-            raise RuntimeError(f"expected {kind!r} from a benchmark process, got {message!r}")
-        return message[1]
-
-    try:
-        for conn in conns:  # set-up and step 1 of every side, concurrently (never timed)
-            expect(conn, "step")
-        for step in range(2, total_steps + 1):
-            order = conns if step % 2 == 0 else conns[::-1]
-            for conn in order:
-                conn.send("go")
-                expect(conn, "step")
-        for conn in conns:
-            conn.send("finish")
-        results = [Measured(**expect(conn, "result")) for conn in conns]
-    finally:  # on success the sides are finishing; on an error, closing wakes them (EOFError)
-        for conn in conns:
-            conn.close()
-        for proc in procs:
-            proc.join(timeout=120)
-            if proc.is_alive():
-                proc.terminate()
-    return results
 
 
 # --- tformer ----------------------------------------------------------------------------------
@@ -680,8 +596,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"auto precision (tformer's rule on this machine) -> {precision}")
             common = dict(prep=prep, precision=precision, warmup=args.warmup, steps=args.steps,
                           seed=args.seed)
-            sides = [("tformer", dict(common, max_tokens=args.max_tokens))]
-            sides += [("hf", dict(common, batch_size=batch_size, sampling=s)) for s in sampling]
+            sides = [(run_tformer, dict(common, max_tokens=args.max_tokens))]
+            sides += [(run_hf, dict(common, batch_size=batch_size, sampling=s)) for s in sampling]
             measured = run_lockstep(sides, args.warmup + args.steps)
             print(f"{precision}: " + ", ".join(f"{m.name} {m.tokens_per_s:,.0f} tok/s"
                                                 for m in measured)
