@@ -103,3 +103,15 @@ def run_lockstep(sides: list[tuple[Callable, dict]], total_steps: int) -> list:
             if proc.is_alive():
                 proc.terminate()
     return results
+
+
+def best_time(fn: Callable[[], object], reps: int = 3) -> float:
+    """Seconds of the fastest of ``reps`` calls of ``fn`` after one warm-up call: the least
+    disturbed by other processes on a shared machine (the profiles' per-piece timing)."""
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

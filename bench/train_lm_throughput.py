@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run without installing
 sys.path.insert(0, str(ROOT / "bench"))  # bench/lockstep.py
 from lockstep import Gate, run_lockstep  # noqa: E402
+from lockstep import best_time as _best_of  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "shakespeare_char.yaml"
 
@@ -195,14 +196,10 @@ def run_hf(gate: Gate, workdir: Path, total_steps: int, warmup: int, inputs: lis
 # --- profiling --------------------------------------------------------------------------------
 
 
-def _best_time(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)  # the least disturbed by other processes on a shared machine
+def best_time(fn) -> float:
+    """The fastest of 5 timed calls (bench/lockstep.py's best_time)."""
+    return _best_of(fn, reps=5)
+
 
 
 def profile(workdir: Path, steps: int) -> None:
@@ -255,17 +252,17 @@ def profile(workdir: Path, steps: int) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    rows = [("step: fwd+bwd, clip, AdamW", _best_time(step)),
-            ("  forward + loss", _best_time(lambda: forward_loss(model, batch, 0.0))),
-            ("  forward + loss + backward", _best_time(fwd_bwd))]
+    rows = [("step: fwd+bwd, clip, AdamW", best_time(step)),
+            ("  forward + loss", best_time(lambda: forward_loss(model, batch, 0.0))),
+            ("  forward + loss + backward", best_time(fwd_bwd))]
     fwd_bwd()
-    rows += [("  clip_grad_norm_", _best_time(
+    rows += [("  clip_grad_norm_", best_time(
                  lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))),
-             ("  AdamW step (default, per-tensor)", _best_time(optimizer.step))]
+             ("  AdamW step (default, per-tensor)", best_time(optimizer.step))]
     for options in (dict(foreach=True), dict(fused=True)):
         alt = torch.optim.AdamW(build_optimizer(model, config).param_groups, **options)
-        rows.append((f"  AdamW step {options}", _best_time(alt.step)))
-    rows.append(("GPT-2 forward + loss + backward, same batch", _best_time(gpt2_fwd_bwd)))
+        rows.append((f"  AdamW step {options}", best_time(alt.step)))
+    rows.append(("GPT-2 forward + loss + backward, same batch", best_time(gpt2_fwd_bwd)))
     for name, seconds in rows:
         print(f"  {name:<48} {seconds * 1000:7.2f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -103,7 +103,7 @@ from tformer.data import (  # noqa: E402
 from tformer.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/lockstep.py, also when imported
-from lockstep import Gate, run_lockstep  # noqa: E402
+from lockstep import Gate, best_time, run_lockstep  # noqa: E402
 
 # The multi30k folder of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
 DATA = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k"
@@ -341,15 +341,6 @@ GROUPS = {
 }
 
 
-def _best_time(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)  # the least disturbed by other processes on a shared machine
-
 
 def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
     """Where a training step's time goes, fp32, on one of the loop's batches: the pieces of the
@@ -395,25 +386,25 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
         scheduler.step()
         loss.item()
 
-    step = _best_time(full_step)
-    forward = _best_time(lambda: forward_loss(model, batch, LABEL_SMOOTHING))
-    fwd_bwd = _best_time(forward_backward)
+    step = best_time(full_step)
+    forward = best_time(lambda: forward_loss(model, batch, LABEL_SMOOTHING))
+    fwd_bwd = best_time(forward_backward)
     forward_backward()  # leave gradients for the optimizer and clipping
     rows = [
         ("whole step (the loop body)", step),
         ("  forward + loss", forward),
         ("  forward + loss + backward", fwd_bwd),
-        ("  collate (Seq2SeqCollator)", _best_time(
+        ("  collate (Seq2SeqCollator)", best_time(
             lambda: collate_batch(collate, tokens, indices, Device))),
-        ("  clip_grad_norm_", _best_time(
+        ("  clip_grad_norm_", best_time(
             lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))),
-        ("  AdamW step (default: per-tensor)", _best_time(optimizer.step)),
-        ("  LambdaLR step", _best_time(scheduler.step)),
+        ("  AdamW step (default: per-tensor)", best_time(optimizer.step)),
+        ("  LambdaLR step", best_time(scheduler.step)),
     ]
     for options in (dict(foreach=True), dict(fused=True)):
         alt = torch.optim.AdamW(build_optimizer(model, config).param_groups, lr=LR, betas=BETAS,
                                 eps=EPS, **options)
-        rows.append((f"  AdamW step {options}", _best_time(alt.step)))
+        rows.append((f"  AdamW step {options}", best_time(alt.step)))
     # The output projection and the loss over the (B, T, V) logits, alone.
     hidden = torch.randn(*batch["labels"].shape, model.config.d_model, requires_grad=True)
     weight = model.get_input_embeddings().weight
@@ -426,14 +417,14 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
                         ignore_index=-100, label_smoothing=smoothing).backward()
 
     rows += [
-        ("  output projection + CE, fwd+bwd", _best_time(head)),
-        ("    same, non-pad positions only", _best_time(lambda: head(keep=labels != -100))),
-        ("    same, no label smoothing", _best_time(lambda: head(0.0))),
+        ("  output projection + CE, fwd+bwd", best_time(head)),
+        ("    same, non-pad positions only", best_time(lambda: head(keep=labels != -100))),
+        ("    same, no label smoothing", best_time(lambda: head(0.0))),
     ]
     no_dropout = build_model(load_config(None, [*overrides, "model.dropout=0.0"]),
                              tokenizer).train()
     rows.append(("  forward+backward with dropout 0 (vs 0.1 above)",
-                 _best_time(lambda: forward_backward(no_dropout))))
+                 best_time(lambda: forward_backward(no_dropout))))
     for name, seconds in rows:
         print(f"  {name:<52} {seconds * 1000:8.1f} ms  {100 * seconds / step:5.1f}% of a step")
     enc = sum(p.numel() for p in model.model.encoder.parameters())
