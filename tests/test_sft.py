@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,3 +250,30 @@ def test_sft_starts_from_a_language_models_checkpoint(dialogue_files, sft_run, t
     # the language model knows the text: its first sft step starts far below a fresh model's
     first = records(out, "train")[0]["loss"]
     assert first < records(sft_run, "train")[0]["loss"] - 1.0
+
+
+def test_evaluate_scores_a_chat_models_answers(sft_run, dialogue_files, tmp_path):
+    """`tformer evaluate` on an sft checkpoint: each source is a user message, the answers are
+    Hugging Face generate()'s from apply_chat_template, scored by rouge-score (the reference
+    implementation, called directly here)."""
+    checkpoint, out = last_checkpoint(sft_run), tmp_path / "eval"
+    assert cli(["evaluate", str(checkpoint), "--data", str(dialogue_files["validation"]),
+                "--max-new-tokens", "16", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in dialogue_files["validation"].read_text().splitlines()]
+    assert metrics["examples"] == len(rows) == len(predictions)
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected_l = []
+    for row, prediction in zip(rows[:3], predictions):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["source"]}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out_ids = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        assert prediction["prediction"] == tokenizer.decode(out_ids, skip_special_tokens=True)
+    for row, prediction in zip(rows, predictions):
+        expected_l.append(scorer.score(row["target"], prediction["prediction"])["rougeL"].fmeasure)
+    assert metrics["rougeL"] == pytest.approx(100 * sum(expected_l) / len(expected_l), abs=1e-6)

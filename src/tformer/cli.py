@@ -233,11 +233,11 @@ def _read_inputs(path: str | None, field: str) -> list[tuple[str, str]]:
 def _evaluate(args: argparse.Namespace) -> int:
 
     from tformer.engines import load  # import time (module docstring)
-    from tformer.evaluation import evaluate
+    from tformer.evaluation import evaluate, is_chat_model
 
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
-    if generator.family == "causal":  # a language model: its loss on a text
+    if generator.family == "causal" and not is_chat_model(generator):  # its loss on a text
         if getattr(generator, "model", None) is None:
             raise ValueError("tformer evaluate scores a language model's loss on a text, which "
                              "needs its PyTorch weights: evaluate the checkpoint this export "
@@ -435,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.set_defaults(func=_serve)
 
-    p = verbs.add_parser("evaluate", help="score a model on a file with references; a "
-                         "decoder-only model: its loss and perplexity on a text")
+    p = verbs.add_parser("evaluate", help="score a model on a file with references (a chat "
+                         "model, data.task: sft: its answers to the sources); a decoder-only "
+                         "model without a chat template: its loss and perplexity on a text")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet with source and target "
                    "(a string or a list of reference strings); for a decoder-only model a .txt "

@@ -1,5 +1,10 @@
 """``tformer evaluate``: generate for an evaluation file and score against its references; for a
-language model, its loss and perplexity on a text (`evaluate_text`)."""
+language model, its loss and perplexity on a text (`evaluate_text`).
+
+An instruction-tuned decoder-only model (one whose tokenizer has a chat template, as a
+``data.task: sft`` run's has) is scored as an encoder-decoder is: each source becomes a user
+message rendered by the template (`tformer.data.sft.chat_prompts`), and the answer it writes
+is compared with the references."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from tformer.ct2.engine import CT2Seq2Seq
 from tformer.data import CausalLMCollator, load_documents, load_eval_examples
 from tformer.data.packing import eval_windows, pack_documents
+from tformer.data.sft import chat_prompts
 from tformer.generation import Seq2Seq, max_source_length_of
 from tformer.metrics import all_metrics
 from tformer.model import IGNORE_INDEX, compute_loss
@@ -46,9 +52,17 @@ def evaluate(
     ids, sources, references = examples.ids, examples.sources, examples.references
     if max_examples is not None:
         ids, sources, references = ids[:max_examples], sources[:max_examples], references[:max_examples]
+    if is_chat_model(generator):  # each source a user message, the answer scored
+        sources = chat_prompts(generator.tokenizer, sources)
     return evaluate_examples(generator, ids, sources, references, data=str(data),
                              output_dir=output_dir, language=language, moses_lang=moses_lang,
                              **generation)
+
+
+def is_chat_model(generator) -> bool:
+    """A decoder-only model whose tokenizer has a chat template: it answers messages."""
+    return (getattr(generator, "family", "seq2seq") == "causal"
+            and bool(getattr(generator.tokenizer, "chat_template", None)))
 
 
 def evaluate_examples(
