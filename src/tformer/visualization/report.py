@@ -322,15 +322,8 @@ def _shown_tokens(seq2seq: Seq2Seq) -> int:
 
 def _task(run_dir: Path) -> str | None:
     """``data.task`` of the run's ``config.yaml`` (None without a readable one)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        log.warning("%s: not YAML (%s); read as a seq2seq run", path, error)
-        return None
-    data = config.get("data") if isinstance(config, dict) else None
+    config = _read_mapping(run_dir / "config.yaml", yaml.safe_load, yaml.YAMLError, "YAML")
+    data = (config or {}).get("data")
     return data.get("task") if isinstance(data, dict) else None
 
 
@@ -352,12 +345,19 @@ def _checkpoint(run_dir: Path, summary: dict | None) -> Path | None:
 
 
 def _read_json(path: Path) -> dict | None:
+    return _read_mapping(path, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _read_mapping(path: Path, loads, error: type[Exception], language: str) -> dict | None:
+    """The mapping ``path`` holds, read by ``loads``; None when there is no file, when it is
+    not ``language`` (``loads`` raised ``error``: a warning) or holds no mapping."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        log.warning("%s: not JSON (%s); its report section is left out", path, error)
+        value = loads(path.read_text(encoding="utf-8"))
+    except error as problem:
+        log.warning("%s: not %s (%s); what the report reads from it is left out", path,
+                    language, problem)
         return None
     return value if isinstance(value, dict) else None
 
