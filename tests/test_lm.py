@@ -1,9 +1,12 @@
 """Language models on raw text (``data.task: lm``): tokenizers, packing, random windows, the
-configuration, and the loop end to end: training, exact resume, DDP, generation, evaluation."""
+configuration, and the loop end to end: training, exact resume, DDP, generation, evaluation,
+attention maps and the run report."""
 
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -28,6 +32,9 @@ from tformer.tokenization import EOS_ID, SPECIAL_TOKENS, train_tokenizer
 from tformer.training import ConfigError, load_config, train
 from tformer.training.checkpoint import TrainState
 from tformer.training.setup import LMTrainSplit, load_texts, micro_batches
+from tformer.visualization.plots import figure_size_px
+from tformer.visualization.report import write_report
+from tformer.visualization.tokens import readable_tokens
 
 from .conftest import MIRROR, needs_mirror
 from .synthetic import text_lines, write_jsonl
@@ -357,6 +364,50 @@ def test_generate_continues_a_prompt_past_the_context_and_streams(lm_run, capsys
     assert cli(["generate", str(checkpoint), "--prompt", "A man", "--stream",
                 "--max-new-tokens", "30"]) == 0
     assert capsys.readouterr().out == "A man" + engine.generate("A man", max_new_tokens=30) + "\n"
+
+
+def quiet_report(run: Path, caplog) -> tuple[str, list[dict]]:
+    """Write ``run``'s report again, asserting that tformer warned of nothing; its page and
+    the maps each of its viewers embeds (`AttentionMaps.to_json`)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        write_report(run, device="cpu")
+    assert [r.getMessage() for r in caplog.records
+            if r.name.startswith("tformer") and r.levelno >= logging.WARNING] == []
+    page = (run / "report.html").read_text(encoding="utf-8")
+    return page, [json.loads(m) for m in re.findall(r'class="tf-data">(.*?)</script>', page)]
+
+
+def test_attention_maps_and_report_of_a_language_model(lm_run, text_files, tmp_path, caplog):
+    """``tformer attention`` writes a decoder-only checkpoint's causal maps (``decoder_*``: no
+    encoder, no cross), the continuation given or generated; the run's report shows them on
+    the start of the validation text, read in the model's own 32-token context, and warns of
+    nothing."""
+    checkpoint = Path(json.loads((lm_run / "summary.json").read_text())["last_checkpoint"])
+    out = tmp_path / "given"
+    assert cli(["attention", str(checkpoint), "A man", "--target", " rides.", "-o", str(out),
+                "--device", "cpu"]) == 0
+    data = json.loads((out / "attention.json").read_text(encoding="utf-8"))
+    assert (data["family"], data["prompt_length"], len(data["target_tokens"])) == ("causal", 5, 12)
+    assert data["source_tokens"] == data["encoder"] == data["cross"] == []
+    weights = np.asarray(data["decoder"])
+    assert weights.shape == (2, data["heads"], 12, 12) and np.triu(weights, k=1).max() == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["decoder_heads.png", "decoder_mean.png"]
+    assert Image.open(out / "decoder_heads.png").size == figure_size_px(12, 12, 2, data["heads"])
+    assert (out / "attention.html").is_file()
+    out = tmp_path / "generated"
+    assert cli(["attention", str(checkpoint), "", "--max-new-tokens", "6", "-o", str(out),
+                "--device", "cpu"]) == 0
+    data = json.loads((out / "attention.json").read_text(encoding="utf-8"))
+    assert data["prompt_length"] == 1 and 1 <= len(data["target_tokens"]) <= 7
+
+    page, [window] = quiet_report(lm_run, caplog)
+    assert "not available" not in page and "The first 32 tokens of the validation text" in page
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    start = text_files["validation"].read_text(encoding="utf-8")[:32]  # characters: 32 tokens
+    assert window["family"] == "causal" and window["prompt_length"] == 32
+    assert window["target_tokens"] == readable_tokens(tokenizer, tokenizer(
+        start, add_special_tokens=False)["input_ids"])
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(lm_run, text_files, tmp_path):

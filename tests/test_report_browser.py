@@ -1,6 +1,7 @@
 """The HTML pages in a real browser: Debian's headless Chromium, driven by selenium. The run
 report and the interactive attention view open from a file with no console errors, draw
-non-blank content, and the view answers a hover with the token pair and its weight."""
+non-blank content, and the view answers a hover with the token pair and its weight (a
+decoder-only model's causal map too)."""
 
 import shutil
 from pathlib import Path
@@ -10,8 +11,12 @@ import pytest
 from PIL import Image
 
 import tformer
+from tformer.generation import Seq2Seq
+from tformer.tokenization import train_tokenizer
 from tformer.visualization import attention_maps
 from tformer.visualization.viewer import write_attention_html
+
+from .test_sft import tiny_model
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -160,3 +165,22 @@ def test_attention_view_of_a_copy_model_shows_its_copy_attention_and_p_copy(
     assert abs(float(pair.rsplit(": ", 1)[1]) - maps.copy_attention[2, 3]) < 1e-4
     assert p_copy.startswith(f"{maps.target_tokens[2]}: ")
     assert abs(float(p_copy.rsplit(": ", 1)[1]) - (1 - maps.p_gen[2])) < 1e-4
+
+
+def test_attention_view_of_a_decoder_only_model_shows_its_causal_map(browser, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    tokenizer = train_tokenizer(["the cat sat on the mat"], kind="char", append_eos=False)
+    model = Seq2Seq(tiny_model(len(tokenizer)), tokenizer)
+    maps = attention_maps(model, "the cat", " sat on the mat")
+    page = write_attention_html(maps, tmp_path / "attention.html")
+    assert [m for m in open_page(browser, page) if m["level"] == "SEVERE"] == []
+    kind = Select(browser.find_element("css selector", ".tf-kind"))
+    assert [(o.get_attribute("value"), o.text) for o in kind.options] == [
+        ("decoder", "causal self-attention (token read × token read)")]
+    assert painted_canvases(browser)[0] > 1000
+    T = len(maps.target_tokens)
+    text = hover(browser, (T, T), 9, 4)
+    assert text.startswith(f"{maps.target_tokens[9]} (10) → {maps.target_tokens[4]} (5): ")
+    assert abs(float(text.rsplit(": ", 1)[1]) - maps.decoder[-1].mean(axis=0)[9, 4]) < 1e-4
+    assert hover(browser, (T, T), 4, 9).endswith(": 0.0000")  # a later token: never seen

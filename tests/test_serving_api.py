@@ -1,12 +1,13 @@
-"""tformer serve's routes against `Seq2Seq.generate` and the attention maps: outputs and
-counts, model info, the page, another engine, the batching mode shown, and schemathesis on the
-OpenAPI schema."""
+"""tformer serve's routes against `Seq2Seq.generate` and the attention maps (a decoder-only
+model's too): outputs and counts, model info, the page, another engine, the batching mode
+shown, and schemathesis on the OpenAPI schema."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 import torch
@@ -18,9 +19,12 @@ import tformer
 from tformer.generation import Seq2Seq
 from tformer.serving import ServeSettings, create_app
 from tformer.serving.app import STATIC_DIR
+from tformer.tokenization import train_tokenizer
+from tformer.visualization.attention import attention_maps
 
 from . import serving_helpers as helpers
 from .serving_helpers import NEW, StubSeq2Seq, client, error_of
+from .test_sft import tiny_model
 
 #: The shared fixtures (`tests/serving_helpers.py`), found by name.
 copy_seq2seq, model_dir, seq2seq, texts = (
@@ -84,6 +88,33 @@ def test_attention_equals_the_visualization_maps(seq2seq, texts):
     config = seq2seq.model.config
     assert (maps["layers"], maps["heads"]) == (config.n_decoder_layers, config.n_heads)
     assert len(maps["cross"]) == config.n_decoder_layers and len(maps["cross"][0]) == config.n_heads
+
+
+def test_attention_of_a_decoder_only_model_is_its_causal_self_attention():
+    """A served decoder-only model answers with the causal self-attention ("decoder") of the
+    input followed by the target, given or generated: `attention_maps`'s, no encoder or cross
+    maps, ``family`` "causal" and the prompt's length."""
+    prompt, target = "Where is Anna going?", " To the market."
+    tokenizer = train_tokenizer([prompt + target + " Hi"], kind="char", append_eos=False)
+    causal = Seq2Seq(tiny_model(len(tokenizer)), tokenizer, "tiny-gpt")
+    with client(causal) as c:
+        given = c.post("/v1/attention", json={"input": prompt, "target": target,
+                                              "include": ["decoder"]})
+        generated = c.post("/v1/attention", json={"input": "Hi", "max_new_tokens": NEW})
+        info = c.get("/v1/model").json()
+    assert given.status_code == 200, given.text
+    body = given.json()
+    expected = attention_maps(causal, prompt, target).to_json()
+    assert body["decoder"] == expected["decoder"] and body["counts"] == expected["counts"]
+    assert body["target_tokens"] == expected["target_tokens"] and body["source_tokens"] == []
+    assert (body["family"], body["prompt_length"]) == ("causal", len(prompt))  # characters
+    assert len(body["target_tokens"]) == len(prompt + target)
+    assert "encoder" not in body and "cross" not in body
+    assert np.triu(np.asarray(body["decoder"]), k=1).max() == 0
+    maps = generated.json()
+    reference = attention_maps(causal, "Hi", max_new_tokens=NEW).to_json()
+    assert maps["decoder"] == reference["decoder"] and maps["prompt_length"] == 2
+    assert maps["encoder"] == maps["cross"] == [] and info["attention"] is True
 
 
 def test_attention_of_a_copy_model_adds_its_copy_attention_and_p_gen(copy_seq2seq, seq2seq,

@@ -1,6 +1,6 @@
 """Instruction tuning (``data.task: sft``): the loss on responses only, packed examples kept
-apart, the chat template saved with the tokenizer, and the loop end to end, from scratch and
-from a language model's checkpoint."""
+apart, the chat template saved with the tokenizer, the loop end to end, from scratch and
+from a language model's checkpoint, and the attention maps of chat prompts and answers."""
 
 import json
 from pathlib import Path
@@ -27,8 +27,10 @@ from tformer.hf import TformerConfig, TformerForCausalLM
 from tformer.model import IGNORE_INDEX, config_for
 from tformer.tokenization import train_tokenizer
 from tformer.training import ConfigError, load_config, train
+from tformer.visualization.report import ATTENTION_MAX_TOKENS
 
 from .synthetic import dialogues, write_jsonl
+from .test_lm import quiet_report
 
 PAIRS = [("Where is Anna going?", "To the market."), ("Hi", "Hello there, friend."),
          ("Say yes.", "Yes.")]
@@ -211,6 +213,33 @@ def test_tiny_sft_run_trains_validates_reloads_and_answers(sft_run, capsys):
     engine = tformer.load(checkpoint, device="cpu")
     expected = engine.generate(chat_prompts(engine.tokenizer, [prompt])[0], max_new_tokens=24)
     assert answer and answer == expected.replace("\n", " ").strip()
+
+
+def test_attention_of_a_chat_prompt_and_its_answer_in_the_cli_and_the_report(sft_run, tmp_path,
+                                                                            caplog):
+    """``tformer attention --chat`` maps the rendered chat prompt and the answer; the report
+    shows three validation prompts with the checkpoint's answers, read in the model's own
+    context (blocks of 256, shown up to ATTENTION_MAX_TOKENS), not a 48-token one, and warns
+    of nothing."""
+    checkpoint = last_checkpoint(sft_run)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    out = tmp_path / "maps"
+    assert cli(["attention", str(checkpoint), "Say yes.", "--chat", "--target", "Yes.",
+                "-o", str(out), "--device", "cpu"]) == 0
+    data = json.loads((out / "attention.json").read_text(encoding="utf-8"))
+    prompt = chat_prompts(tokenizer, ["Say yes."])[0]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer("Yes.", add_special_tokens=False)["input_ids"]
+    assert data["family"] == "causal" and data["prompt_length"] == len(prompt_ids)
+    assert len(data["target_tokens"]) == len(prompt_ids) + len(answer_ids)
+
+    page, examples = quiet_report(sft_run, caplog)
+    assert "not available" not in page and "rendered with the checkpoint" in page
+    assert len(examples) == 3
+    for maps in examples:
+        assert maps["family"] == "causal" and maps["encoder"] == maps["cross"] == []
+        assert maps["prompt_length"] <= len(maps["target_tokens"]) <= ATTENTION_MAX_TOKENS
+    assert max(len(maps["target_tokens"]) for maps in examples) > 48
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(sft_run, dialogue_files, tmp_path):

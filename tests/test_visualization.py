@@ -1,7 +1,9 @@
 """Attention maps (tformer.visualization): rows are distributions, padding gets no weight, the
 maps are the model's own ``output_attentions``, the PNGs have the size their layout promises,
-Chinese labels have glyphs, Hugging Face T5/BART give maps, the CLI writes everything, and
-the run report is written (by ``train`` too) even for an interrupted run."""
+Chinese labels have glyphs, Hugging Face T5/BART give maps, a decoder-only model's causal maps
+are GPT-2's and Llama's own, the CLI writes everything, and the run report is written (by
+``train`` too) even for an interrupted run. (The CLI and the report of decoder-only runs are
+tested on the tiny runs of ``tests/test_lm.py`` and ``tests/test_sft.py``.)"""
 
 import json
 import logging
@@ -15,13 +17,18 @@ from PIL import Image
 
 import tformer
 from tformer.cli import main
+from tformer.convert import from_transformers
+from tformer.generation import Seq2Seq
+from tformer.tokenization import train_tokenizer
 from tformer.visualization import attention_maps, attention_maps_batch
 from tformer.visualization.attention import collate_pairs, teacher_forced_attentions
 from tformer.visualization.tokens import readable_tokens
 
 from .conftest import tiny_overrides
 from .serving_helpers import served_checkpoint
+from .test_convert import reference
 from .test_pretrained import bart_dir, dialogs, t5_dir  # noqa: F401 (fixtures)
+from .test_sft import tiny_model
 
 SOURCES = ["A man in a blue shirt is riding a bike down the street.", "Two dogs play."]
 TARGETS = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee auf der Wiese."]
@@ -83,11 +90,13 @@ def test_maps_are_the_models_own_output_attentions(seq2seq):
 
     data = json.loads(json.dumps(maps.to_json()))
     assert data["layers"] == 2 and data["heads"] == 4
+    assert data["family"] == "seq2seq" and "prompt_length" not in data
     assert np.asarray(data["cross"]).shape == (2, 4, T, S)
     assert data["cross"][0][0][0][0] == round(float(maps.cross[0][0, 0, 0]), 4)
 
 
-def test_a_missing_target_is_generated_through_seq2seq_generate(seq2seq, monkeypatch):
+def spy_on_generate(seq2seq, monkeypatch) -> list[dict]:
+    """The options of each ``seq2seq.generate`` call from now on (it still generates)."""
     calls = []
     original = seq2seq.generate
 
@@ -96,6 +105,12 @@ def test_a_missing_target_is_generated_through_seq2seq_generate(seq2seq, monkeyp
         return original(texts, **options)
 
     monkeypatch.setattr(seq2seq, "generate", spy)
+    return calls
+
+
+def test_a_missing_target_is_generated_through_seq2seq_generate(seq2seq, monkeypatch):
+    original = seq2seq.generate
+    calls = spy_on_generate(seq2seq, monkeypatch)
     maps = attention_maps(seq2seq, SOURCES[1], max_new_tokens=5, num_beams=2)
     assert calls and calls[0]["max_new_tokens"] == 5 and calls[0]["num_beams"] == 2
     generated = original(SOURCES[1], max_new_tokens=5, num_beams=2)
@@ -222,6 +237,88 @@ def test_hugging_face_t5_and_bart_give_maps(request, kind):
     assert maps.source_tokens[-1] == "</s>" and "Hello" in "".join(maps.source_tokens)
     generated = attention_maps(s2s, "#Person1#: Hello.", max_new_tokens=3)
     assert 1 <= len(generated.target_tokens) <= 4
+
+
+# --- decoder-only models -------------------------------------------------------------------
+
+PROMPT, CONTINUATION = "the cat", " sat on the mat"
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    """Characters: a dozen ids, inside the vocabulary of `tests.test_convert.reference`."""
+    return train_tokenizer([PROMPT + CONTINUATION], kind="char", append_eos=False)
+
+
+def char_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_decoder_only_maps_equal_gpt2_and_llama_own(name, char_tokenizer):
+    """The maps of tformer's copy (`tformer.convert`) of a GPT2LMHeadModel / LlamaForCausalLM
+    are that model's own ``attentions`` (eager, output_attentions=True): one map per query
+    head (the Llama has 2 key/value heads for 4), upper triangle exactly 0, rows distributions.
+    The Hugging Face model itself, loaded with sdpa, gives them too (switched to eager and
+    back)."""
+    ref = reference(name)
+    ref.set_attn_implementation("eager")
+    ours = Seq2Seq(from_transformers(ref), char_tokenizer)
+    maps = attention_maps(ours, PROMPT, CONTINUATION)
+    ids = char_ids(char_tokenizer, PROMPT + CONTINUATION)
+    assert maps.family == "causal" and maps.kinds() == ["decoder"]
+    assert maps.prompt_length == len(char_ids(char_tokenizer, PROMPT))
+    assert maps.target_tokens == maps.decoder_input_tokens == readable_tokens(char_tokenizer, ids)
+    assert maps.source_tokens == [] and maps.encoder == [] and maps.cross == []
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    assert len(maps.decoder) == len(expected) == 2
+    for mine, theirs in zip(maps.decoder, expected):
+        assert mine.shape == (4, len(ids), len(ids))
+        np.testing.assert_allclose(mine, theirs[0].numpy(), atol=1e-5, rtol=0)
+        assert np.triu(mine, k=1).max() == 0  # causal: no position sees a later one
+        np.testing.assert_allclose(mine.sum(-1), 1.0, atol=1e-5)
+    data = json.loads(json.dumps(maps.to_json()))
+    assert (data["family"], data["prompt_length"], data["layers"], data["heads"]) == (
+        "causal", maps.prompt_length, 2, 4)
+    assert data["encoder"] == data["cross"] == [] and data["counts"]["cross"]["layers"] == 0
+
+    ref.set_attn_implementation("sdpa")
+    theirs = attention_maps(Seq2Seq(ref, char_tokenizer), PROMPT, CONTINUATION)
+    assert ref.config._attn_implementation == "sdpa"
+    for a, b in zip(theirs.decoder, maps.decoder):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_decoder_only_batch_equals_one_at_a_time_and_continuations_are_generated(
+        char_tokenizer, monkeypatch):
+    ours = Seq2Seq(tiny_model(len(char_tokenizer), "llama"), char_tokenizer)  # GQA, RoPE
+    prompts, continuations = [PROMPT, "a"], [CONTINUATION, " mat"]
+    batched = attention_maps_batch(ours, prompts, continuations)  # the second row padded
+    for b in range(2):
+        alone = attention_maps(ours, prompts[b], continuations[b])
+        assert (batched[b].target_tokens, batched[b].prompt_length) == (
+            alone.target_tokens, alone.prompt_length)
+        for x, y in zip(batched[b].decoder, alone.decoder):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+    original = ours.generate
+    calls = spy_on_generate(ours, monkeypatch)
+    generated = attention_maps(ours, "the", max_new_tokens=5)
+    # in the model's own context (max_positions 128: the tokenizer states none)
+    assert calls == [{"max_new_tokens": 5, "max_source_length": 128}]
+    assert generated.prompt_length == 3 and 3 <= len(generated.target_tokens) <= 3 + 5
+    continuation = original("the", max_new_tokens=5)
+    ids = char_ids(char_tokenizer, "the") + char_ids(char_tokenizer, continuation)[:5]
+    assert generated.target_tokens == readable_tokens(char_tokenizer, ids)
+    # past the context, the last tokens (the prompt's count with them)
+    full = attention_maps(ours, PROMPT, CONTINUATION)
+    cut = attention_maps(ours, PROMPT, CONTINUATION, max_source_length=18)
+    dropped = len(full.target_tokens) - 18
+    assert cut.target_tokens == full.target_tokens[dropped:]
+    assert cut.prompt_length == full.prompt_length - dropped
+    empty = attention_maps(ours, "", "the")  # from the start of a document
+    assert empty.prompt_length == 1 and len(empty.target_tokens) == 4
 
 
 # --- command line and report ------------------------------------------------------------

@@ -157,9 +157,6 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:  # each text as a user message, the model's answer generated
         from tformer.data.sft import chat_prompts  # import time (module docstring)
 
-        if not getattr(generator.tokenizer, "chat_template", None):
-            raise ValueError(f"--chat: {args.checkpoint} has no chat template (train it with "
-                             "data.task: sft)")
         records = list(zip([rid for rid, _ in records],
                            chat_prompts(generator.tokenizer, [text for _, text in records])))
     if args.stream:
@@ -276,7 +273,7 @@ def _attention(args: argparse.Namespace) -> int:
     from tformer.visualization.export import write_attention  # import time (module docstring)
 
     files = write_attention(args.checkpoint, args.text, args.target, args.output_dir,
-                            device=args.device, **_generation_options(args))
+                            device=args.device, chat=args.chat, **_generation_options(args))
     print(f"interactive view: {files[0]}")
     print(f"{len(files) - 1} more files (maps as JSON, PNG heatmaps) in {files[0].parent}")
     return 0
@@ -416,8 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("attention", help="attention maps of one text: PNG heatmaps and an "
                          "interactive HTML view")
     p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
-    p.add_argument("text", help="the source text")
-    p.add_argument("--target", default=None, help="the target text (default: generate it)")
+    p.add_argument("text", help="the source text (a decoder-only model: the prompt; \"\" = "
+                   "from the start of a document)")
+    p.add_argument("--target", default=None, help="the target text, a decoder-only model's "
+                   "continuation (default: generate it)")
+    p.add_argument("--chat", action="store_true", help="decoder-only models with a chat "
+                   "template (data.task: sft): the text is a user message; the target its answer")
     p.add_argument("--output-dir", "-o", default="attention", help="default: ./attention")
     _add_generation_flags(p)
     p.set_defaults(func=_attention)

@@ -186,15 +186,15 @@ def continue_prompts(
     """The continuations of ``texts`` by any engine's ``continue_ids`` (`ContinueIds`): what
     both engines of a decoder-only model share, so that they read the same tokens.
 
-    Prompts are encoded as the training text was (no special token added); an empty prompt
-    is the end-of-text token, after which every document starts. ``context``: the most tokens
-    the model reads. A prompt and its continuation that fit in it are one call, prompts batched
-    by ``batch_size``. A longer one (nanoGPT's samples are hundreds of characters from a
-    64-character context) is continued one prompt at a time in steps of a quarter of the
-    context, each step reading the last tokens that leave room for it (nanoGPT crops to the
-    context before every token: same idea, fewer calls); so does a prompt too long for the
-    context (counted as truncated). ``on_text`` (batches of one prompt) receives the text as
-    it is generated. Continuations are decoded without special tokens.
+    Prompts are encoded by `encode_prompts` (as the training text was; an empty prompt is the
+    end-of-text token). ``context``: the most tokens the model reads. A prompt and its
+    continuation that fit in it are one call, prompts batched by ``batch_size``. A longer one
+    (nanoGPT's samples are hundreds of characters from a 64-character context) is continued
+    one prompt at a time in steps of a quarter of the context, each step reading the last
+    tokens that leave room for it (nanoGPT crops to the context before every token: same idea,
+    fewer calls); so does a prompt too long for the context (counted as truncated).
+    ``on_text`` (batches of one prompt) receives the text as it is generated. Continuations
+    are decoded without special tokens.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -203,8 +203,7 @@ def continue_prompts(
     if on_text is not None:
         batch_size = 1
     eos = tokenizer.eos_token_id
-    encoded = [ids or [eos] for ids in tokenizer(
-        list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+    encoded = encode_prompts(tokenizer, texts)
     step = max(1, context // 4)
     truncated = sum(len(ids) >= context for ids in encoded)  # no room for one more token
     outputs: list[str] = [""] * len(texts)
@@ -227,6 +226,15 @@ def continue_prompts(
     if report is not None:
         report.update(truncated_sources=truncated, max_source_length=context)
     return outputs
+
+
+def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids a decoder-only model reads for each prompt: encoded as its training text
+    was (no special token added); an empty prompt is the end-of-text token, after which every
+    document starts. (`continue_prompts` and the attention maps read prompts so.)"""
+    eos = tokenizer.eos_token_id
+    return [ids or [eos] for ids in tokenizer(
+        list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def _generate_left_padded(model, pad: int, prompts: list[list[int]], max_new_tokens: int,

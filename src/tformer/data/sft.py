@@ -56,7 +56,10 @@ def set_chat_template(tokenizer, template: str | None) -> None:
 
 def chat_prompts(tokenizer, texts: Sequence[str]) -> list[str]:
     """Each text as a user message followed by the assistant's opening: the text a chat model
-    continues with its answer."""
+    continues with its answer. A ValueError for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the checkpoint's tokenizer has no chat template (train the model with "
+                         "data.task: sft)")
     return [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                           add_generation_prompt=True) for text in texts]
 

@@ -7,7 +7,8 @@ Routes (all but ``/healthz`` and the page's own files need the API key when one 
 - ``GET /healthz``: liveness (the batcher's worker is running);
 - ``GET /v1/model``: what is loaded and the limits;
 - ``POST /v1/generate``: outputs for inputs, through the batcher (`tformer.serving.batcher`);
-- ``POST /v1/attention``: attention maps of one input and its (given or generated) target;
+- ``POST /v1/attention``: attention maps of one input and its (given or generated) target (a
+  decoder-only model: the causal self-attention of the input followed by its continuation);
 - ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the
   OpenAI-compatible API, with streaming (`tformer.serving.openai_api`);
 - ``GET /openapi.json``, ``GET /docs``: the OpenAPI schema and Swagger UI.
@@ -157,8 +158,10 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
     async def attention(body: AttentionRequest, request: Request) -> AttentionResponse:
         """Encoder, decoder and cross-attention maps (per layer, per head) of one input and
         its target, and for a model with copy attention its copy attention and p_gen; without
-        a target, of the output generated with the options. 501 when the loaded model cannot
-        return attention weights (e.g. another inference engine)."""
+        a target, of the output generated with the options. A decoder-only model: the causal
+        self-attention ("decoder") of the input followed by the target, its continuation. 501
+        when the loaded model cannot return attention weights (e.g. another inference
+        engine)."""
         if not has_attention(seq2seq):
             raise ApiError(501, "attention_unavailable", f"the loaded model "
                            f"({type(getattr(seq2seq, 'model', seq2seq)).__name__}) has no "
@@ -245,8 +248,9 @@ def state_limits(schema: dict, settings: ServeSettings) -> dict:
 
 
 def has_attention(seq2seq) -> bool:
-    """Whether attention maps can be drawn: a PyTorch model (own or Hugging Face) and a
-    tokenizer. Other engines (e.g. CTranslate2) do not return attention weights."""
+    """Whether attention maps can be drawn: a PyTorch model (own or Hugging Face, seq2seq or
+    decoder-only) and a tokenizer. Other engines (e.g. CTranslate2) do not return attention
+    weights."""
     model = getattr(seq2seq, "model", None)
     return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
 
@@ -261,7 +265,9 @@ def source_limit(seq2seq) -> int | None:
 
 
 def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> dict:
-    """Runs in the batcher's worker: the model is only ever used from that thread."""
+    """Runs in the batcher's worker: the model is only ever used from that thread. For a
+    decoder-only model ``source`` is the prompt and ``max_source_length`` its context
+    (`attention_maps`)."""
     options = dict(options)
     max_new_tokens = options.pop("max_new_tokens")
     max_source_length = options.pop("max_source_length")

@@ -117,16 +117,24 @@ class AttentionResponse(BaseModel):
     """The maps as `tformer.visualization.AttentionMaps.to_json` writes them (weights rounded
     to 4 decimals), less the kinds not asked for."""
 
-    source_tokens: list[str]
-    target_tokens: list[str] = Field(description="the token predicted at each decoder position")
+    source_tokens: list[str] = Field(description="[] for a decoder-only model")
+    target_tokens: list[str] = Field(description="the token predicted at each decoder position; "
+                                     "decoder-only: the token read at each position")
     decoder_input_tokens: list[str] = Field(
         [], description="the token read at each decoder position (start token, target shifted)")
+    family: Literal["seq2seq", "causal"] = Field(
+        "seq2seq", description='"causal" for a decoder-only model: one sequence (the input, then '
+        'the target), its causal self-attention under "decoder", no encoder or cross maps')
+    prompt_length: int | None = Field(
+        None, description="decoder-only: how many leading tokens are the input's (the rest: "
+        "the target's)")
     layers: int
     heads: int
     counts: dict[str, dict[str, int]] | None = Field(
         None, description='{kind: {"layers", "heads"}} for the three kinds')
     encoder: Maps | None = Field(None, description="per layer (H, S, S)")
-    decoder: Maps | None = Field(None, description="per layer (H, T, T)")
+    decoder: Maps | None = Field(None, description="per layer (H, T, T); decoder-only: the "
+                                 "causal self-attention, the upper triangle 0")
     cross: Maps | None = Field(None, description="per layer (H, T, S): row t = target token t "
                                "attending over the source tokens")
     copy_attention: list[list[float]] | None = Field(

@@ -19,6 +19,17 @@ A model with copy attention (`tformer.model.copy`) also gives, per target positi
 attention over the source and p_gen, the probability of generating rather than copying
 (``copy_attention`` and ``p_gen``; None for other models).
 
+A decoder-only model (tformer's ``gpt2`` / ``llama`` presets, ``GPT2LMHeadModel``,
+``LlamaForCausalLM``, ...) has one kind, its causal self-attention, returned as ``attentions``
+(B, H, T, T): kept under the kind "decoder" (it is a decoder stack), with no encoder and no
+cross maps. There is one sequence, the prompt followed by its continuation (given, or
+generated through ``seq2seq.generate``), read whole, so both axes are labelled with the token
+**read** at each position (``target_tokens`` and ``decoder_input_tokens`` alike; position t
+predicts the token read at t + 1), and ``prompt_length`` says how many leading tokens are the
+prompt's. With grouped-query attention every query head has its map (the key/value heads are
+shared, the weights are not). Being causal, the map of a sequence's first n tokens is the map of
+those n tokens alone: a window of a longer text reads exactly as the text.
+
 Dimension names: B batch, H heads, S source length, T target length.
 """
 
@@ -35,7 +46,7 @@ from torch import Tensor
 
 from tformer.data import Seq2SeqCollator
 from tformer.data.encoding import encode_pairs
-from tformer.generation import max_source_length_of
+from tformer.generation import encode_prompts, max_source_length_of
 from tformer.visualization.tokens import readable_tokens
 
 log = logging.getLogger(__name__)
@@ -45,7 +56,11 @@ KINDS = ("cross", "encoder", "decoder")  # the three kinds of maps, in the order
 
 @dataclass
 class AttentionMaps:
-    """The attention of one example, per layer, heads first (all float32, rows sum to 1)."""
+    """The attention of one example, per layer, heads first (all float32, rows sum to 1).
+
+    Decoder-only (``prompt_length`` set): ``decoder`` alone, over the one sequence, whose
+    tokens both label lists hold (see the module docstring); ``encoder`` and ``cross`` empty.
+    """
 
     source_tokens: list[str]  # S readable labels (see tformer.visualization.tokens)
     target_tokens: list[str]  # T labels: the token predicted at each decoder position
@@ -55,12 +70,23 @@ class AttentionMaps:
     decoder_input_tokens: list[str] = field(default_factory=list)  # T labels: the token read
     copy_attention: np.ndarray | None = None  # (T, S), for a model with copy attention
     p_gen: np.ndarray | None = None  # (T,) probability of generating (1 − p_gen: copying)
+    prompt_length: int | None = None  # decoder-only: leading tokens that are the prompt
+
+    @property
+    def family(self) -> str:
+        """"causal" for a decoder-only model's maps, else "seq2seq" (as `Seq2Seq.family`)."""
+        return "seq2seq" if self.prompt_length is None else "causal"
 
     def kind(self, name: str) -> list[np.ndarray]:
         """The per-layer maps of ``name``: "cross", "encoder" or "decoder"."""
         if name not in KINDS:
             raise ValueError(f"attention kind must be one of {KINDS}, got {name!r}")
         return getattr(self, name)
+
+    def kinds(self) -> list[str]:
+        """The kinds this model has maps of, in the order shown: all three, or for a
+        decoder-only model "decoder" alone."""
+        return [name for name in KINDS if self.kind(name)]
 
     def axes(self, name: str) -> tuple[list[str], list[str]]:
         """(query labels, key labels) of the maps of kind ``name``: rows, then columns."""
@@ -78,11 +104,12 @@ class AttentionMaps:
 
     def to_json(self) -> dict:
         """Plain lists, JSON-serialisable: "encoder", "decoder", "cross" as
-        [layer][head][query][key] (weights rounded to 4 decimals); "source_tokens",
-        "target_tokens", "decoder_input_tokens"; "layers" and "heads", ints: the most over the
-        three kinds (they agree for every model tformer loads; the lists' own lengths are
-        exact), and "counts": {kind: {"layers", "heads"}}; with copy attention also
-        "copy_attention" [query][key] and "p_gen" [query]."""
+        [layer][head][query][key] (weights rounded to 4 decimals; [] for a kind the model does
+        not have); "source_tokens", "target_tokens", "decoder_input_tokens"; "layers" and
+        "heads", ints: the most over the three kinds (they agree for every model tformer loads;
+        the lists' own lengths are exact), and "counts": {kind: {"layers", "heads"}};
+        "family": "seq2seq" or "causal", and for "causal" "prompt_length"; with copy attention
+        also "copy_attention" [query][key] and "p_gen" [query]."""
 
         def rounded(m: np.ndarray) -> list:
             return np.round(m.astype(np.float64), 4).tolist()
@@ -101,6 +128,8 @@ class AttentionMaps:
             "layers": max(c["layers"] for c in counts.values()),
             "heads": max(c["heads"] for c in counts.values()),
             "counts": counts,
+            "family": self.family,
+            **({} if self.prompt_length is None else {"prompt_length": self.prompt_length}),
             **({} if self.copy_attention is None else {
                 "copy_attention": rounded(self.copy_attention), "p_gen": rounded(self.p_gen)}),
         }
@@ -121,6 +150,11 @@ def attention_maps(
     generation path; ``max_new_tokens`` and ``generation_options`` such as ``num_beams`` go
     there). Then one teacher-forced forward pass with ``output_attentions=True`` gives the maps
     (see the module docstring for what the target axis means).
+
+    A decoder-only model: ``source`` is the prompt and ``target`` its continuation, and
+    ``max_source_length`` the context (by default the model's own, what it was trained on):
+    the one it generates in, and the most tokens the maps hold (a longer prompt and
+    continuation keep their end, as generation keeps a long prompt's end).
     """
     targets = None if target is None else [target]
     return attention_maps_batch(seq2seq, [source], targets, max_new_tokens=max_new_tokens,
@@ -141,20 +175,24 @@ def attention_maps_batch(
 
     A generated target is read back from its text, and text does not always give back the
     same tokens (an untrained model's stray bytes come back as several tokens each): the
-    target is then cut to ``max_new_tokens`` tokens and its ``</s>``, what generation allowed.
+    target is then cut to ``max_new_tokens`` tokens and its ``</s>``, what generation allowed
+    (a decoder-only model's continuation to ``max_new_tokens``).
     """
     if not sources:
         raise ValueError("sources: need at least one text")
     if not isinstance(getattr(seq2seq, "model", None), torch.nn.Module):
         raise ValueError(f"attention maps need a PyTorch model; this one runs on "
                          f"{getattr(seq2seq, 'engine', type(seq2seq).__name__)}")
+    if targets is not None and len(targets) != len(sources):
+        raise ValueError(f"targets: {len(targets)} texts for {len(sources)} sources")
+    if seq2seq.family == "causal":
+        return _causal_maps_batch(seq2seq, sources, targets, max_new_tokens, max_source_length,
+                                  generation_options)
     max_target_length = None
     if targets is None:
         generated = seq2seq.generate(list(sources), max_new_tokens=max_new_tokens,
                                      max_source_length=max_source_length, **generation_options)
         targets, max_target_length = list(generated), max_new_tokens + 1
-    elif len(targets) != len(sources):
-        raise ValueError(f"targets: {len(targets)} texts for {len(sources)} sources")
     model, tokenizer = seq2seq.model, seq2seq.tokenizer
     batch = collate_pairs(model, tokenizer, sources, targets, max_source_length, max_target_length)
     weights = teacher_forced_attentions(model, batch)
@@ -196,30 +234,21 @@ def collate_pairs(model, tokenizer, sources: Sequence[str], targets: Sequence[st
     return collate([{"input_ids": x, "labels": y} for x, y in zip(source_ids, label_ids)])
 
 
-@torch.inference_mode()
 def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
     """One forward pass with ``output_attentions=True``: {"encoder": per layer (B, H, S, S),
     "decoder": (B, H, T, T), "cross": (B, H, T, S)}, float32 on the CPU, padding included (a
     padded source position gets weight 0 in every row). For tformer's own model with copy
     attention also "copy_attention": [(B, T, S)] and "p_gen": [(B, T)], read in the same pass
     (a hook on the copy layer)."""
-    device = next(model.parameters()).device
     copy = getattr(getattr(model, "model", None), "copy", None)
     captured: list[tuple[Tensor, Tensor]] = []
     hook = None if copy is None else copy.register_forward_hook(
         lambda layer, args, _: captured.append(layer.weights(args[0], args[2], args[4])))
-    was_training = model.training
-    model.eval()
     try:
-        with _eager_attention(model):
-            out = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                decoder_input_ids=batch["decoder_input_ids"].to(device),
-                output_attentions=True, use_cache=False, return_dict=True,
-            )
+        out = _attention_pass(model, input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"],
+                              decoder_input_ids=batch["decoder_input_ids"])
     finally:
-        model.train(was_training)
         if hook is not None:
             hook.remove()
     result = {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions,
@@ -227,6 +256,96 @@ def teacher_forced_attentions(model, batch: dict[str, Tensor]) -> dict[str, list
     if captured:
         attention, gate = captured[-1]
         result.update(copy_attention=[attention], p_gen=[torch.sigmoid(gate[..., 0])])
+    return _on_cpu(model, result)
+
+
+# --- decoder-only models -------------------------------------------------------------------
+
+
+def causal_attention_maps(model, tokenizer, rows: Sequence[Sequence[int]],
+                          prompt_lengths: Sequence[int]) -> list[AttentionMaps]:
+    """The causal self-attention maps of a decoder-only ``model`` on token id sequences
+    ``rows``, each read whole (cut them to the model's context first), in one right-padded
+    forward pass; ``prompt_lengths[i]``: how many leading tokens of row i are its prompt.
+    Right padding changes no real position's map: a position sees no later key."""
+    if not rows or min(len(row) for row in rows) < 1:
+        raise ValueError("rows: need at least one sequence, each of at least one token")
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[*row, *[pad] * (width - len(row))] for row in rows])  # (B, T)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    out = _attention_pass(model, input_ids=ids, attention_mask=mask)
+    layers = _on_cpu(model, {"decoder": out.attentions})["decoder"]  # per layer (B, H, T, T)
+    maps = []
+    for b, (row, prompt_length) in enumerate(zip(rows, prompt_lengths)):
+        t = len(row)
+        tokens = readable_tokens(tokenizer, row)
+        maps.append(AttentionMaps(
+            source_tokens=[], target_tokens=tokens, encoder=[],
+            decoder=[_numpy(w[b, :, :t, :t]) for w in layers], cross=[],
+            decoder_input_tokens=list(tokens), prompt_length=int(prompt_length),
+        ))
+    return maps
+
+
+def prompt_and_continuation(tokenizer, prompt: str, continuation: str, context: int,
+                            max_new_tokens: int | None = None) -> tuple[list[int], int]:
+    """The token ids of ``prompt`` followed by ``continuation``, and how many of them are the
+    prompt's. The prompt is encoded as generation encodes it (`encode_prompts`), the
+    continuation on its own (the tokens generation appended to the prompt's), cut to
+    ``max_new_tokens`` when given: a generated text read back does not always give the same
+    tokens. Past ``context`` tokens, the last ``context``."""
+    head = encode_prompts(tokenizer, [prompt])[0]
+    tail = tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_new_tokens is not None:
+        tail = tail[:max_new_tokens]
+    dropped = max(0, len(head) + len(tail) - context)
+    if dropped:
+        log.info("prompt and continuation: %d tokens, past the %d-token context; the maps "
+                 "show the last %d", len(head) + len(tail), context, context)
+    return (head + tail)[dropped:], max(0, len(head) - dropped)
+
+
+def _causal_maps_batch(seq2seq, prompts: Sequence[str], continuations: Sequence[str] | None,
+                       max_new_tokens: int, context: int | None,
+                       generation_options: dict) -> list[AttentionMaps]:
+    """`attention_maps_batch` for a decoder-only model: ``context`` (None: the model's own)
+    is the one the continuations are generated in and the most tokens of each map."""
+    model, tokenizer = seq2seq.model, seq2seq.tokenizer
+    if context is None:
+        context = max_source_length_of(model, tokenizer)
+    generated_limit = None
+    if continuations is None:
+        continuations = seq2seq.generate(list(prompts), max_new_tokens=max_new_tokens,
+                                         max_source_length=context, **generation_options)
+        generated_limit = max_new_tokens
+    pairs = [prompt_and_continuation(tokenizer, p, c, context, generated_limit)
+             for p, c in zip(prompts, continuations)]
+    return causal_attention_maps(model, tokenizer, [ids for ids, _ in pairs],
+                                 [n for _, n in pairs])
+
+
+# --- one pass ------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _attention_pass(model, **inputs: Tensor):
+    """``model(**inputs, output_attentions=True)`` in eval mode, with eager attention (see
+    `_eager_attention`) and no cache, on the model's device; its mode is restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _eager_attention(model):
+            return model(**{name: x.to(device) for name, x in inputs.items()},
+                         output_attentions=True, use_cache=False, return_dict=True)
+    finally:
+        model.train(was_training)
+
+
+def _on_cpu(model, result: dict[str, Sequence[Tensor | None] | None]) -> dict[str, list[Tensor]]:
+    """The per-layer weights of ``result`` as float32 CPU tensors; a ValueError naming the
+    kind when the model returned none."""
     for name, layers in result.items():
         if not layers or any(w is None for w in layers):
             raise ValueError(

@@ -1,6 +1,7 @@
 """Attention maps as PNG heatmaps (matplotlib, Agg backend: files only, no display).
 
-For each kind of attention (cross, encoder self, decoder self) two pictures:
+For each kind of attention the model has (cross, encoder self, decoder self; a decoder-only
+model's causal self-attention is its "decoder" kind) two pictures:
 
 - ``{kind}_heads.png``: one panel per layer (rows) and head (columns);
 - ``{kind}_mean.png``: one panel per layer, the average over its heads;
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tformer.visualization.attention import KINDS, AttentionMaps
+from tformer.visualization.attention import AttentionMaps
 from tformer.visualization.fonts import font_families
 from tformer.visualization.run import read_metrics
 
@@ -52,6 +53,8 @@ TITLES = {
     "cross": "cross-attention: target token predicted (rows) × source token (columns)",
     "encoder": "encoder self-attention: source token (rows) × source token (columns)",
     "decoder": "decoder self-attention: token predicted (rows) × token read (columns)",
+    "causal": "causal self-attention: token read (rows; it predicts the next) × token read "
+              "(columns)",
     "copy": "copy attention: target token predicted, with P(copy) (rows) × source token (columns)",
 }
 
@@ -156,21 +159,22 @@ def plot_panels(panels: list[list[np.ndarray]], row_labels: list[str], col_label
 
 
 def write_attention_pngs(maps: AttentionMaps, out_dir: Path | str) -> list[Path]:
-    """``{kind}_heads.png`` and ``{kind}_mean.png`` for the three kinds, in ``out_dir``, and
-    ``copy.png`` for a model with copy attention."""
+    """``{kind}_heads.png`` and ``{kind}_mean.png`` for the kinds the model has (decoder-only:
+    ``decoder_*`` alone), in ``out_dir``, and ``copy.png`` for a model with copy attention."""
     out_dir = Path(out_dir)
     written = []
-    for kind in KINDS:
+    for kind in maps.kinds():
         layers = maps.kind(kind)
         rows, cols = maps.axes(kind)
+        title = TITLES["causal" if maps.family == "causal" else kind]
         heads = [[layer[h] for h in range(layer.shape[0])] for layer in layers]
         titles = [[f"layer {i + 1} · head {h + 1}" for h in range(len(row))]
                   for i, row in enumerate(heads)]
-        written.append(plot_panels(heads, rows, cols, titles, TITLES[kind],
+        written.append(plot_panels(heads, rows, cols, titles, title,
                                    out_dir / f"{kind}_heads.png"))
         means = [[layer.mean(axis=0) for layer in layers]]
         mean_titles = [[f"layer {i + 1} · mean of heads" for i in range(len(layers))]]
-        written.append(plot_panels(means, rows, cols, mean_titles, TITLES[kind],
+        written.append(plot_panels(means, rows, cols, mean_titles, title,
                                    out_dir / f"{kind}_mean.png"))
     if maps.copy_attention is not None:
         rows, cols = maps.axes("cross")

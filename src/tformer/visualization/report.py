@@ -5,13 +5,18 @@ It holds, from the files a run writes (see ``tformer.training.loop``):
 - the run's outcome (``summary.json``) and test scores (``test_metrics.json``);
 - the resolved configuration (``config.yaml``);
 - data statistics (``data_stats.json``): examples per split, truncations, the padding fraction
-  of training batches, histograms of training source and target lengths in tokens;
+  of training batches, histograms of training source and target lengths in tokens (a
+  decoder-only run: documents and tokens, or examples and prompts cut, and its batches);
 - curves (``metrics.jsonl``): training and validation loss, learning rate, tokens/s, and the
   validation metric;
 - sample predictions beside their references (``test_predictions.jsonl``, else the samples of
   the last validation);
 - attention maps of a few validation sources under the best checkpoint (else the last one),
-  each target generated greedily by that checkpoint, in the interactive viewer.
+  each target generated greedily by that checkpoint, in the interactive viewer. A decoder-only
+  model's causal self-attention: for an instruction-tuned one (``data.task: sft``) over the
+  rendered chat prompt of a few validation examples followed by its greedy answer, for a
+  language model (``lm``) over the start of the validation text, read in the model's own
+  context (capped at `ATTENTION_MAX_TOKENS`, the end kept).
 
 Charts are inline SVG, the viewer inline JavaScript: the file needs no network and no other
 file. A missing or damaged input (an interrupted run) gives its section a "not available"
@@ -26,9 +31,18 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
+from tformer.data.sft import chat_prompts
 from tformer.engines import load
+from tformer.generation import Seq2Seq, encode_prompts, max_source_length_of
 from tformer.training.checkpoint import latest_checkpoint
-from tformer.visualization.attention import attention_maps_batch
+from tformer.training.config import DECODER_ONLY_TASKS
+from tformer.visualization.attention import (
+    AttentionMaps,
+    attention_maps_batch,
+    causal_attention_maps,
+)
 from tformer.visualization.run import RunFileError, read_metrics
 from tformer.visualization.svg import Series, histogram, line_chart
 from tformer.visualization.viewer import VIEWER_CSS, VIEWER_JS, viewer_fragment
@@ -41,6 +55,11 @@ ATTENTION_EXAMPLES = 3
 # Attention examples are kept short: the viewer embeds every layer and head as JSON.
 ATTENTION_MAX_SOURCE_TOKENS = 48
 ATTENTION_MAX_NEW_TOKENS = 32
+# A decoder-only example's one sequence (prompt and answer, or a window of text), at most: the
+# maps of T tokens hold T² weights per head, the seq2seq ones 48² + 33² + 33 · 48.
+ATTENTION_MAX_TOKENS = 128
+_CAUSAL_AXES = ("Rows and columns: the token read at that position (a row predicts the next "
+                "token); the upper triangle is 0, no position sees a later one.")
 SAMPLE_ROWS = 10
 
 CSS = """
@@ -69,13 +88,14 @@ def write_report(run_dir: Path | str, *, attention_examples: int = ATTENTION_EXA
     except RunFileError as error:
         log.warning("%s; the sections drawn from metrics.jsonl are left out", error)
         metrics = []
+    task = _task(run_dir)
     sections = [
         ("summary", "Run", _summary_section(run_dir, summary)),
         ("config", "Configuration", _config_section(run_dir)),
-        ("data", "Data", _data_section(run_dir)),
+        ("data", "Data", _data_section(run_dir, task)),
         ("curves", "Training curves", _curves_section(metrics)),
         ("predictions", "Sample predictions", _predictions_section(run_dir, metrics)),
-        ("attention", "Attention", _attention_section(run_dir, summary, metrics,
+        ("attention", "Attention", _attention_section(run_dir, summary, metrics, task,
                                                       attention_examples, device)),
     ]
     nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
@@ -131,7 +151,10 @@ def _config_section(run_dir: Path) -> str:
             f"({len(text.splitlines())} lines)</summary><pre>{_e(text)}</pre></details>")
 
 
-def _data_section(run_dir: Path) -> str:
+def _data_section(run_dir: Path, task: str | None) -> str:
+    """Examples and truncations per split, the training batches, the source and target length
+    histograms; a decoder-only run (``data.task`` lm or sft) has one sequence per example, and
+    its own counts instead of those of sources and targets."""
     stats = _read_json(run_dir / "data_stats.json")
     if stats is None:
         return _missing("data_stats.json")
@@ -139,13 +162,29 @@ def _data_section(run_dir: Path) -> str:
     sizes = stats.get("sizes") or {}
     splits = list(dict.fromkeys([*sizes, *(k[: -len("_truncation")] for k in stats
                                             if k.endswith("_truncation"))]))
-    rows = []
-    for split in splits:
-        trunc = stats.get(f"{split}_truncation") or {}
-        rows.append((split, sizes.get(split, trunc.get("examples")),
-                     trunc.get("truncated_sources"), trunc.get("truncated_targets")))
-    if rows:
-        parts.append(_table(["split", "examples", "truncated sources", "truncated targets"], rows))
+    truncation = {split: stats.get(f"{split}_truncation") or {} for split in splits}
+    if task == "lm":  # documents joined into one token stream per split
+        tokens = stats.get("tokens") or {}
+        table = (["split", "documents", "tokens"],
+                 [(split, sizes.get(split), tokens.get(split)) for split in splits])
+    elif task == "sft":
+        table = (["split", "examples", "prompts cut to the block"],
+                 [(split, truncation[split].get("examples", sizes.get(split)),
+                   truncation[split].get("truncated")) for split in splits])
+    else:
+        table = (["split", "examples", "truncated sources", "truncated targets"],
+                 [(split, sizes.get(split, truncation[split].get("examples")),
+                   truncation[split].get("truncated_sources"),
+                   truncation[split].get("truncated_targets")) for split in splits])
+    if splits:
+        parts.append(_table(*table))
+    if "blocks_per_batch" in stats:
+        parts.append(f"<p>Training batches: {stats['blocks_per_batch']} windows of the block, "
+                     f"{stats.get('batches_per_epoch')} batches an epoch</p>")
+    if "rows_per_batch" in stats:
+        parts.append(f"<p>Training batches: {stats['rows_per_batch']} rows of the block, "
+                     f"{_fmt(stats.get('examples_per_row'))} examples a row, "
+                     f"{100 * float(stats.get('packing_fill', 0)):.1f}% of each row filled</p>")
     if "padding_fraction" in stats:
         parts.append(f"<p>Padding fraction of training batches: "
                      f"{100 * float(stats['padding_fraction']):.1f}%</p>")
@@ -157,7 +196,7 @@ def _data_section(run_dir: Path) -> str:
                                 ("train_target_lengths", "target")) if stats.get(key)]
     if charts:
         parts.append('<div class="charts">' + "".join(charts) + "</div>")
-    else:
+    elif task not in DECODER_ONLY_TASKS:
         parts.append(_missing("length histograms", "no lengths in data_stats.json"))
     return "".join(parts)
 
@@ -205,32 +244,87 @@ def _predictions_section(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def _attention_section(run_dir: Path, summary: dict | None, metrics: list[dict],
-                       examples: int, device: str | None) -> str:
+                       task: str | None, examples: int, device: str | None) -> str:
     checkpoint = _checkpoint(run_dir, summary)
     if checkpoint is None:
         return _missing("attention maps", "no checkpoint in this run")
-    sources = [s["source"] for r in metrics if r.get("split") == "validation"
+    samples = [s for r in metrics if r.get("split") == "validation"
                for s in r.get("samples", []) if isinstance(s.get("source"), str)]
-    sources = list(dict.fromkeys(sources))[:examples]
-    if not sources:
+    if not samples:
         return _missing("attention maps", "no validation samples in metrics.jsonl")
     try:
         seq2seq = load(checkpoint, device=device, engine="torch")
-        maps = attention_maps_batch(seq2seq, sources, max_new_tokens=ATTENTION_MAX_NEW_TOKENS,
-                                    max_source_length=ATTENTION_MAX_SOURCE_TOKENS)
+        if seq2seq.family != "causal":
+            intro, shown = _seq2seq_examples(seq2seq, samples, examples)
+        elif task == "sft":
+            intro, shown = _chat_examples(seq2seq, samples, examples)
+        else:
+            intro, shown = _text_window(seq2seq, samples)
     except Exception as error:  # noqa: BLE001 (a report with a note beats no report)
         log.warning("report: attention maps of %s failed: %s", checkpoint, error)
         return _missing("attention maps", f"{checkpoint}: {type(error).__name__}: {error}")
-    intro = (f"<p>Checkpoint {_e(checkpoint)}. Each target is the checkpoint's own greedy output "
-             f"(at most {ATTENTION_MAX_NEW_TOKENS} tokens; sources cut at "
-             f"{ATTENTION_MAX_SOURCE_TOKENS} tokens), read back in one teacher-forced pass. "
-             "Rows of cross and decoder maps: the token predicted at that position; columns "
-             "of decoder maps: the token read there. Hover a cell for its weight.</p>")
-    viewers = [f"<h3>Example {i + 1}</h3>"
-               + viewer_fragment(m, "source: " + " ".join(m.source_tokens)
-                                 + " | prediction: " + " ".join(m.target_tokens))
-               for i, m in enumerate(maps)]
-    return intro + "".join(viewers)
+    viewers = [f"<h3>Example {i + 1}</h3>" + viewer_fragment(maps, caption)
+               for i, (maps, caption) in enumerate(shown)]
+    return f"<p>Checkpoint {_e(checkpoint)}. {_e(intro)} Hover a cell for its weight.</p>" + \
+        "".join(viewers)
+
+
+def _seq2seq_examples(seq2seq: Seq2Seq, samples: list[dict],
+                      examples: int) -> tuple[str, list[tuple[AttentionMaps, str]]]:
+    """The first validation sources, each with the checkpoint's greedy output."""
+    sources = list(dict.fromkeys(s["source"] for s in samples))[:examples]
+    maps = attention_maps_batch(seq2seq, sources, max_new_tokens=ATTENTION_MAX_NEW_TOKENS,
+                                max_source_length=ATTENTION_MAX_SOURCE_TOKENS)
+    intro = (f"Each target is the checkpoint's own greedy output (at most "
+             f"{ATTENTION_MAX_NEW_TOKENS} tokens; sources cut at {ATTENTION_MAX_SOURCE_TOKENS} "
+             "tokens), read back in one teacher-forced pass. Rows of cross and decoder maps: the "
+             "token predicted at that position; columns of decoder maps: the token read there.")
+    return intro, [(m, "source: " + " ".join(m.source_tokens) + " | prediction: "
+                    + " ".join(m.target_tokens)) for m in maps]
+
+
+def _chat_examples(seq2seq: Seq2Seq, samples: list[dict],
+                   examples: int) -> tuple[str, list[tuple[AttentionMaps, str]]]:
+    """An instruction-tuned model: the chat prompts of the first validation examples, each
+    followed by the checkpoint's greedy answer, generated in the model's own context."""
+    messages = list(dict.fromkeys(s["source"] for s in samples))[:examples]
+    prompts = chat_prompts(seq2seq.tokenizer, messages)
+    answers = seq2seq.generate(prompts, max_new_tokens=ATTENTION_MAX_NEW_TOKENS)
+    shown = _shown_tokens(seq2seq)
+    maps = attention_maps_batch(seq2seq, prompts, answers, max_source_length=shown)
+    intro = (f"Each example is a validation prompt (cut at 300 characters) rendered with the "
+             f"checkpoint's chat template, then the checkpoint's own greedy answer (at most "
+             f"{ATTENTION_MAX_NEW_TOKENS} tokens), read in one pass; the maps hold the last "
+             f"{shown} tokens at most. {_CAUSAL_AXES}")
+    return intro, [(m, f"prompt: {message} | answer: {answer}")
+                   for m, message, answer in zip(maps, messages, answers)]
+
+
+def _text_window(seq2seq: Seq2Seq, samples: list[dict]
+                 ) -> tuple[str, list[tuple[AttentionMaps, str]]]:
+    """A language model: the first tokens of the validation text (a sample's prompt and the
+    text that followed it), as many as the model reads at once."""
+    text = max((s["source"] + (s.get("reference") or "") for s in samples), key=len)
+    if not text:
+        raise ValueError("the validation samples hold no text")
+    window = encode_prompts(seq2seq.tokenizer, [text])[0][:_shown_tokens(seq2seq)]
+    maps = causal_attention_maps(seq2seq.model, seq2seq.tokenizer, [window], [len(window)])
+    intro = (f"The first {len(window)} tokens of the validation text, read in one pass. "
+             f"{_CAUSAL_AXES}")
+    return intro, [(maps[0], "validation text: " + seq2seq.tokenizer.decode(window))]
+
+
+def _shown_tokens(seq2seq: Seq2Seq) -> int:
+    """The most tokens of a decoder-only example: the model's own context (its position table,
+    its tokenizer's limit: the block it was trained on), up to `ATTENTION_MAX_TOKENS`."""
+    return min(max_source_length_of(seq2seq.model, seq2seq.tokenizer), ATTENTION_MAX_TOKENS)
+
+
+def _task(run_dir: Path) -> str | None:
+    """``data.task`` of the run's ``config.yaml`` (None without a readable one)."""
+    config = _read_mapping(run_dir / "config.yaml", yaml.safe_load, yaml.YAMLError, "YAML")
+    data = (config or {}).get("data")
+    return data.get("task") if isinstance(data, dict) else None
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -251,12 +345,19 @@ def _checkpoint(run_dir: Path, summary: dict | None) -> Path | None:
 
 
 def _read_json(path: Path) -> dict | None:
+    return _read_mapping(path, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _read_mapping(path: Path, loads, error: type[Exception], language: str) -> dict | None:
+    """The mapping ``path`` holds, read by ``loads``; None when there is no file, when it is
+    not ``language`` (``loads`` raised ``error``: a warning) or holds no mapping."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        log.warning("%s: not JSON (%s); its report section is left out", path, error)
+        value = loads(path.read_text(encoding="utf-8"))
+    except error as problem:
+        log.warning("%s: not %s (%s); what the report reads from it is left out", path,
+                    language, problem)
         return None
     return value if isinstance(value, dict) else None
 

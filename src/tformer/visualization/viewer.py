@@ -2,11 +2,13 @@
 maps as inline JSON; nothing is fetched, so it opens offline from a file).
 
 Choose the kind (cross, encoder self, decoder self, and copy attention for a model that has
-it), the layer and the head, or the mean over layers or heads; hovering a cell shows the query
-token, the key token and the weight (and, with copy attention, P(copy) = 1 − p_gen of the
-query token). The same viewer is embedded in the run report
-(:mod:`tformer.visualization.report`), once per example: :func:`viewer_fragment` gives the
-markup of one viewer, :data:`VIEWER_CSS` and :data:`VIEWER_JS` are included once per page.
+it; a decoder-only model's causal self-attention alone), the layer and the head, or the mean
+over layers or heads; hovering a cell shows the query token, the key token and the weight
+(and, with copy attention, P(copy) = 1 − p_gen of the query token). A decoder-only model's map
+has a white line after the prompt's last token, on both axes. The same viewer is embedded in
+the run report (:mod:`tformer.visualization.report`), once per example: :func:`viewer_fragment`
+gives the markup of one viewer, :data:`VIEWER_CSS` and :data:`VIEWER_JS` are included once per
+page.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ VIEWER_JS = r"""
   var NAMES = {cross: "cross-attention (target predicted × source)",
                encoder: "encoder self-attention (source × source)",
                decoder: "decoder self-attention (predicted × read)",
-               copy: "copy attention (target predicted × source)"};
+               copy: "copy attention (target predicted × source)",
+               causal: "causal self-attention (token read × token read)"};
   function mean(mats) {
     var out = mats[0].map(function (row) { return row.map(function () { return 0; }); });
     mats.forEach(function (m) { m.forEach(function (row, i) { row.forEach(function (v, j) {
@@ -69,8 +72,9 @@ VIEWER_JS = r"""
         canvas = root.querySelector("canvas"),
         hover = root.querySelector(".tf-hover"), ctx = canvas.getContext("2d");
     if (data.copy_attention) data.copy = [[data.copy_attention]];  // one layer, one head
+    var causal = data.family === "causal";  // one kind, "decoder", over prompt + continuation
     ["cross", "encoder", "decoder", "copy"].forEach(function (k) {
-      if (data[k] && data[k].length) option(kind, k, NAMES[k]); });
+      if (data[k] && data[k].length) option(kind, k, NAMES[causal ? "causal" : k]); });
     var view = null;
     function fillLayers() {
       var k = kind.value, n = data[k].length, h = data[k][0].length;
@@ -116,6 +120,14 @@ VIEWER_JS = r"""
       cols.forEach(function (t, j) {
         ctx.save(); ctx.translate(margin + (j + 0.5) * cell, margin - 4); ctx.rotate(-Math.PI / 2);
         ctx.textAlign = "left"; ctx.fillText(t, 0, 0); ctx.restore(); });
+      var p = data.prompt_length;  // decoder-only: where the prompt ends
+      if (causal && p > 0 && p < rows.length) {
+        ctx.strokeStyle = "#fff"; ctx.lineWidth = 1.5; ctx.beginPath();
+        var edge = margin + p * cell;
+        ctx.moveTo(edge, margin); ctx.lineTo(edge, margin + rows.length * cell);
+        ctx.moveTo(margin, edge); ctx.lineTo(margin + cols.length * cell, edge);
+        ctx.stroke();
+      }
       view = {m: m, rows: rows, cols: cols, cell: cell, margin: margin};
       hover.textContent = "hover a cell: query token → key token: weight";
     }
@@ -165,9 +177,14 @@ def viewer_fragment(maps: AttentionMaps, caption: str = "") -> str:
 
 def attention_page(maps: AttentionMaps, title: str = "tformer attention") -> str:
     """A whole self-contained HTML page with one viewer of ``maps``."""
-    source = " ".join(maps.source_tokens)
-    caption = (f"source: {source} | rows of cross and decoder maps: the target token predicted "
-               "at that position; columns of decoder maps: the token read there")
+    if maps.family == "causal":
+        caption = (f"text: {' '.join(maps.target_tokens)} | rows and columns: the token read at "
+                   f"that position (a row predicts the next token); the first "
+                   f"{maps.prompt_length} tokens are the prompt")
+    else:
+        caption = (f"source: {' '.join(maps.source_tokens)} | rows of cross and decoder maps: "
+                   "the target token predicted at that position; columns of decoder maps: the "
+                   "token read there")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>body {{ margin: 1.5em; }}{VIEWER_CSS}</style>"
