@@ -309,3 +309,25 @@ def test_logprobs_of_greedy_answers_equal_a_teacher_forced_forward_pass(causal, 
         answer = httpx.post(server.url + "/v1/completions", json={
             "prompt": prompt, "max_tokens": 4, "logprobs": 2})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "logprobs"
+
+
+def test_a_decoder_only_model_in_a_batcher_process(causal, prompts):
+    """``--batcher-process``: the child prefills and decodes (nothing is encoded ahead in the
+    server's process), and streamed tokens cross the pipe with their log-probabilities. Greedy
+    completions equal `Seq2Seq.generate`'s, streamed or not, with the same log-probabilities."""
+    app = create_app(causal, settings=ServeSettings(batcher_process=True, model_name="m"))
+    ask = dict(model="m", prompt=prompts[1:3], max_tokens=10, temperature=0, logprobs=1)
+    with ServerThread(app) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        whole = client.completions.create(**ask)
+        texts, scores = {}, {}
+        for chunk in client.completions.create(stream=True, **ask):
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                if choice.logprobs:
+                    scores.setdefault(choice.index, []).extend(choice.logprobs.token_logprobs)
+        stats = dict(app.state.batcher.stats)
+    assert [c.text for c in whole.choices] == causal.generate(prompts[1:3], max_new_tokens=10)
+    assert [texts[i] for i in range(2)] == [c.text for c in whole.choices]
+    assert [scores[i] for i in range(2)] == [c.logprobs.token_logprobs for c in whole.choices]
+    assert stats["pre_encoded"] == 0 and stats["generate_calls"] == 0, stats
