@@ -16,7 +16,13 @@ import torch
 from fastapi.testclient import TestClient
 
 import tformer
+from tformer.data.sft import set_chat_template
+from tformer.hf import TformerConfig, TformerForCausalLM
+from tformer.model import config_for
 from tformer.serving import ServeSettings, create_app
+from tformer.serving.batching import Job
+from tformer.serving.continuous import Decoding
+from tformer.tokenization import train_tokenizer
 
 NEW = 8  # max_new_tokens in these tests: the model is tiny, outputs are short
 
@@ -73,6 +79,39 @@ async def until(condition, seconds: float = 60.0) -> None:
         await asyncio.sleep(0.001)
 
 
+def drive(batcher, schedule: list[tuple[int, list[tuple[str, int]]]], logits: list,
+          on_step=lambda rows: None, on_admit=lambda rows: None) -> tuple[dict, dict, object]:
+    """A continuous batcher's steps driven by hand, no worker involved: for each ``(steps,
+    group)`` of ``schedule``, that many steps (fewer once no row is left), then ``group``'s
+    ``(text, max_new_tokens)`` admitted (greedy); then steps until every row is done.
+    ``logits``: where the test records each step's logits (n, V); ``on_step`` and ``on_admit``
+    see the rows after each step and each admission. Returns each text's tokens and its
+    logits per step, and the rows left (None)."""
+    loop = asyncio.new_event_loop()  # never run: the answers are read from the rows' tokens
+    tokens_of, seen, rows = {}, {}, None
+    try:
+        for steps, group in [*schedule, (10**6, [])]:
+            for _ in range(steps):
+                if rows is None:
+                    break
+                order = [r.job.texts[0] for r in rows.requests]
+                rows = batcher._step(rows)
+                for i, text in enumerate(order):
+                    seen.setdefault(text, []).append(logits[-1][i])
+                if rows is not None:
+                    on_step(rows)
+            if group:
+                rows = batcher._admit(rows, [
+                    Decoding(Job([t], {**GREEDY, "max_new_tokens": n}, loop.create_future(),
+                                 loop), time.monotonic(), [None], 1) for t, n in group])
+                on_admit(rows)
+                tokens_of.update({r.job.texts[0]: tokens  # the same list grows step by step
+                                  for r, tokens in zip(rows.requests, rows.tokens)})
+    finally:
+        loop.close()
+    return tokens_of, seen, rows
+
+
 def served_checkpoint(reference_run: Path, out: Path, copy_attention: bool = False) -> Path:
     """A checkpoint with the reference run's config (with copy attention if asked) and
     tokenizer and freshly initialised weights (seed 1, matrices scaled by 3), saved as
@@ -96,6 +135,25 @@ def served_checkpoint(reference_run: Path, out: Path, copy_attention: bool = Fal
                 parameter.mul_(3.0)
     model.save_pretrained(out)  # config.json + model.safetensors
     trained.tokenizer.save_pretrained(out)
+    return out
+
+
+def causal_checkpoint(texts: list[str], out: Path, preset: str, max_positions: int = 64) -> Path:
+    """A decoder-only checkpoint of ``preset`` (gpt2: learned positions; llama: RoPE and
+    grouped-query attention), tiny, with a BPE tokenizer trained on ``texts`` and tformer's
+    chat template; weights freshly initialised as in `served_checkpoint` (seed 1, matrices
+    scaled by 3: outputs differ from prompt to prompt), saved as safetensors."""
+    tokenizer = train_tokenizer(texts, vocab_size=400, kind="bpe", append_eos=False)
+    set_chat_template(tokenizer, None)
+    torch.manual_seed(1)
+    core = config_for("tiny", len(tokenizer), preset, dropout=0.0, max_positions=max_positions)
+    model = TformerForCausalLM(TformerConfig.from_transformer_config(core)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(3.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

@@ -190,7 +190,7 @@ def test_batching_mode_is_chosen_shown_and_validated(seq2seq):
         assert c.get("/v1/model").json()["limits"]["batching"] == "dynamic"
     with client(seq2seq, batching="dynamic") as c:
         assert c.get("/v1/model").json()["limits"]["batching"] == "dynamic"
-    with pytest.raises(ValueError, match="own Transformer"):
+    with pytest.raises(ValueError, match="own models"):
         ContinuousBatcher(StubSeq2Seq(), max_batch_size=4, max_wait_ms=0, max_queue=10)
     with pytest.raises(ValueError, match="batching must be one of"):
         ServeSettings(batching="greedy")

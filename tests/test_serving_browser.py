@@ -3,7 +3,8 @@ driven by selenium): type a text, click Generate, read the output (equal to
 `Seq2Seq.generate` with the same options; greedy answers stream from /v1/completions, and the
 text grows on the page token by token), see the cross-attention heatmap drawn (and, for a
 model with copy attention, its copy attention and P(copy) column), and no error in the
-browser's console."""
+browser's console. For a model with a chat template, the page is a chat: the conversation
+stays on it and each answer streams from /v1/chat/completions."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 import tformer
 from tformer.serving import ServerThread, ServeSettings, create_app
 
-from .serving_helpers import served_checkpoint, source_texts, wordy
+from .serving_helpers import causal_checkpoint, served_checkpoint, source_texts, wordy
+from .synthetic import captions
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -204,4 +206,74 @@ def test_page_streams_the_answer_token_by_token(browser, seq2seq, data_files):
     assert shown == expected and "streamed" in meta
     grown = sorted({n for n in lengths if n})
     assert len(grown) > 1 and grown[-1] == len(expected), lengths  # more than one DOM update
+    assert [entry for entry in logs if entry["level"] == "SEVERE"] == []
+
+
+def test_page_is_a_chat_for_a_model_with_a_chat_template(browser, tmp_path):
+    """A decoder-only checkpoint with a chat template: two messages sent from the page; both
+    turns and both answers stay on it, each answer equal to the server's non-streamed answer
+    to the same conversation; the second grows token by token (more than one DOM update); the
+    second request carries the first message and answer. (End-of-sequence is off.)"""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    corpus = [text for record in captions(200) for text in (record["source"], record["target"])]
+    chatty = tformer.load(causal_checkpoint(corpus, tmp_path / "causal", "gpt2"), device="cpu")
+    app = create_app(chatty, settings=ServeSettings())
+    app.state.batcher.eos_ids = set()
+    said = ["A dog runs in the park .", "Where is the man ?"]
+
+    def send(text: str) -> None:
+        browser.find_element(By.ID, "text").send_keys(text)
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+            in ("done", "error"))
+
+    with ServerThread(app) as server:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 30).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-view") == "chat")
+        browser.execute_script("""
+            window.sent = [];
+            const fetched = window.fetch;
+            window.fetch = (url, init) => {
+              if (init && init.body) window.sent.push([url, JSON.parse(init.body)]);
+              return fetched(url, init);
+            };
+            window.lengths = [];
+            const turns = document.getElementById('conversation');
+            new MutationObserver(() => {
+              const last = turns.lastElementChild;
+              if (last && last.className === 'assistant') window.lengths.push(last.textContent.length);
+            }).observe(turns, {childList: true, characterData: true, subtree: true});""")
+        box = browser.find_element(By.ID, "max-new-tokens")
+        box.clear()
+        box.send_keys("24")
+        send(said[0])
+        browser.execute_script("window.lengths = []")
+        send(said[1])
+        state = browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+        turns = browser.execute_script("""return Array.from(
+            document.querySelectorAll('#conversation li'), li => [li.className, li.textContent])""")
+        sent = browser.execute_script("return window.sent")
+        lengths = browser.execute_script("return window.lengths")
+        logs = browser.get_log("browser")
+        first = [{"role": "user", "content": said[0]}]
+        answers = [httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": messages, "max_tokens": 24, "temperature": 0}).json()[
+            "choices"][0]["message"]["content"] for messages in (first, [
+                *first, {"role": "assistant", "content": turns[1][1]},
+                {"role": "user", "content": said[1]}])]
+    assert state == "done", browser.find_element(By.ID, "status").text
+    assert turns == [["user", said[0]], ["assistant", answers[0]], ["user", said[1]],
+                     ["assistant", answers[1]]]
+    assert [path for path, _ in sent] == ["v1/chat/completions"] * 2
+    assert sent[1][1]["messages"] == [{"role": "user", "content": said[0]},
+                                      {"role": "assistant", "content": answers[0]},
+                                      {"role": "user", "content": said[1]}]
+    assert sent[1][1]["stream"] is True
+    grown = sorted({n for n in lengths if n})
+    assert len(grown) > 1 and grown[-1] == len(answers[1]), lengths
+    assert browser.find_element(By.ID, "output").is_displayed() is False
     assert [entry for entry in logs if entry["level"] == "SEVERE"] == []

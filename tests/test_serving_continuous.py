@@ -63,8 +63,7 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(own, texts):
     any before makes the source buffers grow; and a 40-step row makes the history buffers grow
     past their first 32 columns. At every step, every row's logits equal those of a plain
     forward pass over its text and the tokens produced so far, with no cache."""
-    from tformer.serving.batching import Job
-    from tformer.serving.continuous import ContinuousBatcher, Decoding
+    from tformer.serving.continuous import ContinuousBatcher
     from tformer.serving.slot_cache import SlotCache
 
     batcher = ContinuousBatcher(own, max_batch_size=4, max_wait_ms=0, max_queue=100)
@@ -88,31 +87,19 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(own, texts):
     model.output = recorded
     keep = cache.keep
     cache.keep = lambda kept: keeps.append(list(kept)) or keep(kept)
-    loop = asyncio.new_event_loop()  # never run: the answers are read from the rows' tokens
-    tokens_of, seen, rows, widths = {}, {}, None, []
+    widths = []
+
+    def check(rows) -> None:
+        assert cache.history == cache.lengths[: cache.n].tolist()
+        assert cache.n == len(rows) == len(cache.source.sources)
+
     try:
-        for steps, group in schedule + [(99, [])]:
-            for _ in range(steps):
-                if rows is None:
-                    break
-                order = [r.job.texts[0] for r in rows.requests]
-                rows = batcher._step(rows)
-                for i, text in enumerate(order):
-                    seen.setdefault(text, []).append(logits[-1][i])
-                if rows is not None:
-                    assert cache.history == cache.lengths[: cache.n].tolist()
-                    assert cache.n == len(rows) == len(cache.sources)
-            if group:
-                rows = batcher._admit(rows, [
-                    Decoding(Job([t], {**GREEDY, "max_new_tokens": n}, loop.create_future(),
-                                  loop), time.monotonic(), [None], 1) for t, n in group])
-                widths.append(cache.memory.size(1))
-                tokens_of.update({r.job.texts[0]: tokens  # the same list grows step by step
-                                  for r, tokens in zip(rows.requests, rows.tokens)})
+        tokens_of, seen, rows = helpers.drive(
+            batcher, schedule, logits, on_step=check,
+            on_admit=lambda rows: widths.append(cache.source.memory.size(1)))
     finally:
         del model.output  # the fixture's model is shared
         batcher.stop()
-        loop.close()
     assert rows is None and batcher.stats["joined"] == 4, batcher.stats  # c, d, e, f
     assert keeps[:3] == [[1, 2], [2, 3], [0]], keeps  # slot 0 refilled; two leave at once
     assert widths[1] > widths[0]  # the source buffers grew
@@ -121,7 +108,7 @@ def test_slot_cache_rows_joining_and_leaving_decode_as_if_alone(own, texts):
         tokens = tokens_of[text]
         assert len(tokens) == n == len(seen[text])
         src = torch.tensor(own.tokenizer([text])["input_ids"])
-        prefix = torch.tensor([[batcher.start_id] + tokens[:-1]])
+        prefix = torch.tensor([[batcher.family.start_id] + tokens[:-1]])
         torch.testing.assert_close(torch.stack(seen[text]), model(src, prefix).logits[0],
                                    atol=1e-4, rtol=1e-4)
 
@@ -199,7 +186,7 @@ def test_continuous_batching_a_failed_admission_fails_only_its_request(seq2seq, 
     async def run(fail: bool):
         batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
         batcher.eos_ids = set()
-        encode, calls = batcher._encode, []
+        encode, calls = batcher.family.encode, []
 
         def broken(*args):
             calls.append(batcher.stats["steps"])
@@ -207,7 +194,7 @@ def test_continuous_batching_a_failed_admission_fails_only_its_request(seq2seq, 
                 raise RuntimeError("the encoder broke")
             return encode(*args)
 
-        batcher._encode = broken
+        batcher.family.encode = broken
         try:
             first = batcher.submit([texts[0]], options)
             await until(lambda: batcher.stats["steps"] >= 2)
@@ -237,7 +224,7 @@ def test_continuous_batching_a_text_that_cannot_be_admitted_fails_alone(seq2seq,
     from tformer.serving.continuous import ContinuousBatcher, Decoding
 
     batcher = ContinuousBatcher(seq2seq, max_batch_size=8, max_wait_ms=0, max_queue=100)
-    tokenize, groups = batcher._tokenize, []
+    tokenize, groups = batcher.family.tokenize, []
 
     def broken(jobs):
         groups.append(len(jobs))
@@ -245,7 +232,7 @@ def test_continuous_batching_a_text_that_cannot_be_admitted_fails_alone(seq2seq,
             raise ValueError("cannot take BAD")
         return tokenize(jobs)
 
-    batcher._tokenize = broken
+    batcher.family.tokenize = broken
     loop = asyncio.new_event_loop()  # run only to deliver the answers
     request = lambda text: Decoding(Job([text], {**GREEDY, "max_new_tokens": NEW},  # noqa: E731
                                          loop.create_future(), loop), time.monotonic(), [None], 1)

@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from tformer.generation import Seq2Seq
@@ -83,6 +84,24 @@ def test_greedy_completions_equal_generate_with_usage_and_finish_reasons(client,
     assert answer.object == "text_completion" and answer.model == model_dir.name
 
 
+def test_logprobs_of_an_encoder_decoder_model_equal_a_teacher_forced_pass(client, seq2seq,
+                                                                         texts):
+    """``logprobs: 2`` on a greedy completion: each token's log-probability is the
+    log-softmax of one teacher-forced forward pass (the source; the start token and the
+    answer), to 1e-4, and its likeliest alternative is the token itself."""
+    answer = client.completions.create(model=None, prompt=texts[0], max_tokens=NEW,
+                                       temperature=0, logprobs=2)
+    enc = seq2seq.tokenizer([texts[0]], return_tensors="pt")
+    ids = seq2seq.model.generate(**enc, max_new_tokens=NEW)[0].tolist()  # the start token first
+    with torch.no_grad():
+        logits = seq2seq.model(**enc, decoder_input_ids=torch.tensor([ids[:-1]])).logits[0]
+    expected = logits.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    scored = answer.choices[0].logprobs
+    assert scored.tokens == [seq2seq.tokenizer.decode([i]) for i in ids[1:]]
+    torch.testing.assert_close(torch.tensor(scored.token_logprobs), expected, atol=1e-4, rtol=0)
+    assert [next(iter(top)) for top in scored.top_logprobs] == scored.tokens
+
+
 def test_a_streamed_answer_equals_the_non_streamed_one(client, texts):
     """Greedy, 3 prompts in one request: the chunks of each choice add up to its non-streamed
     text, its last chunk carries its finish reason, and include_usage adds the same usage."""
@@ -146,7 +165,7 @@ def test_errors_are_openais_and_raised_as_the_clients_typed_errors(server, clien
     assert error.value.param == "model"
     cases = [(dict(temperature=5e-5), "temperature"), (dict(max_tokens=201), "max_tokens"),
              (dict(echo=True), "echo"), (dict(top_p=0), "top_p"),
-             (dict(presence_penalty=0.5), "presence_penalty"), (dict(logprobs=2), "logprobs"),
+             (dict(presence_penalty=0.5), "presence_penalty"), (dict(logprobs=6), "logprobs"),
              (dict(extra_body={"beams": 2}), "beams")]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as error:
@@ -311,7 +330,7 @@ def test_other_batchers_stream_the_same_answer(seq2seq, texts, batching, process
 def test_the_model_family_decides_how_a_prompt_is_read(seq2seq):
     """One place decides: an encoder-decoder model reads the prompt as its source (echo is
     refused, above); an engine that says it is decoder-only continues it, and echo prepends
-    the prompt (here a stub engine: the decoder-only batching is not built yet)."""
+    the prompt (here a stub engine; tformer's decoder-only models: tests/test_serving_causal.py)."""
 
     class Continuing(StubSeq2Seq):
         family = "causal"

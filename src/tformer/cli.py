@@ -315,8 +315,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "directory's name")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--batching", choices=BATCHING, default=S.batching,
-                   help="continuous: requests join the running batch at every step (greedy, "
-                   "tformer's own model); dynamic: one generate() per batch of requests; "
+                   help="continuous: requests join the running batch at every step (greedy or "
+                   "sampled; tformer's own models, encoder-decoder or decoder-only); "
+                   "dynamic: one generate() per batch of requests; "
                    f"default {S.batching} (continuous where it applies)")
     g.add_argument("--batcher-process", action=argparse.BooleanOptionalAction,
                    default=S.batcher_process, help="run the batcher and its copy of the model "

@@ -333,6 +333,20 @@ class DecoderOnlyTransformer(nn.Module):
         return DecoderOnlyOutput(self.project(kept), dec.hidden, dec.self_attentions,
                                  dec.hidden_states)
 
+    def decode(self, ids: Tensor, cache, *, positions: Tensor,
+               target_mask: Tensor) -> DecoderOutput:
+        """One new token per row, ``ids`` (B, 1), for rows whose cached histories differ in
+        length (continuous batching: `tformer.serving.continuous`), as
+        `Transformer.decode` takes them: ``positions`` (B,), each row's position, and
+        ``target_mask`` (B, T_past + 1), True at the keys the row may see (its history and
+        itself, wherever the cache keeps them). Returns the hidden states, for
+        :meth:`project`. (``forward``'s ``attention_mask`` cannot say this: it lets every
+        query see the last column, which here is another row's.)"""
+        position_ids = Embeddings.positions(ids, positions)  # (B, 1)
+        x = self.embed(ids, positions=position_ids)  # (B, 1, D)
+        return self.decoder(x, None, None, cache, False, padding_mask(target_mask), False,
+                            rotary(self.config, position_ids))
+
 
 def build_transformer(config: TransformerConfig) -> Transformer | DecoderOnlyTransformer:
     """The one factory: every module is built here and handed to the block that uses it. With

@@ -5,7 +5,8 @@ Routes (all but ``/healthz`` and the page's own files need the API key when one 
 
 - ``GET /`` and ``/static/*``: the web page (`tformer/serving/static/`);
 - ``GET /healthz``: liveness (the batcher's worker is running);
-- ``GET /v1/model``: what is loaded and the limits;
+- ``GET /v1/model``: what is loaded (its family, whether it has a chat template) and the
+  limits;
 - ``POST /v1/generate``: outputs for inputs, through the batcher (`tformer.serving.batcher`);
 - ``POST /v1/attention``: attention maps of one input and its (given or generated) target (a
   decoder-only model: the causal self-attention of the input followed by its continuation);
@@ -72,7 +73,8 @@ _PART_OF = {"encoder": "encoder", "decoder": "decoder", "cross": "cross",
 
 def make_batcher(seq2seq, settings: ServeSettings) -> Batcher:
     """The batcher ``settings.batching`` asks for; ``auto`` = continuous for tformer's own
-    model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
+    models, encoder-decoder and decoder-only (`tformer.serving.continuous`), dynamic for
+    anything else; in a child process of its
     own when ``settings.batcher_process`` (`tformer.serving.process`). The app knows it only
     as a `tformer.serving.batcher.Batcher`."""
     kind = settings.batching
@@ -293,6 +295,8 @@ def _model_info(seq2seq, settings: ServeSettings) -> ModelInfo:
         device=str(first.device) if first is not None else None,
         dtype=str(first.dtype).removeprefix("torch.") if first is not None else None,
         vocab_size=getattr(config, "vocab_size", None) or (len(tokenizer) if tokenizer else None),
+        family=model_family(seq2seq),
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
         attention=has_attention(seq2seq),
         auth=settings.api_key is not None,
         limits=settings.limits(),

@@ -45,6 +45,17 @@ class WorkerDown(BatcherStopped):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution (raw: before
+    temperature, top-k and top-p, whatever the row sampled with), and the ``top`` likeliest
+    tokens with theirs, ``(token id, log-probability)``, most likely first (as many as the
+    request asked for: OpenAI's ``logprobs`` / ``top_logprobs``)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """What one job gets back from the worker."""
 
@@ -56,13 +67,17 @@ class BatchResult:
     #: Per text, why its decoding ended: "stop" (end of sequence, or its stream closed it),
     #: "length" (``max_new_tokens``); None where the batcher cannot tell (``generate()``).
     finish_reasons: list[str] | None = None
+    #: Per text, its tokens (ids) and their log-probabilities, when the job's options ask for
+    #: them (``logprobs``: how many alternatives per token; the continuous batcher only).
+    logprobs: list[list[tuple[int, TokenLogprob]]] | None = None
 
 
 class TokenStream:
     """A job's tokens as the worker decodes them, then its result (`Batcher.stream`).
 
     The worker calls :meth:`push` (from its thread) with each step's new tokens, as
-    ``[(text index, token id), ...]``; the event loop reads them, in order, with :meth:`events`,
+    ``[(text index, token id), ...]`` (``(text index, token id, TokenLogprob)`` for a job whose
+    options ask for ``logprobs``); the event loop reads them, in order, with :meth:`events`,
     which ends when the job is done: ``future`` then holds its `BatchResult` (or its error).
     Every push is delivered before the future settles (both go through the loop's queue of
     callbacks, in order). :meth:`close` says a text needs no more tokens (its client found a
@@ -75,18 +90,18 @@ class TokenStream:
         self.closed: set[int] = set()  # read by the worker thread (a set's add is atomic)
         #: Set by a batcher that relays the stream elsewhere (`tformer.serving.process`):
         #: called on the loop with each push instead of queueing it, and with each close.
-        self.sink: Callable[[list[tuple[int, int]]], None] | None = None
+        self.sink: Callable[[list[tuple]], None] | None = None
         self.on_close: Callable[[int], None] | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
 
-    def push(self, tokens: list[tuple[int, int]]) -> None:
+    def push(self, tokens: list[tuple]) -> None:
         """Worker side (any thread): hand over one step's new tokens."""
         try:
             self.loop.call_soon_threadsafe(self._deliver, tokens)
         except RuntimeError:  # the loop is closed: nobody is reading any more
             pass
 
-    def _deliver(self, tokens: list[tuple[int, int]]) -> None:
+    def _deliver(self, tokens: list[tuple]) -> None:
         if self.sink is not None:
             self.sink(tokens)
         else:
@@ -101,7 +116,7 @@ class TokenStream:
     def cancel(self) -> None:
         self.future.cancel()
 
-    async def events(self) -> AsyncIterator[list[tuple[int, int]]]:
+    async def events(self) -> AsyncIterator[list[tuple]]:
         """Each push, in order, until the job is done (then read ``future``)."""
         while True:
             if not self._queue.empty():

@@ -5,9 +5,10 @@ arrives while a batch is decoding waits for it to end, and every text of a batch
 longest one. Continuous (iteration-level) batching, as in Orca (Yu et al., OSDI 2022), schedules
 per step instead. One worker thread owns the running batch and loops:
 
-1. **admit** waiting requests while the batch has room (``max_batch_size`` texts): encode them
-   together, compute their cross-attention keys and values, and give them free slots with an
-   empty history;
+1. **admit** waiting requests while the batch has room (``max_batch_size`` texts): give them
+   free slots, all together: for an encoder-decoder model, encode them and keep their
+   cross-attention keys and values, with an empty history; for a decoder-only model, prefill
+   their prompts (the history is the prompt);
 2. **step**: one decoder step for every running row, each at its own position;
 3. **retire** the rows that produced EOS or reached their ``max_new_tokens`` (or whose client
    left): a request is answered as soon as its own texts are done.
@@ -17,21 +18,25 @@ output. Rows of different ages share one key/value cache, one slot per row
 (`tformer.serving.slot_cache.SlotCache`): each row's history fills the first columns of its
 slot, a step writes every row's new column at the row's own position, and the columns past a
 row's history are masked (``target_mask``). A new row takes a free slot with an empty history;
-a row that leaves frees its slot. Positions are per row (`tformer.model.Transformer.decode`
-``positions``).
+a row that leaves frees its slot. Positions are per row (``positions`` of
+`tformer.model.Transformer.decode` and `tformer.model.DecoderOnlyTransformer.decode`).
 
 This path is greedy decoding and sampling (temperature, top-k, top-p; each row with its own
-random generator, seeded per request: `tformer.serving.sampling`) of the own Transformer, with
-or without copy attention (whose output reads the source ids, kept per slot); greedy and
-sampled rows share a step. Beam search and n-gram blocking, and Hugging Face models, run
-through ``generate()`` as whole batches in the same worker, between two steps.
+random generator, seeded per request: `tformer.serving.sampling`) of tformer's own models: the
+encoder-decoder Transformer, with or without copy attention, and the decoder-only one (gpt2 and
+llama presets). What differs between the two (how a row is admitted, what a step feeds the
+model, how an answer reads) is behind one small object per family
+(`tformer.serving.families`); the scheduling here is the same for both. Greedy and sampled
+rows share a step. Beam search and n-gram blocking, and Hugging Face models, run through
+``generate()`` as whole batches in the same worker, between two steps.
 
 A job submitted as a stream (``stream``: `tformer.serving.batcher.TokenStream`) gets its rows'
 new tokens pushed at every step, before its answer; a row its stream closes (its client found a
 stop sequence) retires at the next step, as with an end-of-sequence token.
 
 Why by hand: Hugging Face ``generate()`` decodes a fixed batch to its end, and the
-serving engines that schedule per step (vLLM, TGI) are built for decoder-only models on GPUs.
+serving engines that schedule per step (vLLM, TGI) are built for GPUs and for their own model
+code, not for tformer's models.
 """
 
 from __future__ import annotations
@@ -46,11 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tformer.hf import TformerForConditionalGeneration
-from tformer.serving.batcher import BatcherStopped, BatchResult, TokenStream
+from tformer.serving.batcher import BatcherStopped, BatchResult, TokenLogprob, TokenStream
 from tformer.serving.batching import STOP, Call, DynamicBatcher, Job, settle
-from tformer.serving.sampling import RowSampler, row_sampler, sample
-from tformer.serving.slot_cache import SlotCache, concat_encoded
+from tformer.serving.families import Window, family_of
+from tformer.serving.sampling import RowSampler, row_sampler, sample, token_logprobs
+from tformer.serving.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +71,12 @@ _PLAIN = {"repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_t
 
 
 def supports_continuous(seq2seq) -> bool:
-    """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives),
-    with or without copy attention, whose generation config asks for nothing but plain greedy
-    search."""
-    model = getattr(seq2seq, "model", None)
-    if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
-            model, TformerForConditionalGeneration):
+    """True for a `tformer.Seq2Seq` holding one of tformer's own models (encoder-decoder, with
+    or without copy attention, or decoder-only: `tformer.serving.families.family_of`) whose
+    generation config asks for nothing but plain greedy search."""
+    if family_of(seq2seq) is None:
         return False
-    generation = model.generation_config
+    generation = seq2seq.model.generation_config
     return all(getattr(generation, name, None) in plain for name, plain in _PLAIN.items())
 
 
@@ -93,6 +96,8 @@ class Decoding:
     remaining: int = 0
     peak: int = 0  # most rows that shared a step with this request
     reasons: dict[int, str] = field(default_factory=dict)  # text index -> "stop" or "length"
+    #: text index -> its tokens with their log-probabilities (options["logprobs"] set)
+    logprobs: dict[int, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,46 +112,51 @@ class _Rows:
     last: Tensor  # (B,) the token each row feeds next
     cache: SlotCache
     samplers: list[RowSampler | None]  # None: greedy
+    rooms: list[int]  # steps left in the row's window (`tformer.serving.families.Window`)
+    windows: list[Window | None]  # None: the row never slides (its room is its max_new)
+    tops: list[int | None]  # alternatives per token whose log-probabilities to keep; None: none
+    scored: list[list[tuple[int, TokenLogprob]]]  # the row's tokens with them (tops set)
 
     def __len__(self) -> int:
         return len(self.slots)
 
+    def take(self, order: list[int]) -> _Rows:
+        """Rows ``order``, in that order (the cache already packed so)."""
+        return _Rows([self.requests[i] for i in order], [self.slots[i] for i in order],
+                     [self.tokens[i] for i in order], [self.max_new[i] for i in order],
+                     self.last[torch.tensor(order, dtype=torch.long, device=self.last.device)],
+                     self.cache, [self.samplers[i] for i in order],
+                     [self.rooms[i] for i in order], [self.windows[i] for i in order],
+                     [self.tops[i] for i in order], [self.scored[i] for i in order])
+
 
 class ContinuousBatcher(DynamicBatcher):
     """`DynamicBatcher`'s queue and the same `tformer.serving.batcher.Batcher` interface, with
-    per-step scheduling for greedy and sampled requests to the own Transformer; see the
-    module's docstring. Such a request joins the running batch at the next step, without
-    waiting for company; ``max_wait_ms`` applies to whole-batch jobs (beam search) when nothing
-    decodes.
-    ``stop()`` takes no newcomers and finishes the rows in flight."""
+    per-step scheduling for greedy and sampled requests to tformer's own models (either
+    family); see the module's docstring. Such a request joins the running batch at the next
+    step, without waiting for company; ``max_wait_ms`` applies to whole-batch jobs (beam
+    search) when nothing decodes. ``stop()`` takes no newcomers and finishes the rows in
+    flight."""
 
     mode = "continuous"
 
     def __init__(self, seq2seq, *, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
         if not supports_continuous(seq2seq):
-            raise ValueError("continuous batching drives tformer's own Transformer with plain "
+            raise ValueError("continuous batching drives tformer's own models with plain "
                              "greedy search; this model is "
                              f"{type(getattr(seq2seq, 'model', seq2seq)).__name__} (or its "
                              "generation config adds logits processors)")
         super().__init__(seq2seq, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue)
-        model = seq2seq.model.eval()  # no dropout, whatever state it was handed over in
-        generation = model.generation_config
-        self.transformer = model.model
-        self.start_id = (generation.decoder_start_token_id
-                         if generation.decoder_start_token_id is not None
-                         else model.config.decoder_start_token_id)
-        eos = generation.eos_token_id if generation.eos_token_id is not None else (
-            model.config.eos_token_id)
-        self.eos_ids = set(eos) if isinstance(eos, list | tuple) else {eos}
-        self.pad_id = model.config.pad_token_id
-        embeddings = self.transformer.tgt_embed
-        self.max_positions = embeddings.max_positions if embeddings.learned is not None else None
+        seq2seq.model.eval()  # no dropout, whatever state it was handed over in
+        #: What the model's family does its own way (`tformer.serving.families`).
+        self.family = family_of(seq2seq)
+        self.eos_ids = set(self.family.eos_ids)  # (tests switch end-of-sequence off here)
         #: steps: decoder steps; row_steps: rows decoded over all steps; joined: rows admitted
         #: while others were decoding; pre_encoded: rows admitted already encoded; active: rows
         #: in the running batch after the last step.
         self.stats.update(steps=0, row_steps=0, joined=0, pre_encoded=0, active=0)
-        self._cache = SlotCache(max_batch_size, len(self.transformer.decoder.layers))
+        self._cache: SlotCache = self.family.new_cache(max_batch_size)
 
     def submit_encoded(self, texts: Sequence[str], options: dict[str, Any],
                        encoded: tuple) -> asyncio.Future:
@@ -160,19 +170,18 @@ class ContinuousBatcher(DynamicBatcher):
         return self._enqueue(list(texts), options, encoded, stream=True).stream
 
     def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
-        """What admitting ``texts`` computes before it joins them: cross-attention keys and
-        values per layer, encoder output, source mask and source ids (see
-        ``submit_encoded``)."""
-        return self._encode(*self._tokenize([Job(list(texts), options, None, None)]))
+        """What admitting ``texts`` to an encoder-decoder model computes before it joins them
+        (``family.encodes``): cross-attention keys and values per layer, encoder output,
+        source mask and source ids (see ``submit_encoded``)."""
+        family = self.family
+        return family.encode(*family.tokenize([Job(list(texts), options, None, None)]))
 
     def steps(self, texts: Sequence[str], options: dict[str, Any]) -> bool:
         """Whether a job joins the running batch (else it runs whole, through
-        ``generate()``): greedy or sampled (`is_stepwise`), fits a batch, and (learned
-        positions) fits the position table: a request that fails must fail alone, so one that
-        would overrun goes to ``generate()``."""
-        n = options.get("max_new_tokens", 0)
+        ``generate()``): greedy or sampled (`is_stepwise`), fits a batch, and its family can
+        decode it per step (an encoder-decoder model's learned positions: within the table)."""
         return (is_stepwise(options) and len(texts) <= self.max_batch_size
-                and (self.max_positions is None or n <= self.max_positions))
+                and self.family.steps(list(texts), options))
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -276,78 +285,44 @@ class ContinuousBatcher(DynamicBatcher):
         self._carry.extendleft(reversed(others))
         return group
 
+    @torch.inference_mode()
     def _admit(self, rows: _Rows | None, requests: list[Decoding]) -> _Rows:
-        """Encode the new texts (those not encoded already) and join them to ``rows`` with an
-        empty history: their first decoder step (from the start token) is the next step of the
-        whole batch."""
-        fresh = [r for r in requests if r.job.encoded is None]
-        ready = [r for r in requests if r.job.encoded is not None]
-        parts = [r.job.encoded for r in ready]
-        if fresh:
-            parts.insert(0, self._encode(*self._tokenize([r.job for r in fresh])))
-        joined = self._join(rows, fresh + ready, parts[0] if len(parts) == 1 else concat_encoded(parts))
-        self.stats["pre_encoded"] += sum(len(r.job.texts) for r in ready)
-        return joined
-
-    def _tokenize(self, jobs: list[Job]) -> tuple[Tensor, Tensor]:
-        """The jobs' texts as source ids and mask (k, S)."""
-        ids: list[list[int]] = []
-        for job in jobs:
-            ids += self.seq2seq.tokenizer(job.texts, truncation=True,
-                                          max_length=job.options.get("max_source_length"))["input_ids"]
-        width = max(1, max(len(x) for x in ids))
-        source = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        source_mask = torch.zeros(len(ids), width, dtype=torch.bool)
-        for i, x in enumerate(ids):
-            source[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            source_mask[i, : max(len(x), 1)] = True  # an empty text still has one position
-        return source, source_mask
-
-    @torch.inference_mode()
-    def _encode(self, source: Tensor, source_mask: Tensor) -> tuple[dict, Tensor, Tensor, Tensor]:
-        """Cross-attention keys and values, encoder output (k, S, D), source mask and ids of
-        the new texts."""
-        device = self.transformer.src_embed.token.weight.device
-        source, source_mask = source.to(device), source_mask.to(device)
-        memory = self.transformer.encode(source, source_mask).hidden
-        cross = {i: layer.cross_attn.memory_kv(memory)
-                 for i, layer in enumerate(self.transformer.decoder.layers)}
-        return cross, memory, source_mask, source
-
-    @torch.inference_mode()
-    def _join(self, rows: _Rows | None, requests: list[Decoding],
-              encoded: tuple[dict, Tensor, Tensor, Tensor]) -> _Rows:
-        cross, memory, source_mask, source = encoded
-        k = source_mask.size(0)
-        old = rows if rows is not None else _Rows([], [], [], [], memory.new_zeros(0).long(),
-                                                  self._cache, [])
+        """Give the new texts slots (their family's admission: encoding, or prefilling a
+        prompt) and join them to ``rows``: their first step is the next step of the whole
+        batch. A failure leaves ``rows`` and the cache as they were."""
+        requests = sorted(requests, key=lambda r: r.job.encoded is not None)  # to encode first
+        entry = self.family.admit(self._cache, [r.job for r in requests])
+        old = rows if rows is not None else _Rows([], [], [], [], entry.first[:0], self._cache,
+                                                  [], [], [], [], [])
+        device = entry.first.device
         new = _Rows(
             requests=old.requests + [r for r in requests for _ in r.job.texts],
             slots=old.slots + [i for r in requests for i in range(len(r.job.texts))],
-            tokens=old.tokens + [[] for _ in range(k)],
+            tokens=old.tokens + [[] for _ in entry.rooms],
             max_new=old.max_new + [r.job.options["max_new_tokens"] for r in requests
                                    for _ in r.job.texts],
-            last=torch.cat([old.last, torch.full((k,), self.start_id, dtype=torch.long,
-                                                 device=memory.device)]),
+            last=torch.cat([old.last, entry.first]),
             cache=self._cache,
-            samplers=old.samplers + [row_sampler(r.job.options, i, memory.device)
+            samplers=old.samplers + [row_sampler(r.job.options, i, device)
                                      for r in requests for i in range(len(r.job.texts))],
+            rooms=old.rooms + entry.rooms,
+            windows=old.windows + entry.windows,
+            tops=old.tops + [r.job.options.get("logprobs") for r in requests for _ in r.job.texts],
+            scored=old.scored + [[] for _ in entry.rooms],
         )
-        self._cache.join(cross, memory, source_mask, source)  # last: a failure leaves it as is
         if rows is not None:
-            self.stats["joined"] += k
+            self.stats["joined"] += len(entry.rooms)
+        self.stats["pre_encoded"] += sum(len(r.job.texts) for r in requests
+                                         if r.job.encoded is not None)
         return new
 
     @torch.inference_mode()
     def _step(self, rows: _Rows) -> _Rows | None:
         """One decoder step for every running row: its greedy or sampled next token."""
         cache = rows.cache
-        memory, source_mask, positions, target_mask = cache.begin_step()
-        hidden = self.transformer.decode(rows.last[:, None], memory, source_mask, cache,
-                                         positions=positions, target_mask=target_mask).hidden
+        positions, target_mask = cache.begin_step()
+        last = self.family.logits(cache, rows.last, positions, target_mask)  # (B, V)
         cache.advance()
-        logits = self.transformer.output(hidden, memory, cache.source(), source_mask)
-        last = logits[:, -1]  # (B, V)
         # max(-1).indices: the same first maximal index as argmax(-1), a third of its time
         # on CPU (16 x 8,000 logits: 77 against 219 us, thread time, torch 2.13)
         rows.last = last.max(-1).indices
@@ -355,17 +330,43 @@ class ContinuousBatcher(DynamicBatcher):
         if sampled:
             at = torch.tensor(sampled, device=last.device)
             rows.last[at] = sample(last[at], [rows.samplers[i] for i in sampled])
-        pushed: dict[int, tuple[TokenStream, list[tuple[int, int]]]] = {}
-        for request, slot, tokens, token in zip(rows.requests, rows.slots, rows.tokens,
-                                                rows.last.tolist()):
+        scores = self._score(rows, last)
+        pushed: dict[int, tuple[TokenStream, list[tuple]]] = {}
+        for i, (request, slot, tokens, token) in enumerate(zip(rows.requests, rows.slots,
+                                                               rows.tokens, rows.last.tolist())):
             tokens.append(token)
+            entry = (slot, token) if i not in scores else (slot, token, scores[i])
+            if i in scores:
+                rows.scored[i].append((token, scores[i]))
             if request.job.stream is not None:  # this step's tokens, one push per request
-                pushed.setdefault(id(request), (request.job.stream, []))[1].append((slot, token))
+                pushed.setdefault(id(request), (request.job.stream, []))[1].append(entry)
         for stream, tokens in pushed.values():
             stream.push(tokens)
+        rows.rooms = [room - 1 for room in rows.rooms]
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(rows)
-        return self._retire(rows)
+        return self._slide(self._retire(rows))
+
+    def _score(self, rows: _Rows, logits: Tensor) -> dict[int, TokenLogprob]:
+        """The log-probabilities of this step's tokens, for the rows that asked."""
+        asked = [i for i, top in enumerate(rows.tops) if top is not None]
+        if not asked:
+            return {}
+        at = torch.tensor(asked, device=logits.device)
+        return dict(zip(asked, token_logprobs(logits[at], rows.last[at],
+                                              [rows.tops[i] for i in asked])))
+
+    def _slide(self, rows: _Rows | None) -> _Rows | None:
+        """New windows for the running rows whose window is used up (decoder-only rows
+        continued past their context: `tformer.serving.families.Window`)."""
+        full = [] if rows is None else [i for i, room in enumerate(rows.rooms) if room == 0]
+        if full:
+            rooms = self.family.slide(rows.cache, full, [rows.windows[i] for i in full],
+                                      [rows.tokens[i] for i in full],
+                                      [rows.max_new[i] for i in full])
+            for i, room in zip(full, rooms):
+                rows.rooms[i] = room
+        return rows
 
     def _retire(self, rows: _Rows) -> _Rows | None:
         """Answer the rows that are done (EOS, their ``max_new_tokens``, closed by their
@@ -385,8 +386,9 @@ class ContinuousBatcher(DynamicBatcher):
             if not stopped and len(tokens) < rows.max_new[i]:
                 keep.append(i)
                 continue
-            request.outputs[slot] = self.seq2seq.tokenizer.decode(
-                tokens, skip_special_tokens=True).strip()
+            request.outputs[slot] = self.family.text(tokens)
+            if rows.tops[i] is not None:
+                request.logprobs[slot] = rows.scored[i]
             request.reasons[slot] = "stop" if stopped else "length"
             request.remaining -= 1
             if request.remaining == 0:
@@ -395,12 +397,7 @@ class ContinuousBatcher(DynamicBatcher):
         if len(keep) == size:
             return rows
         order = rows.cache.keep(keep)  # the running rows, packed into the first slots
-        if not order:
-            return None
-        return _Rows([rows.requests[i] for i in order], [rows.slots[i] for i in order],
-                     [rows.tokens[i] for i in order], [rows.max_new[i] for i in order],
-                     rows.last[torch.tensor(order, device=rows.last.device)], rows.cache,
-                     [rows.samplers[i] for i in order])
+        return rows.take(order) if order else None
 
     def _answer(self, request: Decoding) -> None:
         outputs = [text or "" for text in request.outputs]
@@ -412,4 +409,6 @@ class ContinuousBatcher(DynamicBatcher):
             queue_ms=(request.started - request.job.submitted) * 1000.0,
             generate_ms=(now - request.started) * 1000.0,
             finish_reasons=[request.reasons[i] for i in range(len(outputs))],
+            logprobs=([request.logprobs[i] for i in range(len(outputs))]
+                      if request.logprobs else None),
         ))

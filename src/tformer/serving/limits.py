@@ -149,6 +149,11 @@ class TokenCounter:
         with self._lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens kept (log-probabilities name tokens so)."""
+        with self._lock:
+            return self.tokenizer.decode([token])
+
     def chat_prompt(self, messages: list[dict]) -> str:
         """``messages`` rendered by the tokenizer's chat template, ready for the answer."""
         with self._lock:

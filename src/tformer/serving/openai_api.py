@@ -16,8 +16,11 @@ whose stop sequence is found is closed: the continuous batcher retires it at its
 How a prompt is read depends on the model's family, decided in one place (`model_family`): an
 encoder-decoder model reads it as its source and writes a new text (``echo`` is refused: its
 output does not continue the prompt); a decoder-only model continues it (``echo`` prepends
-it). Errors take OpenAI's form, ``{"error": {message, type, param, code}}`` (the app's error
-handlers render an `ApiError` so on these paths: `tformer.serving.limits.is_openai_path`).
+it; its answer is not stripped). ``logprobs`` (chat: ``logprobs`` and ``top_logprobs``) come
+from the continuous batcher, per token, in OpenAI's forms (`tformer.serving.logprobs`); with
+the dynamic batcher they are a 400. Errors take OpenAI's form, ``{"error": {message, type,
+param, code}}`` (the app's error handlers render an `ApiError` so on these paths:
+`tformer.serving.limits.is_openai_path`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from fastapi.responses import StreamingResponse
 from tformer.serving import awaiting, limits
 from tformer.serving.batcher import Batcher, BatcherStopped, BatchResult, QueueFull, TokenStream
 from tformer.serving.limits import ApiError, TokenCounter
+from tformer.serving.logprobs import Scored, chat_logprobs, completion_logprobs
 from tformer.serving.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -60,9 +64,14 @@ log = logging.getLogger(__name__)
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
 
 _ERRORS = {status: {"model": OpenAIError} for status in (400, 401, 404, 413, 415, 503, 504)}
-#: A streamed answer, documented beside the JSON one.
+#: A streamed answer, documented beside the JSON one: the schema of each event (as OpenAPI
+#: describes a text/event-stream, and schemathesis checks it).
 _SSE = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": "with stream: data: {chunk} lines, then data: [DONE]"}}}}}
+    "type": "object", "required": ["data"],
+    "description": "with stream: one event per chunk (data: {chunk}), then data: [DONE]",
+    "properties": {"data": {"type": "string", "description": "a chunk as JSON (a "
+                            "text_completion or chat.completion.chunk object, or an error), "
+                            "or [DONE]"}}}}}}}
 
 
 def model_family(seq2seq) -> str:
@@ -112,12 +121,25 @@ class Plan:
 
 
 class Render:
-    """How one route's answers and chunks look (completion or chat)."""
+    """How one route's answers and chunks look (completion or chat). ``text_of``: a token's
+    text, for log-probabilities (`tformer.serving.logprobs`)."""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, text_of: Callable[[int], str]) -> None:
+        self.chat, self.model, self.text_of = chat, model, text_of
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.offsets: dict[int, int] = {}  # per choice: its text streamed so far, by tokens
+
+    def logprobs(self, index: int, scored: Scored | None) -> dict | None:
+        """Choice ``index``'s log-probabilities of ``scored`` tokens, which follow those
+        rendered before (a stream's text offsets go on from there); None: not asked."""
+        if scored is None:
+            return None
+        if self.chat:
+            return chat_logprobs(scored, self.text_of)
+        rendered = completion_logprobs(scored, self.text_of, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + sum(map(len, rendered["tokens"]))
+        return rendered
 
     def head(self, plan: Plan) -> list[dict]:
         """The chunks that open a stream: the role (chat), or the echoed prompts."""
@@ -127,14 +149,18 @@ class Render:
             return [self.chunk(i, text, None) for i, text in enumerate(plan.texts)]
         return []
 
-    def chunk(self, index: int, text: str, reason: str | None, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str, reason: str | None, role: bool = False,
+              scored: Scored | None = None) -> dict:
+        logprobs = self.logprobs(index, scored)
         if self.chat:
             delta = {"role": "assistant", "content": text} if role else (
                 {"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                      "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
-            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+            choice = {"text": text, "index": index, "logprobs": logprobs,
+                      "finish_reason": reason}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": [choice]}
@@ -144,17 +170,20 @@ class Render:
                 else "text_completion", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.model_dump()}
 
-    def answer(self, plan: Plan, texts: list[str], reasons: list[str],
-               usage: Usage) -> Completion | ChatCompletion:
+    def answer(self, plan: Plan, texts: list[str], reasons: list[str], usage: Usage,
+               scored: list[Scored] | None = None) -> Completion | ChatCompletion:
+        """``scored``: each choice's tokens with their log-probabilities, if asked for."""
+        logprobs = [self.logprobs(i, scored[i] if scored else None) for i in range(len(texts))]
         if self.chat:
             return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage,
                                   choices=[ChatChoice(index=i, message=AssistantMessage(content=t),
-                                                      finish_reason=r)
-                                           for i, (t, r) in enumerate(zip(texts, reasons))])
+                                                      logprobs=lp, finish_reason=r)
+                                           for i, (t, r, lp) in enumerate(zip(texts, reasons,
+                                                                              logprobs))])
         shown = [p + t for p, t in zip(plan.texts, texts)] if plan.echo else texts
         return Completion(id=self.id, created=self.created, model=self.model, usage=usage,
-                          choices=[CompletionChoice(text=t, index=i, finish_reason=r)
-                                   for i, (t, r) in enumerate(zip(shown, reasons))])
+                          choices=[CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r)
+                                   for i, (t, r, lp) in enumerate(zip(shown, reasons, logprobs))])
 
 
 def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: TokenCounter,
@@ -189,9 +218,13 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
                            "encoder-decoder model reads the prompt as its source, and its "
                            "output does not continue it", param="echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "invalid_request", "logprobs with echo would score the prompt's "
+                           "tokens too, which this server does not do: leave one out",
+                           param="logprobs")
         plan = make_plan(prompts, body, body.max_tokens, "max_tokens", "prompt")
         plan.echo = body.echo
-        return await respond(plan, request, Render(chat=False, model=name))
+        return await respond(plan, request, Render(False, name, counter.token_text))
 
     @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_SSE)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -216,8 +249,11 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
         maximum, param = ((body.max_completion_tokens, "max_completion_tokens")
                           if body.max_completion_tokens is not None else (body.max_tokens,
                                                                           "max_tokens"))
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "invalid_request", "top_logprobs needs logprobs: true",
+                           param="top_logprobs")
         plan = make_plan([prompt], body, maximum, param, "messages")  # limits: the prompt
-        return await respond(plan, request, Render(chat=True, model=name))
+        return await respond(plan, request, Render(True, name, counter.token_text))
 
     def check_model(asked: str | None) -> None:
         if asked is not None and asked != name:
@@ -232,6 +268,13 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
                            f"completions; the limit max_inputs is {settings.max_inputs}",
                            limit="max_inputs", value=settings.max_inputs, param="n")
         options = sampling_options(body, max_tokens, max_param, settings, model_limit)
+        alternatives = body.alternatives()
+        if alternatives is not None:
+            if batcher.mode != "continuous":
+                raise ApiError(400, "logprobs_unsupported", "log-probabilities come from the "
+                               "continuous batcher; this server batches with the "
+                               f"{batcher.mode} one", param="logprobs")
+            options["logprobs"] = alternatives
         read = limits.check_tokens(counter.count(prompts), source_cap, settings, what)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Plan(prompts, body.n, options, body.stops(), sum(read), body.stream, include_usage)
@@ -249,7 +292,8 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
                            value=settings.max_queue, headers={"Retry-After": "1"}) from None
         except BatcherStopped as error:
             raise ApiError(503, error.code, str(error)) from None
-        rows = [TextStream(counter.decode, plan.stops, counter.byte_tokens) for _ in plan.texts]
+        rows = [TextStream(counter.decode, plan.stops, counter.byte_tokens, strip=family == SEQ2SEQ)
+                for _ in plan.texts]
         if plan.stream:
             return StreamingResponse(events(stream, plan, rows, render),
                                      media_type="text/event-stream",
@@ -258,7 +302,7 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
             future = asyncio.ensure_future(collect(stream, rows))
         result = await awaiting.answer(future, request, settings.timeout_s)
         texts, reasons, usage = finish(plan, result, rows)
-        return render.answer(plan, texts, reasons, usage)
+        return render.answer(plan, texts, reasons, usage, result.logprobs)
 
     async def collect(stream: TokenStream, rows: list[TextStream]) -> BatchResult:
         async for tokens in awaiting.events(stream, settings.timeout_s):
@@ -271,8 +315,8 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
             for chunk in render.head(plan):
                 yield sse(chunk)
             async for tokens in awaiting.events(stream, settings.timeout_s):
-                for index, text in feed(stream, tokens, rows):
-                    yield sse(render.chunk(index, text, None))
+                for index, text, scored in feed(stream, tokens, rows):
+                    yield sse(render.chunk(index, text, None, scored=scored))
             try:
                 result = stream.future.result()
             except BatcherStopped as error:
@@ -291,20 +335,21 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
                                "log)").openai_body())
         yield sse("[DONE]")
 
-    def feed(stream: TokenStream, tokens: list[tuple[int, int]],
-             rows: list[TextStream]) -> list[tuple[int, str]]:
-        """One push's tokens into their rows' texts: what each row can show now. A row that
-        reaches a stop sequence is closed (its batch slot freed at the next step)."""
+    def feed(stream: TokenStream, tokens: list[tuple],
+             rows: list[TextStream]) -> list[tuple[int, str, Scored | None]]:
+        """One push's tokens into their rows' texts: what each row can show now, with the
+        tokens' log-probabilities when asked for. A row that reaches a stop sequence is closed
+        (its batch slot freed at the next step)."""
         shown = []
-        for index, token in tokens:
+        for index, token, *logprob in tokens:  # (index, token[, TokenLogprob])
             row = rows[index]
             if row.stopped:
                 continue
             text = row.add(token)
             if row.stopped:
                 stream.close(index)
-            if text:
-                shown.append((index, text))
+            if text or logprob:
+                shown.append((index, text, [(token, logprob[0])] if logprob else None))
         return shown
 
     def finish(plan: Plan, result: BatchResult,

@@ -3,8 +3,9 @@ models: what OpenAI's API reference names, for the fields this server serves.
 
 Requests are closed, as OpenAI's are (an unknown field is a 400 naming it). Fields that clients
 send with a neutral value but that this server does not implement (penalties, ``logit_bias``,
-``logprobs``, ``suffix``, ``best_of``) are accepted at that value only, and the schema says so:
-anything else is a 400 naming the field, never silently ignored. ``top_k`` is an extension (as
+``suffix``, ``best_of``) are accepted at that value only, and the schema says so: anything else
+is a 400 naming the field, never silently ignored. ``logprobs`` (and chat's ``top_logprobs``)
+are served by the continuous batcher (`tformer.serving.logprobs`). ``top_k`` is an extension (as
 in vLLM): the page's top-k, and Hugging Face ``generate()``'s.
 """
 
@@ -26,6 +27,27 @@ def _temperature_schema(schema: dict) -> None:
     schema.pop("anyOf", None)
     schema["anyOf"] = [{"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2.0},
                        {"type": "number", "enum": [0]}, {"type": "null"}]
+
+
+def _integers(*names: str) -> dict:
+    """A JSON Schema that holds when every field ``names`` is there as an integer."""
+    return {"required": list(names), "properties": {name: {"type": "integer"} for name in names}}
+
+
+def _completion_rules(schema: dict) -> None:
+    """What the server checks across fields, in the schema (clients and fuzzers read it
+    there): no ``logprobs`` with ``echo`` (the prompt's tokens are not scored)."""
+    schema["not"] = {"required": ["echo", "logprobs"],
+                     "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
+
+
+def _chat_rules(schema: dict) -> None:
+    """As `_completion_rules`: not both ``max_tokens`` and ``max_completion_tokens``;
+    ``top_logprobs`` only with ``logprobs: true``."""
+    schema["allOf"] = [{"not": _integers("max_tokens", "max_completion_tokens")},
+                       {"if": _integers("top_logprobs"),
+                        "then": {"required": ["logprobs"],
+                                 "properties": {"logprobs": {"const": True}}}}]
 
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -88,9 +110,16 @@ class SamplingFields(BaseModel):
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
 
+    def alternatives(self) -> int | None:
+        """How many likeliest tokens to list beside each generated token's log-probability;
+        None: no log-probabilities."""
+        return None
+
 
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
+
+    model_config = ConfigDict(json_schema_extra=_completion_rules)
 
     prompt: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one prompt or several (at most max_inputs); an encoder-decoder model "
@@ -98,7 +127,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="prepend the prompt to the completion: decoder-only "
                        "models only (an encoder-decoder model's output does not continue its "
                        "prompt: 400)")
-    logprobs: None = Field(None, description="not supported: null only")
+    logprobs: Annotated[int, Field(ge=0, le=5), BeforeValidator(integral)] | None = Field(
+        None, description="the log-probability of each generated token (of the model's raw "
+        "distribution) and of its this many likeliest alternatives; 400 with echo, and with "
+        "the dynamic batcher")
     best_of: Literal[1] | None = Field(None, description="not supported: 1 only")
     suffix: None = Field(None, description="not supported: null only")
 
@@ -108,6 +140,9 @@ class CompletionRequest(SamplingFields):
         if isinstance(value, list):
             return [encodable(text) for text in value]
         return encodable(value)
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -139,11 +174,19 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: the messages, rendered by the tokenizer's chat template,
     are the prompt."""
 
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: Positive | None = Field(None, description="as max_tokens (OpenAI's "
                                                    "newer name); give one of the two")
-    logprobs: Literal[False] | None = Field(None, description="not supported: false only")
-    top_logprobs: Literal[0] | None = Field(None, description="not supported: 0 only")
+    logprobs: bool | None = Field(None, description="the log-probability of each generated "
+                                  "token (of the model's raw distribution); 400 with the "
+                                  "dynamic batcher")
+    top_logprobs: Annotated[int, Field(ge=0, le=20), BeforeValidator(integral)] | None = Field(
+        None, description="with logprobs: this many likeliest alternatives of each token")
+
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # -- responses ----------------------------------------------------------------------------
@@ -159,10 +202,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy form: per generated token, its text, log-probability, likeliest
+    alternatives ({text: log-probability}, most likely first) and offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -181,10 +234,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's text as UTF-8 bytes")
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the likeliest tokens, most likely first")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobs] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 

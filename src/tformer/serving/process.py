@@ -9,10 +9,12 @@ into a child process, a fresh interpreter (running `child_main`) on one end of a
 
 - the parent sends ``("job", id, texts, options, encoded)`` and ``("cancel", id)`` down the
   pipe, from one sender thread (a send never blocks the event loop). A job for the
-  continuous path is encoded in the parent first (`ContinuousBatcher.encode`: encoder pass
-  and cross-attention keys and values), so the child's core only joins and decodes:
-  admitting a newcomer (an encoder pass) cost about as much as a one-row decoder step and,
-  under 16 clients, a quarter of the batcher's time;
+  continuous path of an encoder-decoder model is encoded in the parent first
+  (`ContinuousBatcher.encode`: encoder pass and cross-attention keys and values), so the
+  child's core only joins and decodes: admitting a newcomer (an encoder pass) cost about as
+  much as a one-row decoder step and, under 16 clients, a quarter of the batcher's time. (A
+  decoder-only model's prompts are prefilled in the child, whose cache holds their keys and
+  values: nothing is computed ahead for them.);
 - the child submits each job to its batcher, from an event loop of its own, and sends
   ``("done", id, result, error, stats)`` back when the job's future settles;
 - a reader thread in the parent settles the waiting request's future.
@@ -165,7 +167,9 @@ class ProcessBatcher:
         loop = asyncio.get_running_loop()
         future = stream.future if stream is not None else loop.create_future()
         kind = "job" if stream is None else "stream"
-        encode = self._encoder is not None and self._encoder.steps(texts, options)
+        # (a decoder-only model's admission, its prompt's prefill, runs in the child)
+        encode = (self._encoder is not None and self._encoder.family.encodes
+                  and self._encoder.steps(texts, options))
         with self._lock:
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")

@@ -1,5 +1,7 @@
 """Sampling the next token of some rows of a batch, each row with its own settings and its own
-random generator (the continuous batcher's sampling step, `tformer.serving.continuous`).
+random generator (the continuous batcher's sampling step, `tformer.serving.continuous`); and
+the log-probabilities of the chosen tokens, for the rows whose request asks for them
+(`token_logprobs`).
 
 The filters are those of Hugging Face ``generate()``'s sampling, in its order: temperature,
 then top-k, then top-p (nucleus), then one draw from what is left. Each row draws from its own
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from tformer.serving.batcher import TokenLogprob
 
 #: torch.Generator.manual_seed takes seeds in [0, 2**64); a request's seed is any 64-bit integer.
 SEED_SPACE = 2**64
@@ -106,3 +110,16 @@ def sample(logits: Tensor, samplers: list[RowSampler]) -> Tensor:
     # right=True: a token of probability 0 (its cdf equal to the one before) is never chosen
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_max(
         cdf.size(-1) - 1)
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, tops: list[int]) -> list[TokenLogprob]:
+    """Row ``i``'s chosen token ``chosen[i]`` scored under the log-softmax of its ``logits``
+    (k, V), with its ``tops[i]`` likeliest tokens, most likely first: the raw distribution of the
+    model, before any temperature or filter (what OpenAI's ``logprobs`` report here; see
+    docs/serving.md). One batched log-softmax and top-k for the rows that asked."""
+    scores = logits.float().log_softmax(-1)  # (k, V)
+    picked = scores.gather(-1, chosen[:, None])[:, 0].tolist()
+    values, ids = scores.topk(max(tops, default=0), dim=-1)  # (k, most): descending
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(p, tuple(zip(ids[i][:n], values[i][:n])))
+            for i, (p, n) in enumerate(zip(picked, tops))]

@@ -158,6 +158,10 @@ class ModelInfo(BaseModel):
     device: str | None
     dtype: str | None
     vocab_size: int | None
+    family: Literal["seq2seq", "causal"] = Field(
+        description="seq2seq: the input is a source; causal (decoder-only): it is continued")
+    chat_template: bool = Field(description="whether the tokenizer has a chat template (then "
+                                "/v1/chat/completions answers, and the page shows a chat)")
     attention: bool = Field(description="whether /v1/attention can answer")
     auth: bool = Field(description="whether an API key is required")
     limits: dict[str, bool | int | float | str] = Field(

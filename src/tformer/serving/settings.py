@@ -25,7 +25,8 @@ class ServeSettings:
         api_key: required on every route but ``/healthz`` and the web page's own files when
             set (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``); None = no key.
         batching: ``continuous`` (requests join and leave the running batch at every decoding
-            step: `tformer.serving.continuous`; greedy requests to tformer's own model),
+            step: `tformer.serving.continuous`; greedy and sampled requests to tformer's own
+            models, encoder-decoder or decoder-only),
             ``dynamic`` (one ``generate()`` per batch of requests that arrived together:
             `tformer.serving.batching`), or ``auto`` (continuous where it applies).
         batcher_process: run the batcher (and its copy of the model) in a child process of

@@ -1,11 +1,13 @@
 """The continuous batcher's key/value cache: one slot per text being decoded.
 
-`SlotCache` keeps the running batch's self-attention history and cross-attention keys and
-values (with each slot's encoder output, source mask and source ids) in buffers allocated once
-for ``max_batch_size`` slots. It is the `tformer.model.attention.DecoderCache` that
-`tformer.serving.continuous.ContinuousBatcher` hands to `tformer.model.Transformer.decode`;
-the batcher owns the scheduling (who joins, who leaves), this module the bookkeeping of where
-each row's keys and values are.
+`SlotCache` keeps the running batch's self-attention history in buffers allocated once for
+``max_batch_size`` slots; an encoder-decoder model's rows also have an encoder side,
+`SourceSlots` (cross-attention keys and values, with each slot's encoder output, source mask
+and source ids), which a decoder-only model's rows have not. `SlotCache` is the
+`tformer.model.attention.DecoderCache` that `tformer.serving.continuous.ContinuousBatcher`
+hands to the model's decoder (through `tformer.serving.families`); the batcher owns the
+scheduling (who joins, who leaves), this module the bookkeeping of where each row's keys and
+values are.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: Self-attention keys and values of some rows, per layer: (k, Hkv, W, Dh) each, a row's
+#: history in its first columns (what a decoder-only model's prefill computes).
+History = dict[int, tuple[Tensor, Tensor]]
+
 
 class SlotCache:
     """The running batch's keys and values, one slot per text being decoded (a
-    `tformer.model.attention.DecoderCache` for `tformer.model.Transformer.decode`).
+    `tformer.model.attention.DecoderCache`).
 
     Buffers are allocated for ``capacity`` slots (``max_batch_size``) and slots ``[0, n)`` are in
-    use. Self-attention: per layer a (capacity, H, T, Dh) buffer in which slot ``r``'s history
+    use. Self-attention: per layer a (capacity, Hkv, T, Dh) buffer in which slot ``r``'s history
     fills the first ``lengths[r]`` columns (left-aligned); a step writes every slot's new column
     in place, each at its own position (one indexed write), and attends over the first
     ``max(lengths) + 1`` columns with ``target_mask`` hiding the columns past a slot's own.
-    Cross-attention: (capacity, H, S, Dh) per layer, ``source_mask`` and ``source_ids``
-    (capacity, S); the ids are read by copy attention's output (`tformer.model.copy`) only.
+    A slot joins with an empty history (an encoder-decoder model's row, which starts from the
+    decoder's start token) or with one (a decoder-only model's prefilled prompt); ``fill``
+    replaces the history of a running slot (a decoder-only row whose context is full slides
+    its window). Cross-attention, for an encoder-decoder model: ``source`` (`SourceSlots`).
 
     A joining text takes slot ``n``; a leaving one gets a still-running slot from the end moved
     into its place. Joining and leaving thus copy only the slots that change, never the whole
@@ -35,18 +43,17 @@ class SlotCache:
 
     HEADROOM = 32  # history columns of a fresh buffer
 
-    def __init__(self, capacity: int, layers: int) -> None:
+    def __init__(self, capacity: int, layers: int, kv_heads: int, head_dim: int,
+                 like: Tensor, source: SourceSlots | None = None) -> None:
+        """``like``: a tensor of the model's dtype and device (a parameter)."""
         self.capacity, self.layers, self.n = capacity, layers, 0
-        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
-        # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
-        # self-attention by having one) but not read there: the keys and values come from this
-        # cache. Copy attention reads it, with the source ids.
-        self.memory = self.source_mask = self.source_ids = self.lengths = None  # at first join
+        self.source = source
+        shape = (capacity, kv_heads, self.HEADROOM, head_dim)
+        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {
+            i: (like.new_zeros(shape), like.new_zeros(shape)) for i in range(layers)}
+        self.lengths = torch.zeros(capacity, dtype=torch.long, device=like.device)
         self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
-        self.sources: list[int] = []  # source length of each slot in use
         self.width = 0  # history columns the current step attends over
-        self.source_width = 0  # source columns the current step attends over
         self._slots: Tensor | None = None  # arange(n), for the indexed writes of a step
 
     # -- the DecoderCache protocol ---------------------------------------------------------
@@ -55,42 +62,35 @@ class SlotCache:
         return self.width - 1
 
     def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write each slot's new column (k, v: (n, H, 1, Dh)) at its own position."""
+        """Write each slot's new column (k, v: (n, Hkv, 1, Dh)) at its own position."""
         if k.size(2) != 1:
             raise ValueError(f"SlotCache takes one new position per row, got {k.size(2)}")
         kb, vb = self.self_kv[layer]
         slots, at = self._slots, self.lengths[: self.n]
-        kb[slots, :, at] = k[:, :, 0]  # (n, H, Dh) at (slot, :, lengths[slot])
+        kb[slots, :, at] = k[:, :, 0]  # (n, Hkv, Dh) at (slot, :, lengths[slot])
         vb[slots, :, at] = v[:, :, 0]
         return kb[: self.n, :, : self.width], vb[: self.n, :, : self.width]
 
     def get_cross(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        k, v = self.cross_kv[layer]
-        s = self.source_width
-        return k[: self.n, :, :s], v[: self.n, :, :s]
+        if self.source is None:
+            raise RuntimeError("this SlotCache has no encoder side (a decoder-only model)")
+        return self.source.cross(layer, self.n)
 
     def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
         raise RuntimeError("SlotCache takes cross-attention keys and values through join()")
 
     # -- a step ----------------------------------------------------------------------------
 
-    def begin_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Room for one more column, then what ``decode`` takes for the slots in use: memory,
-        source mask, positions (n,) and target mask (n, width). The source ids of the same
-        slots and columns are :meth:`source`."""
+    def begin_step(self) -> tuple[Tensor, Tensor]:
+        """Room for one more column, then what the decoder takes for the slots in use: the
+        positions (n,) of their new tokens and the target mask (n, width)."""
         self.width = max(self.history) + 1
         if self.width > self.self_kv[0][0].size(2):
             self._grow_history(2 * self.width)
         self._slots = torch.arange(self.n, device=self.lengths.device)
         positions = self.lengths[: self.n]
         columns = torch.arange(self.width, device=positions.device)
-        s = self.source_width = max(self.sources)  # once per step, not once per layer
-        return (self.memory[: self.n, :s], self.source_mask[: self.n, :s], positions,
-                columns[None, :] <= positions[:, None])
-
-    def source(self) -> Tensor:
-        """The source ids (n, S) of the slots in use, as wide as this step's memory."""
-        return self.source_ids[: self.n, : self.source_width]
+        return positions, columns[None, :] <= positions[:, None]
 
     def advance(self) -> None:
         """After a decoder step has written its column in every layer."""
@@ -99,30 +99,35 @@ class SlotCache:
 
     # -- joining and leaving ---------------------------------------------------------------
 
-    def join(self, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
-             source_mask: Tensor, source_ids: Tensor) -> None:
-        """New slots with an empty history for the rows of ``memory`` (k, S, D), with their
-        cross-attention keys and values (k, H, S, Dh) per layer, source mask and ids (k, S)."""
-        k, s = source_mask.shape
+    def join(self, k: int, history: History | None = None, lengths: list[int] | None = None,
+             encoded: tuple | None = None) -> None:
+        """``k`` new slots: with an empty history, or with ``history`` (see `History`) of
+        ``lengths`` columns each; with their encoder side ``encoded`` when the cache has one
+        (see `SourceSlots.join`)."""
         if self.n + k > self.capacity:
             raise ValueError(f"{self.n} + {k} slots exceed the capacity of {self.capacity}")
-        if self.memory is None:
-            self._allocate(cross_kv[0][0], memory, s)
-        elif s > self.memory.size(1):
-            self._grow_source(max(s, 2 * self.memory.size(1)))
-        new = slice(self.n, self.n + k)
-        for i, (kn, vn) in cross_kv.items():
-            kb, vb = self.cross_kv[i]
-            kb[new, :, :s], vb[new, :, :s] = kn, vn
-        self.memory[new, :s] = memory
-        self.source_mask[new] = False
-        self.source_mask[new, :s] = source_mask
-        self.source_ids[new] = 0  # as the mask: nothing of a previous text stays
-        self.source_ids[new, :s] = source_ids
-        self.lengths[new] = 0
+        new = list(range(self.n, self.n + k))
+        if (encoded is None) != (self.source is None):
+            raise ValueError("an encoder side is given exactly to a cache that has one")
+        if self.source is not None:
+            self.source.join(slice(self.n, self.n + k), *encoded)
         self.n += k
         self.history += [0] * k
-        self.sources += source_mask.sum(1).clamp(min=1).tolist()  # masks are prefixes
+        self.fill(new, history, lengths or [0] * k)
+
+    def fill(self, slots: list[int], history: History | None, lengths: list[int]) -> None:
+        """Give slots in use a new history (None: an empty one) of ``lengths`` columns."""
+        if history is not None:
+            width = history[0][0].size(2)
+            if width > self.self_kv[0][0].size(2):
+                self._grow_history(max(width, 2 * self.self_kv[0][0].size(2)))
+            at = torch.tensor(slots, device=self.lengths.device)
+            for i, (kn, vn) in history.items():
+                kb, vb = self.self_kv[i]
+                kb[at, :, :width], vb[at, :, :width] = kn, vn
+        for slot, length in zip(slots, lengths):
+            self.history[slot] = length
+        self.lengths[slots] = torch.tensor(lengths, device=self.lengths.device)
 
     def keep(self, keep: list[int]) -> list[int]:
         """Keep slots ``keep`` (ascending) and pack them into ``[0, len(keep))``: each freed
@@ -142,33 +147,91 @@ class SlotCache:
             for kv in self.self_kv.values():
                 for x in kv:
                     x[to, :, :w] = x[src, :, :w]
-            s = max(self.sources[i] for i in movers)
-            for kv in self.cross_kv.values():
-                for x in kv:
-                    x[to, :, :s] = x[src, :, :s]
-            for x in (self.memory, self.source_mask, self.source_ids, self.lengths):
-                x[to] = x[src]
+            self.lengths[to] = self.lengths[src]
+            if self.source is not None:
+                self.source.move(to, src, movers)
         self.n = n
         self.history = [self.history[i] for i in order]
-        self.sources = [self.sources[i] for i in order]
+        if self.source is not None:
+            self.source.reorder(order)
         return order
-
-    def _allocate(self, k: Tensor, memory: Tensor, s: int) -> None:
-        r, (_, h, _, dh) = self.capacity, k.shape
-        zeros = lambda *shape: k.new_zeros(*shape)  # noqa: E731
-        self.self_kv = {i: (zeros(r, h, self.HEADROOM, dh), zeros(r, h, self.HEADROOM, dh))
-                        for i in range(self.layers)}
-        self.cross_kv = {i: (zeros(r, h, s, dh), zeros(r, h, s, dh)) for i in range(self.layers)}
-        self.memory = memory.new_zeros(r, s, memory.size(2))
-        self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
-        self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
-        self.lengths = torch.zeros(r, dtype=torch.long, device=memory.device)
 
     def _grow_history(self, columns: int) -> None:
         self.self_kv = {i: tuple(widened(x, 2, columns) for x in kv)
                         for i, kv in self.self_kv.items()}
 
-    def _grow_source(self, columns: int) -> None:
+
+class SourceSlots:
+    """The encoder side of each slot, for an encoder-decoder model: cross-attention keys and
+    values (capacity, Hkv, S, Dh) per layer, the encoder output (capacity, S, D), the source
+    mask and the source ids (capacity, S); the ids are read by copy attention's output
+    (`tformer.model.copy`) only. Allocated at the first join (its widths come with it); moved
+    with its slot by `SlotCache.keep`."""
+
+    def __init__(self, capacity: int, layers: int) -> None:
+        self.capacity, self.layers = capacity, layers
+        self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
+        # self-attention by having one) but not read there: the keys and values come from this
+        # cache. Copy attention reads it, with the source ids.
+        self.memory = self.source_mask = self.source_ids = None  # at first join
+        self.sources: list[int] = []  # source length of each slot in use
+        self.width = 0  # source columns the current step attends over
+
+    def begin_step(self, n: int) -> tuple[Tensor, Tensor]:
+        """The encoder output (n, S, D) and source mask (n, S) of the slots in use, as wide as
+        their longest source (once per step, not once per layer)."""
+        s = self.width = max(self.sources)
+        return self.memory[:n, :s], self.source_mask[:n, :s]
+
+    def cross(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        k, v = self.cross_kv[layer]
+        return k[:n, :, : self.width], v[:n, :, : self.width]
+
+    def ids(self, n: int) -> Tensor:
+        """The source ids (n, S) of the slots in use, as wide as this step's memory."""
+        return self.source_ids[:n, : self.width]
+
+    def join(self, new: slice, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
+             source_mask: Tensor, source_ids: Tensor) -> None:
+        """Slots ``new`` get the rows of ``memory`` (k, S, D), with their cross-attention keys
+        and values (k, Hkv, S, Dh) per layer, source mask and ids (k, S)."""
+        s = source_mask.size(1)
+        if self.memory is None:
+            self._allocate(cross_kv[0][0], memory, s)
+        elif s > self.memory.size(1):
+            self._grow(max(s, 2 * self.memory.size(1)))
+        for i, (kn, vn) in cross_kv.items():
+            kb, vb = self.cross_kv[i]
+            kb[new, :, :s], vb[new, :, :s] = kn, vn
+        self.memory[new, :s] = memory
+        self.source_mask[new] = False
+        self.source_mask[new, :s] = source_mask
+        self.source_ids[new] = 0  # as the mask: nothing of a previous text stays
+        self.source_ids[new, :s] = source_ids
+        self.sources += source_mask.sum(1).clamp(min=1).tolist()  # masks are prefixes
+
+    def move(self, to: Tensor, src: Tensor, movers: list[int]) -> None:
+        """Copy slots ``src`` into slots ``to`` (``movers``: ``src`` as Python ints)."""
+        s = max(self.sources[i] for i in movers)
+        for kv in self.cross_kv.values():
+            for x in kv:
+                x[to, :, :s] = x[src, :, :s]
+        for x in (self.memory, self.source_mask, self.source_ids):
+            x[to] = x[src]
+
+    def reorder(self, order: list[int]) -> None:
+        self.sources = [self.sources[i] for i in order]
+
+    def _allocate(self, k: Tensor, memory: Tensor, s: int) -> None:
+        r, (_, h, _, dh) = self.capacity, k.shape
+        self.cross_kv = {i: (k.new_zeros(r, h, s, dh), k.new_zeros(r, h, s, dh))
+                         for i in range(self.layers)}
+        self.memory = memory.new_zeros(r, s, memory.size(2))
+        self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
+        self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
+
+    def _grow(self, columns: int) -> None:
         # Everything widened first, then swapped in: a failed allocation changes nothing.
         cross_kv = {i: tuple(widened(x, 2, columns) for x in kv)
                     for i, kv in self.cross_kv.items()}
@@ -180,9 +243,10 @@ class SlotCache:
 
 
 def concat_encoded(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
-    """Encoded batches (`ContinuousBatcher.encode`: cross-attention keys and values per layer,
-    encoder output, source mask, source ids) as one, to join together; their sources padded to
-    the longest (masked; the ids' padding is 0, which the copy attention gives weight 0)."""
+    """Encoded batches (`tformer.serving.families.EncoderDecoder.encode`: cross-attention keys
+    and values per layer, encoder output, source mask, source ids) as one, to join together;
+    their sources padded to the longest (masked; the ids' padding is 0, which the copy
+    attention gives weight 0)."""
     s = max(p[2].size(1) for p in parts)
     cat = lambda xs, dim: torch.cat([widened(x, dim, s) for x in xs])  # noqa: E731
     cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}

@@ -1,9 +1,11 @@
 """One output's text as its tokens arrive: what may be shown so far, never taken back, and cut
 at the first stop sequence.
 
-A batcher answers with ``tokenizer.decode(tokens, skip_special_tokens=True).strip()``. Shown
-piece by piece, that text must add up to the same string. Decoding a prefix of the tokens does
-not always give a prefix of the final text, so `TextStream` holds back what may still change:
+A batcher answers with ``tokenizer.decode(tokens, skip_special_tokens=True)``, stripped for an
+encoder-decoder model (a decoder-only model's continuation keeps its leading space: ``strip``
+False). Shown piece by piece, that text must add up to the same string. Decoding a prefix of
+the tokens does not always give a prefix of the final text, so `TextStream` holds back what may
+still change:
 
 - trailing white space (``strip()`` removes it at the end; ``clean_up_tokenization_spaces``
   removes a space before ``.``, ``,``, ``n't``... once the next token comes);
@@ -44,11 +46,13 @@ def settled_length(text: str, stops: Sequence[str]) -> int:
 class TextStream:
     """The visible text of one output: :meth:`add` with each new token gives what to send now,
     :meth:`finish` with the batcher's final text gives the rest. ``stopped``: a stop sequence
-    was found (the text ends before it); nothing more is sent after that."""
+    was found (the text ends before it); nothing more is sent after that. ``strip``: whether
+    the batcher strips the final text (see the module's docstring)."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = (),
-                 held: Collection[int] = ()) -> None:
+                 held: Collection[int] = (), strip: bool = True) -> None:
         self.decode, self.stops, self.held = decode, [s for s in stops if s], held
+        self.strip = strip
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -61,7 +65,8 @@ class TextStream:
         settled = len(self.tokens)
         while settled and self.tokens[settled - 1] in self.held:
             settled -= 1
-        return self._advance(self.decode(self.tokens[:settled]).lstrip(), final=False)
+        text = self.decode(self.tokens[:settled])
+        return self._advance(text.lstrip() if self.strip else text, final=False)
 
     def finish(self, text: str) -> str:
         """The rest of the output, given its final text; ``sent`` is then the whole answer."""

@@ -1,11 +1,16 @@
-// tformer's page: streams the answer from POST v1/completions (Server-Sent Events: the text
-// grows token by token; beam search, which cannot stream, goes to POST v1/generate), then
-// calls POST v1/attention with the answer as target and draws its cross-attention on a canvas.
+// tformer's page, in one of two views (GET v1/model says which):
+// - single input: streams the answer from POST v1/completions (Server-Sent Events: the text
+//   grows token by token; beam search, which cannot stream, goes to POST v1/generate), then
+//   calls POST v1/attention with the answer as target and draws its cross-attention on a canvas;
+// - chat, for a model whose tokenizer has a chat template: the conversation stays on the page,
+//   and each message is sent with every earlier turn to POST v1/chat/completions, whose answer
+//   streams into a new assistant turn.
 // Plain JavaScript, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let maps = null; // the last /v1/attention answer
+let conversation = null; // the chat view's turns, [{role, content}]; null in the single view
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -31,10 +36,11 @@ async function api(path, body) {
   return data;
 }
 
-// POST v1/completions with stream: true; onText(text so far) at every chunk. Resolves to
+// POST path (v1/completions or v1/chat/completions) with stream: true; piece(choice) is a
+// chunk's new text, onText(text so far) is called at every chunk. Resolves to
 // { text, usage, finish } once the server sends data: [DONE].
-async function streamCompletion(body, onText) {
-  const response = await fetch("v1/completions", {
+async function streamAnswer(path, body, piece, onText) {
+  const response = await fetch(path, {
     method: "POST", headers: headers(), body: JSON.stringify(Object.assign({}, body, {
       stream: true, stream_options: { include_usage: true } })),
   });
@@ -59,7 +65,7 @@ async function streamCompletion(body, onText) {
         if (chunk.error) throw failure(500, chunk, "error");
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices) {
-          text += choice.text;
+          text += piece(choice);
           if (choice.finish_reason) finish = choice.finish_reason;
         }
         onText(text);
@@ -101,13 +107,59 @@ async function loadModelInfo() {
     $("max-new-tokens").max = limits.max_new_tokens_cap;
     $("max-new-tokens").value = Math.min(Number($("max-new-tokens").value), limits.max_new_tokens_cap);
     $("text").maxLength = limits.max_input_chars;
+    if (info.chat_template && conversation === null) showChat();
   } catch (err) {
     $("model-info").textContent = err.status === 401
       ? "This server needs an API key: enter it below." : "Model information unavailable: " + err.message;
   }
 }
 
+function showChat() {
+  conversation = [];
+  document.body.dataset.view = "chat";
+  $("text-label").textContent = "Message";
+  $("text").placeholder = "Type a message";
+  $("text").rows = 3;
+  $("generate").textContent = "Send";
+}
+
+function addTurn(role, content) {
+  const turn = document.createElement("li");
+  turn.className = role;
+  turn.textContent = content;
+  $("conversation").appendChild(turn);
+  return turn;
+}
+
+// The chat view: the message joins the conversation, which is sent whole; the answer streams
+// into its own turn and joins the conversation once complete.
+async function chat(event) {
+  event.preventDefault();
+  const text = $("text").value;
+  if (!text.trim()) { setState("error", "Type a message first."); return; }
+  setState("busy", "Answering…");
+  const opts = options();
+  const messages = conversation.concat([{ role: "user", content: text }]);
+  addTurn("user", text);
+  $("text").value = "";
+  const turn = addTurn("assistant", "");
+  const body = { messages, max_tokens: opts.max_new_tokens, temperature: 0 };
+  if (opts.do_sample) Object.assign(body, { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p });
+  try {
+    const answer = await streamAnswer("v1/chat/completions", body,
+      (choice) => choice.delta.content || "", (sofar) => { turn.textContent = sofar; });
+    turn.textContent = answer.text;
+    conversation = messages.concat([{ role: "assistant", content: answer.text }]);
+    setState("done", `Done: ${answer.usage.completion_tokens} tokens (finish: ${answer.finish}).`);
+  } catch (err) { // the message stays out of the conversation: it can be sent again
+    turn.remove();
+    $("conversation").lastChild.classList.add("failed");
+    setState("error", err.message);
+  }
+}
+
 async function run(event) {
+  if (conversation !== null) return chat(event);
   event.preventDefault();
   const text = $("text").value;
   if (!text.trim()) { setState("error", "Type a text first."); return; }
@@ -122,7 +174,8 @@ async function run(event) {
     if (opts.num_beams === 1) { // streamed: the text grows as the model decodes it
       const body = { prompt: text, max_tokens: opts.max_new_tokens, temperature: 0 };
       if (opts.do_sample) Object.assign(body, { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p });
-      const answer = await streamCompletion(body, (sofar) => { $("output").textContent = sofar; });
+      const answer = await streamAnswer("v1/completions", body, (choice) => choice.text,
+        (sofar) => { $("output").textContent = sofar; });
       output = answer.text;
       $("meta").textContent = `${answer.usage.prompt_tokens} input tokens, ` +
         `${answer.usage.completion_tokens} output tokens, ${(performance.now() - started).toFixed(0)} ms ` +
