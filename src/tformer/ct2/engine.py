@@ -14,6 +14,7 @@ length_penalty              length_penalty (score / length ** penalty in both)
 early_stopping              always True: the search ends when num_beams hypotheses are
                             finished (patience=1)
 no_repeat_ngram_size        no_repeat_ngram_size
+repetition_penalty          repetition_penalty
 do_sample, top_k, top_p,    sampling_topk (1 = greedy; HF's top_k=0 = no limit = 0),
 temperature                 sampling_topp, sampling_temperature
 forced_bos_token_id         target_prefix = [that token]
@@ -89,6 +90,7 @@ class CT2Seq2Seq:
         length_penalty: float = 1.0,
         early_stopping: bool | None = None,
         no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -104,8 +106,8 @@ class CT2Seq2Seq:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         options = self.translate_options(
             max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         )
         limit = self._source_limit(max_source_length)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
@@ -129,7 +131,8 @@ class CT2Seq2Seq:
 
     def translate_options(self, *, max_new_tokens: int, num_beams: int, length_penalty: float,
                           no_repeat_ngram_size: int, do_sample: bool, temperature: float,
-                          top_k: int, top_p: float) -> dict[str, Any]:
+                          top_k: int, top_p: float,
+                          repetition_penalty: float = 1.0) -> dict[str, Any]:
         """``translate_batch`` keyword arguments for these ``generate()`` options."""
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -144,7 +147,8 @@ class CT2Seq2Seq:
         min_length = max(0, int(s.get("min_length") or 0) - 1)
         options: dict[str, Any] = dict(
             beam_size=num_beams, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, max_decoding_length=length,
+            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+            max_decoding_length=length,
             min_decoding_length=min(min_length, length), max_input_length=0,
         )
         eos = s.get("eos_token_id")

@@ -40,13 +40,13 @@ def finish_run(result: TrainResult, config: Config) -> dict | None:
 def evaluate_test(result: TrainResult, config: Config) -> dict:
     """The best checkpoint on the whole test split (``test_metrics.json``,
     ``test_predictions.jsonl``)."""
-    t, test = config.train, result.test
+    test = result.test
     seq2seq = load(result.best_checkpoint, device=result.device, engine="torch")
     metrics = evaluate_examples(
         seq2seq, [str(i) for i in range(len(test))], test["source"],
         [[target] for target in test["target"]], data="test split", output_dir=result.run_dir,
-        file_prefix="test_", max_new_tokens=t.max_new_tokens, num_beams=t.num_beams,
-        max_source_length=config.data.max_source_length,
+        file_prefix="test_", max_source_length=config.data.max_source_length,
+        **config.train.generation_options(),
     )
     log.info("test (%d examples): ROUGE-L %.2f, BLEU %.2f", len(test), metrics["rougeL"],
              metrics["bleu"])

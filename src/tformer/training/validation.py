@@ -76,8 +76,8 @@ def maybe_evaluate(model, tokenizer, data: RunData, config: Config, state: Train
         )
         with accelerator.autocast():
             predictions = generate_texts(
-                unwrapped, tokenizer, sample["source"], max_new_tokens=t.max_new_tokens,
-                num_beams=t.num_beams, max_source_length=config.data.max_source_length,
+                unwrapped, tokenizer, sample["source"],
+                max_source_length=config.data.max_source_length, **t.generation_options(),
             )
         record[t.metric] = score(t.metric, predictions, sample["target"])
         record["samples"] = [
