@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -54,6 +53,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from worker_pool import WorkerPool, rotations
 
 import tformer
 from tformer import ct2
@@ -101,24 +101,14 @@ def worker(conn, name: str, model_dir: str, threads: int) -> None:
         conn.send((seconds, out, count_tokens(seq2seq.tokenizer, out)))
 
 
-def run_path(workers: dict, name: str, texts: list[str], batch_size: int,
-             options: dict) -> tuple[float, list[str], int]:
-    """(seconds, outputs, output tokens) of one path over ``texts``, in its worker."""
-    workers[name].send((texts, batch_size, options))
-    return workers[name].recv()
-
-
-def speed(workers: dict, texts: list[str], batch_size: int, options: dict,
+def speed(workers: WorkerPool, texts: list[str], batch_size: int, options: dict,
           rounds: int) -> dict[str, dict]:
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     tokens: dict[str, int] = {}
     outputs: dict[str, list[str]] = {}
-    for r in range(rounds):
-        order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]  # rotate who goes first
-        for name in order:
-            seconds, outputs[name], tokens[name] = run_path(workers, name, texts, batch_size,
-                                                            options)
-            times[name].append(seconds)
+    for _, name in rotations(PATHS, rounds):
+        seconds, outputs[name], tokens[name] = workers.run(name, (texts, batch_size, options))
+        times[name].append(seconds)
     result = {}
     for name in PATHS:
         rates = [tokens[name] / t for t in times[name]]
@@ -131,11 +121,11 @@ def speed(workers: dict, texts: list[str], batch_size: int, options: dict,
     return result
 
 
-def bleu(workers: dict, sources: list[str], references: list[list[str]],
+def bleu(workers: WorkerPool, sources: list[str], references: list[list[str]],
          options: dict) -> dict[str, dict]:
     scores = {}
     for name in ("CT2 float32", "CT2 int8"):
-        _, predictions, _ = run_path(workers, name, sources, 32, options)
+        _, predictions, _ = workers.run(name, (sources, 32, options))
         m = all_metrics(predictions, references, "auto", "de")
         scores[name] = {"bleu": m["bleu"], "bleu_moses_lc": m["bleu_moses_lc"]}
     return scores
@@ -171,17 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, quantization in (("CT2 float32", "float32"), ("CT2 int8", "int8")):
             out = ct2.export(args.checkpoint, Path(tmp) / quantization, quantization=quantization)
             model_dirs[name] = str(out)
-        context = multiprocessing.get_context("spawn")
-        workers, processes = {}, []
-        for name in PATHS:
-            here, there = context.Pipe()
-            process = context.Process(target=worker, args=(there, name, model_dirs[name],
-                                                           args.threads), daemon=True)
-            process.start()
-            workers[name] = here
-            processes.append(process)
-        for name in PATHS:
-            assert workers[name].recv() == "ready", name
+        workers = WorkerPool(worker, model_dirs, args.threads)
 
         print(f"checkpoint {args.checkpoint}; {args.threads} threads; torch "
               f"{torch.__version__}; ctranslate2 {ct2.require_ctranslate2().__version__}; "
@@ -215,10 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"int8 {q['bleu']:.2f} / {q['bleu_moses_lc']:.2f}   "
                   f"int8 - float32 {q['bleu'] - f32['bleu']:+.2f} / "
                   f"{q['bleu_moses_lc'] - f32['bleu_moses_lc']:+.2f}")
-        for name in PATHS:
-            workers[name].send(None)
-        for process in processes:
-            process.join()
+        workers.close()
 
     goal = [figures["speed"][f"{d}, batch 32"]["CT2 int8"]["ratio"] for d in ("greedy", "beam 4")]
     print(f"\ngoal: CT2 int8 >= 3x HF generate at batch 32: greedy {goal[0]:.2f}x, "

@@ -4,6 +4,7 @@ on loopback, with a bounded number of concurrent clients.
     .venv/bin/python bench/serve_load.py runs/multi30k/checkpoints/step-0002393
     .venv/bin/python bench/serve_load.py CHECKPOINT --clients 16 --requests 480 --max-new-tokens 32
     .venv/bin/python bench/serve_load.py --quick     # no checkpoint: trains a tiny model first (~1 min)
+    .venv/bin/python bench/serve_load.py CHECKPOINT --openai   # streaming and the OpenAI route
 
 Two servers, each a ``tformer serve`` subprocess on 127.0.0.1 (the load generator runs in this
 process, with aiohttp's client), on the same checkpoint and the same device:
@@ -29,6 +30,12 @@ as soon as it has the answer to the last (closed loop). Latency is measured by t
 sending the request to reading the whole answer. The script checks that every request was
 answered 200 and that each text got the same output in every scenario (batched equals one at a
 time), and prints the ratios: throughput (3)/(2), goal >= 4; p99 (3)/(1), goal <= 2.
+
+``--openai`` runs other scenarios, on the batching server alone (greedy, taking turns too):
+``/v1/generate`` against ``/v1/completions`` (not streamed) at N clients, the overhead of the
+OpenAI route at the same load; and streaming clients of ``/v1/completions`` at 1 and N
+clients, measuring the time to the first text chunk (TTFT) and the gaps between the chunks of
+an answer (inter-token latency), p50 and p99.
 """
 
 from __future__ import annotations
@@ -191,6 +198,134 @@ async def drive(server: Server, texts: list[str], clients: int, requests: int,
                     server_cpu)
 
 
+@dataclass
+class Streamed:
+    """Streaming clients of /v1/completions: per request the time to its first text chunk, and
+    the gaps between its chunks (a chunk holds one token, or a few where the text of a token
+    waits for the next: white space, byte-fallback pieces)."""
+
+    name: str
+    clients: int
+    seconds: float
+    first_ms: list[float]
+    gaps_ms: list[float]
+    errors: int
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
+
+    @staticmethod
+    def pct(data: list[float], q: float) -> float:
+        data = sorted(data)
+        return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))] if data else float("nan")
+
+
+async def closed_loop(server: Server, texts: list[str], clients: int, requests: int,
+                      one) -> tuple[float, float, float]:
+    """``requests`` calls of ``await one(session, text)`` (the texts cycled) from ``clients``
+    closed-loop clients: (seconds, CPU seconds of this process, of the server)."""
+    jobs = asyncio.Queue()
+    for i in range(requests):
+        jobs.put_nowait(texts[i % len(texts)])
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not jobs.empty():
+            await one(session, jobs.get_nowait())
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(server.url, connector=connector, timeout=timeout) as session:
+        started, cpu = time.perf_counter(), time.process_time()
+        server_cpu = process_cpu_seconds(server.process.pid)
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return (time.perf_counter() - started, time.process_time() - cpu,
+                process_cpu_seconds(server.process.pid) - server_cpu)
+
+
+async def drive_stream(server: Server, texts: list[str], clients: int, requests: int,
+                       max_new_tokens: int, name: str) -> Streamed:
+    """``requests`` streamed completions (greedy) from ``clients`` closed-loop clients."""
+    first, gaps, errors = [], [], 0
+
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
+        nonlocal errors
+        started, arrivals = time.perf_counter(), []
+        async with session.post("/v1/completions", json={
+                "prompt": text, "max_tokens": max_new_tokens, "temperature": 0,
+                "stream": True}) as r:
+            if r.status != 200:
+                errors += 1
+                await r.read()
+                return
+            async for line in r.content:
+                if line.startswith(b"data: {") and b'"text":""' not in line:
+                    arrivals.append(time.perf_counter())
+        if arrivals:
+            first.append((arrivals[0] - started) * 1000.0)
+            gaps.extend((b - a) * 1000.0 for a, b in zip(arrivals, arrivals[1:]))
+
+    seconds, cpu, server_cpu = await closed_loop(server, texts, clients, requests, one)
+    return Streamed(name, clients, seconds, first, gaps, errors, cpu, server_cpu)
+
+
+async def drive_route(server: Server, texts: list[str], clients: int, requests: int,
+                      max_new_tokens: int, name: str, openai: bool) -> Scenario:
+    """As `drive`, through /v1/completions (greedy, not streamed) when ``openai``."""
+    if not openai:
+        return await drive(server, texts, clients, requests, max_new_tokens, name)
+    latencies, outputs, errors, lengths = [], {}, 0, []
+
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        async with session.post("/v1/completions", json={
+                "prompt": text, "max_tokens": max_new_tokens, "temperature": 0}) as r:
+            body = await r.read()
+            if r.status != 200:
+                errors += 1
+                return
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        answer = json.loads(body)
+        outputs[text] = answer["choices"][0]["text"]
+        lengths.append(answer["usage"]["completion_tokens"])
+
+    seconds, cpu, server_cpu = await closed_loop(server, texts, clients, requests, one)
+    # (no batch size in an OpenAI answer: nan in the table)
+    return Scenario(name, clients, seconds, latencies, [float("nan")], outputs, errors, lengths,
+                    cpu, server_cpu)
+
+
+def openai_report(args: argparse.Namespace, checkpoint: str, texts: list[str]) -> None:
+    """Streaming latency at 1 and N clients, and /v1/completions against /v1/generate at N."""
+    with Server(checkpoint, args.clients, args.max_wait_ms, args) as server:
+        asyncio.run(drive(server, texts, args.clients, args.clients, args.max_new_tokens,
+                          "warm-up"))
+        rows, streams = {}, {}
+        for _ in range(args.rounds):  # the scenarios take turns, as in main()
+            n = args.requests // args.rounds
+            for name, openai in (("/v1/generate", False), ("/v1/completions", True)):
+                rows.setdefault(name, []).append(asyncio.run(drive_route(
+                    server, texts, args.clients, n, args.max_new_tokens, name, openai)))
+            for clients, total in ((1, args.single_requests), (args.clients, args.requests)):
+                part = asyncio.run(drive_stream(server, texts, clients, total // args.rounds,
+                                                args.max_new_tokens, "stream"))
+                streams.setdefault(clients, []).append(part)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    report([merge(parts) for parts in rows.values()])
+    print(f"\n{'streamed /v1/completions':<28}{'clients':>8}{'requests':>9}{'TTFT p50':>10}"
+          f"{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'errors':>7}{'CPU srv':>8}{'CPU cli':>8}")
+    for clients, parts in streams.items():
+        first = [x for p in parts for x in p.first_ms]
+        gaps = [x for p in parts for x in p.gaps_ms]
+        seconds = sum(p.seconds for p in parts)
+        print(f"{'':<28}{clients:>8}{len(first):>9}{Streamed.pct(first, 50):>10.1f}"
+              f"{Streamed.pct(first, 99):>10.1f}{Streamed.pct(gaps, 50):>9.1f}"
+              f"{Streamed.pct(gaps, 99):>9.1f}{sum(p.errors for p in parts):>7}"
+              f"{sum(p.server_cpu_s for p in parts) / seconds:>8.0%}"
+              f"{sum(p.client_cpu_s for p in parts) / seconds:>8.0%}")
+    print("TTFT: request sent -> first text chunk; ITL: gap between two text chunks of one "
+          "answer; times in ms")
+
+
 def merge(parts: list[Scenario]) -> Scenario:
     """One scenario from its interleaved chunks."""
     outputs = {}
@@ -287,6 +422,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4,
                         help="chunks each scenario is split into, taking turns (default 4)")
     parser.add_argument("--quick", action="store_true", help="64 / 8 requests: a smoke run")
+    parser.add_argument("--openai", action="store_true", help="instead: streaming clients of "
+                        "/v1/completions (time to first token, inter-token latency; 1 and "
+                        "--clients clients) and /v1/completions against /v1/generate, on the "
+                        "batching server")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.single_requests = 64, 8
@@ -300,6 +439,9 @@ def main() -> None:
               f"{'in a process of its own' if args.batcher_process else 'in the server process'}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+        if args.openai:
+            openai_report(args, checkpoint, texts)
+            return
         # Both servers run at once (the idle one costs nothing) and the scenarios take turns in
         # --rounds chunks, in alternating order: a change of the machine's background load
         # then falls on every scenario alike instead of on whichever ran at that moment.

@@ -1,5 +1,7 @@
 """The continuous batcher's costs in-process, without HTTP: one decoder step for 1, 4 and 16
-running rows, and admitting one newcomer into 15 running rows (tokenize, encode, join).
+running rows (greedy; and 16 sampled rows, each with its own generator, as OpenAI's defaults
+ask, temperature 1, and with top-p 0.9), and admitting one newcomer into 15 running rows
+(tokenize, encode, join).
 
     .venv/bin/python bench/serve_step.py CHECKPOINT [--threads 1]
 
@@ -60,15 +62,17 @@ def main() -> None:
     batcher.eos_ids = set()
     loop = asyncio.new_event_loop()
 
-    def requests(n: int, first: int = 0) -> list[Decoding]:
-        return [Decoding(Job([texts[first + i]], {"max_new_tokens": 10**6},
-                             loop.create_future(), loop), time.monotonic(), [None], 1)
-                for i in range(n)]
+    def requests(n: int, first: int = 0, top_p: float | None = None) -> list[Decoding]:
+        options = {"max_new_tokens": 10**6}
+        if top_p is not None:
+            options.update(do_sample=True, temperature=1.0, top_k=0, top_p=top_p, seed=0)
+        return [Decoding(Job([texts[first + i]], options, loop.create_future(), loop),
+                         time.monotonic(), [None], 1) for i in range(n)]
 
-    def step_ms(n: int) -> float:
+    def step_ms(n: int, top_p: float | None = None) -> float:
         best = float("inf")
         for _ in range(args.repeats):
-            rows = batcher._admit(None, requests(n))
+            rows = batcher._admit(None, requests(n, top_p=top_p))
             with torch.inference_mode():
                 for _ in range(10):
                     rows = batcher._step(rows)
@@ -91,12 +95,16 @@ def main() -> None:
 
     try:
         steps = {n: step_ms(n) for n in (1, 4, 16)}
+        sampling = {top_p: step_ms(16, top_p=top_p) for top_p in (1.0, 0.9)}
         admit = admit_ms()
     finally:
         batcher.stop()
         loop.close()
     print(f"checkpoint {checkpoint}; {args.threads} thread(s); torch {torch.__version__}")
     print("decoder step, ms: " + ", ".join(f"{n} rows {ms:.2f}" for n, ms in steps.items()))
+    print("16 rows sampled, ms: " + ", ".join(
+        f"top-p {top_p:g} {ms:.2f} ({ms / steps[16] - 1:+.0%} over greedy)"
+        for top_p, ms in sampling.items()))
     print(f"16 rows / 1 row: {steps[16] / steps[1]:.2f}x; admitting 1 newcomer into 15 rows: "
           f"{admit:.2f} ms ({admit / steps[1]:.2f} single-row steps)")
 

@@ -77,17 +77,14 @@ and ``torch.profiler``'s self CPU time by operator group.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +101,9 @@ from tformer.data import (  # noqa: E402
     tokenize_examples,
 )
 from tformer.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/lockstep.py, also when imported
+from lockstep import Gate, best_time, run_lockstep  # noqa: E402
 
 # The multi30k folder of the local mirror (tformer data): $TFORMER_DATA_DIR/multi30k/.
 DATA = Path(os.environ.get("TFORMER_DATA_DIR", "data")) / "multi30k"
@@ -185,90 +185,6 @@ def matched_batch_size(prep: Prepared, batches: list[list[int]]) -> tuple[int, f
     total = sum(len(x) + len(y) for x, y in zip(prep.sources, prep.labels))
     per_batch = total / len(batches)
     return max(1, round(per_batch / (total / len(prep.sources)))), per_batch
-
-
-# --- lock-step --------------------------------------------------------------------------------
-
-
-class Gate:
-    """A side's end of the lock-step: at the end of each step, read the clock, report, and wait
-    for the next turn. Step k is timed from the release after step k-1 to the end of step k."""
-
-    def __init__(self, conn) -> None:
-        self.conn, self.ends, self.releases = conn, [], []
-
-    def step_end(self) -> None:
-        self.ends.append(time.perf_counter())
-        self.conn.send(("step", len(self.ends)))
-        self.conn.recv()  # "go" (next step) or "finish"
-        self.releases.append(time.perf_counter())
-
-    def step_seconds(self, warmup: int) -> list[float]:
-        return [self.ends[k] - self.releases[k - 1] for k in range(warmup, len(self.ends))]
-
-
-def _child(conn, side: str, kwargs: dict) -> None:
-    """Entry point of a side's process: run it behind a Gate, send back its figures."""
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    if os.environ.get("OMP_NUM_THREADS"):  # --threads, set by the parent
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    try:
-        run = run_tformer if side == "tformer" else run_hf
-        measured = run(gate=Gate(conn), **kwargs)
-        conn.send(("result", dataclasses.asdict(measured)))
-    except BaseException:  # report, never leave the parent waiting
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except OSError:  # the parent is gone (it stopped first)
-            pass
-    finally:
-        conn.close()
-
-
-def run_lockstep(sides: list[tuple[str, dict]], total_steps: int) -> list[Measured]:
-    """Start every side in its own process; after their first step, release them one step at a
-    time, in turn (alternating the order every round); collect their figures."""
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no shared accelerate or torch state
-    conns, procs = [], []
-    for side, kwargs in sides:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, side, kwargs), daemon=True)
-        proc.start()
-        child.close()
-        conns.append(parent)
-        procs.append(proc)
-
-    def expect(conn, kind: str):
-        try:
-            message = conn.recv()
-        except EOFError:
-            raise RuntimeError("a benchmark process died (see its output above)") from None
-        if message[0] == "error":
-            raise RuntimeError(f"a benchmark process failed:\n{message[1]}")
-        if message[0] != kind:
-            raise RuntimeError(f"expected {kind!r} from a benchmark process, got {message!r}")
-        return message[1]
-
-    try:
-        for conn in conns:  # set-up and step 1 of every side, concurrently (never timed)
-            expect(conn, "step")
-        for step in range(2, total_steps + 1):
-            order = conns if step % 2 == 0 else conns[::-1]
-            for conn in order:
-                conn.send("go")
-                expect(conn, "step")
-        for conn in conns:
-            conn.send("finish")
-        results = [Measured(**expect(conn, "result")) for conn in conns]
-    finally:  # on success the sides are finishing; on an error, closing wakes them (EOFError)
-        for conn in conns:
-            conn.close()
-        for proc in procs:
-            proc.join(timeout=120)
-            if proc.is_alive():
-                proc.terminate()
-    return results
 
 
 # --- tformer ----------------------------------------------------------------------------------
@@ -425,15 +341,6 @@ GROUPS = {
 }
 
 
-def _best_time(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)  # the least disturbed by other processes on a shared machine
-
 
 def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
     """Where a training step's time goes, fp32, on one of the loop's batches: the pieces of the
@@ -479,25 +386,25 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
         scheduler.step()
         loss.item()
 
-    step = _best_time(full_step)
-    forward = _best_time(lambda: forward_loss(model, batch, LABEL_SMOOTHING))
-    fwd_bwd = _best_time(forward_backward)
+    step = best_time(full_step)
+    forward = best_time(lambda: forward_loss(model, batch, LABEL_SMOOTHING))
+    fwd_bwd = best_time(forward_backward)
     forward_backward()  # leave gradients for the optimizer and clipping
     rows = [
         ("whole step (the loop body)", step),
         ("  forward + loss", forward),
         ("  forward + loss + backward", fwd_bwd),
-        ("  collate (Seq2SeqCollator)", _best_time(
+        ("  collate (Seq2SeqCollator)", best_time(
             lambda: collate_batch(collate, tokens, indices, Device))),
-        ("  clip_grad_norm_", _best_time(
+        ("  clip_grad_norm_", best_time(
             lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))),
-        ("  AdamW step (default: per-tensor)", _best_time(optimizer.step)),
-        ("  LambdaLR step", _best_time(scheduler.step)),
+        ("  AdamW step (default: per-tensor)", best_time(optimizer.step)),
+        ("  LambdaLR step", best_time(scheduler.step)),
     ]
     for options in (dict(foreach=True), dict(fused=True)):
         alt = torch.optim.AdamW(build_optimizer(model, config).param_groups, lr=LR, betas=BETAS,
                                 eps=EPS, **options)
-        rows.append((f"  AdamW step {options}", _best_time(alt.step)))
+        rows.append((f"  AdamW step {options}", best_time(alt.step)))
     # The output projection and the loss over the (B, T, V) logits, alone.
     hidden = torch.randn(*batch["labels"].shape, model.config.d_model, requires_grad=True)
     weight = model.get_input_embeddings().weight
@@ -510,14 +417,14 @@ def profile(prep: Prepared, max_tokens: int, seed: int) -> None:
                         ignore_index=-100, label_smoothing=smoothing).backward()
 
     rows += [
-        ("  output projection + CE, fwd+bwd", _best_time(head)),
-        ("    same, non-pad positions only", _best_time(lambda: head(keep=labels != -100))),
-        ("    same, no label smoothing", _best_time(lambda: head(0.0))),
+        ("  output projection + CE, fwd+bwd", best_time(head)),
+        ("    same, non-pad positions only", best_time(lambda: head(keep=labels != -100))),
+        ("    same, no label smoothing", best_time(lambda: head(0.0))),
     ]
     no_dropout = build_model(load_config(None, [*overrides, "model.dropout=0.0"]),
                              tokenizer).train()
     rows.append(("  forward+backward with dropout 0 (vs 0.1 above)",
-                 _best_time(lambda: forward_backward(no_dropout))))
+                 best_time(lambda: forward_backward(no_dropout))))
     for name, seconds in rows:
         print(f"  {name:<52} {seconds * 1000:8.1f} ms  {100 * seconds / step:5.1f}% of a step")
     enc = sum(p.numel() for p in model.model.encoder.parameters())
@@ -680,8 +587,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"auto precision (tformer's rule on this machine) -> {precision}")
             common = dict(prep=prep, precision=precision, warmup=args.warmup, steps=args.steps,
                           seed=args.seed)
-            sides = [("tformer", dict(common, max_tokens=args.max_tokens))]
-            sides += [("hf", dict(common, batch_size=batch_size, sampling=s)) for s in sampling]
+            sides = [(run_tformer, dict(common, max_tokens=args.max_tokens))]
+            sides += [(run_hf, dict(common, batch_size=batch_size, sampling=s)) for s in sampling]
             measured = run_lockstep(sides, args.warmup + args.steps)
             print(f"{precision}: " + ", ".join(f"{m.name} {m.tokens_per_s:,.0f} tok/s"
                                                 for m in measured)

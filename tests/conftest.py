@@ -75,6 +75,20 @@ def reference_run(data_files, tmp_path_factory) -> Path:
     return out
 
 
+def save_scaled(model, tokenizer, directory: Path, scale: float = 1.5) -> Path:
+    """Save a random own ``model`` with every weight × ``scale``, and ``tokenizer``, in
+    ``directory``: at the init scale every output is one token repeated, a comparison of
+    engines that proves little."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def build_tiny_t5(corpus: Path, out: Path, scale: float = 1.0) -> Path:
     """A random T5 (d_model 32, 2+2 layers, about 60k parameters) with a SentencePiece unigram
     tokenizer trained on ``corpus`` (ids as T5's: <pad> 0, </s> 1, <unk> 2), saved as a Hugging

@@ -143,3 +143,14 @@ class UpperSeq2Seq:
         if "fail" in texts:
             raise TwoArgumentError("cannot generate", 7)
         return [text.upper() for text in texts]
+
+
+def wordy(url: str, texts: list[str], max_tokens: int = 64, key: str = "") -> list[str]:
+    """Eight texts, those whose greedy output (at ``url``) has the most words first. This
+    random model's outputs are often runs of byte-fallback tokens, whose text shows only once
+    the run ends (`tformer.serving.text_stream`); the wordiest stream in the most pieces."""
+    answer = httpx.post(url + "/v1/completions", timeout=120,
+                        headers={"Authorization": f"Bearer {key}"} if key else {}, json={
+        "prompt": texts[:8], "max_tokens": max_tokens, "temperature": 0}).json()
+    words = [len(choice["text"].split()) for choice in answer["choices"]]
+    return [text for _, text in sorted(zip(words, texts), key=lambda pair: -pair[0])]

@@ -112,3 +112,9 @@ def tokenizer_corpus(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8")
     return path
+
+
+def text_lines(n: int, seed: int = 0) -> str:
+    """``n`` lines of English text (the English side of `captions`), one per line: raw text for
+    a small character-level language model."""
+    return "".join(record["source"] + "\n" for record in captions(n, seed))

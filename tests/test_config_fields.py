@@ -1,12 +1,14 @@
-"""The own model's architecture fields: `TransformerConfig` declares them; the Hugging Face
-config (`TformerConfig`) and the recipe's model section (`ModelSection`) repeat them, and this
-test fails when the three disagree (a field missing from one, or another default)."""
+"""The own model's architecture fields: `TransformerConfig` declares them once; the Hugging Face
+config (`TformerConfig`) and the recipe's model section (`ModelSection`) are derived from it, and
+this test fails when the three disagree (a field missing from one, another default or type)."""
 
 import dataclasses
 
+import pytest
+
 from tformer.hf import TformerConfig
 from tformer.model import TransformerConfig
-from tformer.training.config import ModelSection, load_config
+from tformer.training.config import ConfigError, ModelSection, load_config
 
 #: TransformerConfig fields a recipe does not set: the tokenizer decides them.
 FROM_THE_TOKENIZER = {"vocab_size", "pad_token_id"}
@@ -30,3 +32,12 @@ def test_a_recipe_can_set_every_architecture_field():
                            f"{recipe - core}"
     config = load_config(None, ["model.size=tiny", "model.layer_norm_eps=1e-6"])
     assert config.model.transformer_config(100, 0).layer_norm_eps == 1e-6
+
+
+def test_a_recipe_value_is_checked_against_the_declared_type_and_range():
+    with pytest.raises(ConfigError, match=r"model\.activation expects"):
+        load_config(None, ["model.activation=tanh"])
+    with pytest.raises(ConfigError, match=r"model\.layer_norm_eps must be finite"):
+        load_config(None, ["model.layer_norm_eps=inf"])
+    with pytest.raises(ConfigError, match=r"model\.d_model \(250\) must be divisible"):
+        load_config(None, ["model.size=small", "model.d_model=250", "model.n_heads=4"])

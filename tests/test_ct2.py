@@ -20,7 +20,7 @@ from tformer.ct2.own_spec import NotExportableError, check_exportable  # noqa: E
 from tformer.metrics import chrf  # noqa: E402
 from tformer.model import TransformerConfig  # noqa: E402
 
-from .conftest import build_tiny_t5, tiny_overrides  # noqa: E402
+from .conftest import build_tiny_t5, save_scaled, tiny_overrides  # noqa: E402
 from .synthetic import captions, tokenizer_corpus  # noqa: E402
 
 # Beam search is compared with early_stopping=True: CTranslate2 stops once num_beams
@@ -121,13 +121,7 @@ def random_own_model(directory: Path, tokenizer, **options) -> Path:
     torch.manual_seed(0)
     config = TformerConfig(vocab_size=len(tokenizer), d_model=32, n_heads=4, n_encoder_layers=2,
                            n_decoder_layers=3, d_ff=64, **options)
-    model = TformerForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_scaled(TformerForConditionalGeneration(config), tokenizer, directory)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +215,10 @@ VARIANTS = {
     "learned positions": dict(positional="learned", max_positions=64),
     "untied, unscaled, eps 1e-3, pre-norm": dict(tie_embeddings=False, scale_embeddings=False,
                                                   layer_norm_eps=1e-3, norm_first=True),
+    "Llama's blocks: RMSNorm, RoPE, SwiGLU, no bias, GQA": dict(
+        norm="rmsnorm", norm_first=True, positional="rope", activation="silu", gated_ffn=True,
+        bias=False, n_kv_heads=2, rope_theta=500.0, scale_embeddings=False),
+    "GPT-2's GELU (tanh), multi-query attention": dict(activation="gelu_tanh", n_kv_heads=1),
 }
 
 
@@ -278,7 +276,11 @@ def test_unsupported_inputs_are_refused_naming_them(copy_run, copy_export, tmp_p
 
     with pytest.raises(NotExportableError, match="TransformerConfig.rotary"):
         check_exportable(FutureConfig(vocab_size=100))
+    with pytest.raises(NotExportableError, match="copy_attention=True: CTranslate2"):
+        check_exportable(TransformerConfig(vocab_size=100, copy_attention=True))
     check_exportable(TransformerConfig(vocab_size=100, gated_ffn=True, positional="learned"))
+    check_exportable(TransformerConfig(vocab_size=100, n_encoder_layers=0, norm="rmsnorm",
+                                       positional="rope", bias=False, n_kv_heads=2))
 
     with pytest.raises(ValueError, match="quantization must be one of"):
         ct2.export(copy_run["checkpoint"], tmp_path / "x", quantization="int4")

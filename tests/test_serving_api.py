@@ -4,6 +4,7 @@ OpenAPI schema."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 import tformer
+from tformer.generation import Seq2Seq
 from tformer.serving import ServeSettings, create_app
 from tformer.serving.app import STATIC_DIR
 
@@ -164,7 +166,8 @@ def test_batching_mode_is_chosen_shown_and_validated(seq2seq):
 
 
 def test_schemathesis_finds_no_server_error(seq2seq):
-    """Every operation of the OpenAPI schema, with valid and invalid data (a few derandomized
+    """Every operation of the OpenAPI schema (the OpenAI-compatible ones too, streamed or
+    not), with valid and invalid data (a few derandomized
     examples each, so it stays bounded and repeatable), under every check schemathesis has (as
     ``--checks all``): no 5xx, every answer conforms to the schema (documented status, content
     type, headers, body), data the schema calls valid is accepted (an integral float such as
@@ -185,7 +188,11 @@ def test_schemathesis_finds_no_server_error(seq2seq):
 
     small = ServeSettings(max_inputs=4, max_input_chars=200, max_input_tokens=64,
                           max_new_tokens_cap=6, max_beams=2)
-    app = create_app(seq2seq, settings=small)
+    # A tokenizer with a chat template, so that chat requests the schema calls valid can be
+    # answered (without one, every chat request is a 400: tests/test_serving_openai.py).
+    tokenizer = copy.deepcopy(seq2seq.tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    app = create_app(Seq2Seq(seq2seq.model, tokenizer, seq2seq.path), settings=small)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
     checks = CHECKS.get_all()
     statuses: dict[str, set[int]] = {}
@@ -201,8 +208,10 @@ def test_schemathesis_finds_no_server_error(seq2seq):
     finally:
         app.state.batcher.stop()
     assert set(statuses) == {"GET /healthz", "GET /v1/model", "POST /v1/generate",
-                             "POST /v1/attention"}
+                             "POST /v1/attention", "GET /v1/models", "GET /v1/models/{model}",
+                             "POST /v1/completions", "POST /v1/chat/completions"}
     assert 200 in statuses["POST /v1/generate"] and 422 in statuses["POST /v1/generate"]
+    assert 200 in statuses["POST /v1/completions"] and 400 in statuses["POST /v1/completions"]
 
 
 def _fuzz(strategy, checks: list, seen: set[int]) -> None:

@@ -1,6 +1,7 @@
 """The web page of ``tformer serve`` in headless Chromium (Debian's chromium and chromedriver,
 driven by selenium): type a text, click Generate, read the output (equal to
-`Seq2Seq.generate` with the same options), see the cross-attention heatmap drawn (and, for a
+`Seq2Seq.generate` with the same options; greedy answers stream from /v1/completions, and the
+text grows on the page token by token), see the cross-attention heatmap drawn (and, for a
 model with copy attention, its copy attention and P(copy) column), and no error in the
 browser's console."""
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 import tformer
 from tformer.serving import ServerThread, ServeSettings, create_app
 
-from .serving_helpers import served_checkpoint, source_texts
+from .serving_helpers import served_checkpoint, source_texts, wordy
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -166,3 +168,40 @@ def _cross_shape(seq2seq, source: str, target: str) -> tuple[int, int]:
 
     maps = attention_maps(seq2seq, source, target)
     return tuple(maps.cross[-1].shape[1:])
+
+
+def test_page_streams_the_answer_token_by_token(browser, seq2seq, data_files):
+    """A 64-token answer (end-of-sequence switched off) grows on the page as it is decoded: the
+    output's text, read each time the page changes it, takes many lengths before the last, and
+    the last equals the non-streamed answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = create_app(seq2seq, settings=ServeSettings())
+    app.state.batcher.eos_ids = set()
+    with ServerThread(app) as server:
+        prompt = wordy(server.url, source_texts(data_files))[0]
+        expected = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 64, "temperature": 0}).json()["choices"][0]["text"]
+        browser.get(server.url + "/")
+        browser.execute_script("""
+            const output = document.getElementById('output');
+            window.lengths = [];
+            new MutationObserver(() => window.lengths.push(output.textContent.length))
+              .observe(output, {childList: true, characterData: true, subtree: true});""")
+        browser.find_element(By.ID, "text").send_keys(prompt)
+        box = browser.find_element(By.ID, "max-new-tokens")
+        box.clear()
+        box.send_keys("64")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+            in ("done", "error"))
+        lengths = browser.execute_script("return window.lengths")
+        shown = browser.execute_script("return document.getElementById('output').textContent")
+        meta = browser.find_element(By.ID, "meta").text
+        logs = browser.get_log("browser")
+    assert shown == expected and "streamed" in meta
+    grown = sorted({n for n in lengths if n})
+    assert len(grown) > 1 and grown[-1] == len(expected), lengths  # more than one DOM update
+    assert [entry for entry in logs if entry["level"] == "SEVERE"] == []

@@ -322,3 +322,56 @@ def test_continuous_batching_stop_finishes_the_rows_in_flight(seq2seq, texts):
     assert [r.outputs[0] for r in results] == [seq2seq.generate(t, max_new_tokens=NEW)
                                                for t in texts[:3]]
     assert not batcher.healthy
+
+
+@pytest.mark.parametrize("scale", [10.0, 0.3], ids=["peaked", "flat"])
+def test_sampling_filters_equal_hugging_faces_warpers(scale):
+    """`filter_logits` (per row: temperature, top-k, top-p, in one batched pass) against
+    transformers' own logits warpers applied row by row, in generate()'s order: with peaked
+    logits (every row's kept tokens among the first candidates) and flat ones (nuclei wider
+    than the candidates, and a top-k larger: those rows sort their whole vocabulary)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from tformer.serving.sampling import filter_logits
+
+    torch.manual_seed(0)
+    settings = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6), (2.0, 1, 0.3),
+                (1.0, 100, 1.0), (0.9, 200, 0.95)]
+    logits = torch.randn(len(settings), 500) * scale
+    ours = filter_logits(logits, *(torch.tensor(column) for column in zip(*settings)))
+    for row, (temperature, top_k, top_p) in enumerate(settings):
+        theirs = TemperatureLogitsWarper(temperature)(None, logits[row: row + 1].clone())
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1.0:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(theirs[0])), row
+        kept = ~torch.isinf(theirs[0])
+        torch.testing.assert_close(ours[row][kept], theirs[0][kept])
+
+
+def test_text_stream_shows_only_what_cannot_change():
+    """Pieces of text add up to the final output: trailing white space, a run of byte-fallback
+    tokens and a tail that may start a stop sequence wait; a stop sequence ends the text."""
+    from tformer.serving.text_stream import TextStream
+
+    pieces = {1: "A", 2: " dog", 3: " ", 4: "\u00e2", 5: "\u0080", 6: "runs", 7: "END", 8: "!"}
+    held = {4, 5}  # as byte tokens: their text shows only once a non-byte token follows
+
+    def decode(tokens):
+        return "".join(pieces[t] for t in tokens)
+
+    stream = TextStream(decode, stops=["ENDX"], held=held)
+    shown = [stream.add(t) for t in (1, 2, 3, 4, 5, 6, 7)]
+    assert shown == ["A", " dog", "", "", "", " \u00e2\u0080runs", ""], shown  # "END" may stop
+    assert stream.finish(decode([1, 2, 3, 4, 5, 6, 7]).strip()) == "END"
+    assert stream.sent == "A dog \u00e2\u0080runsEND" and not stream.stopped
+    stopping = TextStream(decode, stops=["runs"])
+    assert "".join(stopping.add(t) for t in (1, 2, 3, 6, 8)) == "A dog "  # (cut, not stripped)
+    assert stopping.stopped and stopping.finish("A dog runs!") == ""
+    assert stopping.sent == "A dog " and TextStream(decode, ["runs"]).finish("A dog runs!") == (
+        "A dog ")

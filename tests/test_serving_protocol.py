@@ -14,7 +14,7 @@ import pytest
 import tformer.serving
 from tformer.serving import ServeSettings, create_app
 from tformer.serving.app import make_batcher
-from tformer.serving.batcher import Batcher, BatchResult
+from tformer.serving.batcher import Batcher, BatchResult, TokenStream
 from tformer.serving.batching import DynamicBatcher
 from tformer.serving.continuous import ContinuousBatcher
 from tformer.serving.process import ProcessBatcher
@@ -26,7 +26,7 @@ from .serving_helpers import NEW, StubSeq2Seq, UpperSeq2Seq, client
 model_dir, seq2seq, texts = helpers.model_dir, helpers.seq2seq, helpers.texts
 
 SIZES = dict(max_batch_size=4, max_wait_ms=0, max_queue=10)
-METHODS = ("start", "submit", "call", "stop")
+METHODS = ("start", "submit", "stream", "call", "stop")
 
 
 def batchers(seq2seq) -> list:
@@ -88,6 +88,11 @@ class EchoBatcher:
                                       batch_inputs=len(texts), queue_ms=0.0, generate_ms=0.0))
         return future
 
+    def stream(self, texts, options) -> TokenStream:
+        stream = TokenStream(asyncio.get_running_loop())
+        stream.future = self.submit(texts, options)
+        return stream
+
     def call(self, fn) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         future.set_result(fn())
@@ -99,7 +104,8 @@ class EchoBatcher:
 
 def test_the_app_serves_through_any_batcher():
     """`create_app` depends on the protocol only: a batcher it has never heard of serves
-    /v1/generate and /healthz, and is started and stopped with the app."""
+    /v1/generate, /v1/completions (streamed too: one chunk, at the end) and /healthz, and is
+    started and stopped with the app."""
     from fastapi.testclient import TestClient
 
     echo = EchoBatcher()
@@ -109,9 +115,13 @@ def test_the_app_serves_through_any_batcher():
         assert echo.started
         answer = c.post("/v1/generate", json={"inputs": ["abc", "de"], "max_new_tokens": NEW})
         assert answer.json()["outputs"] == ["cba", "ed"]
+        completion = c.post("/v1/completions", json={"prompt": ["abc"], "temperature": 0})
+        assert completion.json()["choices"][0]["text"] == "cba"
+        streamed = c.post("/v1/completions", json={"prompt": "abc", "stream": True}).text
+        assert '"text":"cba"' in streamed and streamed.endswith("data: [DONE]\n\n")
         assert c.get("/healthz").status_code == 200
         assert c.get("/v1/model").json()["limits"]["batching"] == "dynamic"
-    assert echo.stopped and echo.stats["texts"] == 2
+    assert echo.stopped and echo.stats["texts"] == 4
 
 
 def test_the_default_batcher_is_still_chosen_by_the_settings(seq2seq):

@@ -27,6 +27,9 @@ VARIANTS = [
     {"positional": "learned"},
     {"gated_ffn": True, "activation": "gelu"},
     {"tie_embeddings": False, "scale_embeddings": False},
+    # the decoder-only family's blocks in the encoder-decoder (docs/model.md section 17)
+    {"positional": "rope", "norm": "rmsnorm", "norm_first": True, "n_kv_heads": 2,
+     "bias": False, "gated_ffn": True, "activation": "silu"},
 ]
 
 
@@ -157,7 +160,12 @@ def test_attention_maps_are_distributions_and_zero_on_padding():
         ("dropout", -0.1, "dropout"),
         ("vocab_size", 0, "vocab_size"),
         ("n_heads", 0, "n_heads"),
-        ("n_encoder_layers", 0, "n_encoder_layers"),
+        ("n_encoder_layers", -1, "n_encoder_layers"),
+        ("n_decoder_layers", 0, "n_decoder_layers"),
+        ("norm", "batchnorm", "norm"),
+        ("n_kv_heads", 3, "n_kv_heads"),
+        ("rope_theta", 0.0, "rope_theta"),
+        ("bias", 1, "bias"),
         ("activation", "tanh", "activation"),
         ("positional", "rotary", "positional"),
         ("attention_dropout", 1.0, "attention_dropout"),

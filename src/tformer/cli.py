@@ -41,11 +41,14 @@ def _data(args: argparse.Namespace) -> int:
         for source in sources.DATASETS.values():
             config = f", config {source.hub_config}" if source.hub_config else ""
             print(f"{source.name}: {source.task}; {source.license}")
-            print(f"  Hub: {source.hub_id}{config}, columns {source.source_column} -> source, "
-                  f"{source.target_column} -> target")
+            columns = (f"columns {' + '.join(source.text_columns)} -> one document (data.task: "
+                       "lm)" if source.is_text else f"columns {source.source_column} -> source, "
+                       f"{source.target_column} -> target")
+            print(f"  Hub: {source.hub_id}{config}, {columns}")
             for role, split in source.splits.items():
-                print(f"  {role:<10} Hub split {split.hub_split:<12} mirror "
-                      f"{source.name}/{split.file} ({split.rows:,} rows in the reference mirror)")
+                rows = "lines" if split.file.endswith(".txt") else "rows"
+                print(f"  {role:<10} Hub split {split.hub_split:<15} mirror {source.name}/"
+                      f"{split.file} ({split.rows:,} {rows} in the reference mirror)")
             print(f"  note: {source.note}")
         where = root if root is not None else f"unset: set {sources.DATA_DIR_ENV} to use one"
         print(f"\nmirror ({sources.DATA_DIR_ENV}): {where}")
@@ -133,6 +136,12 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "transformers":
+        from tformer.convert import export_transformers  # import time (module docstring)
+
+        out = export_transformers(args.checkpoint, args.output, force=args.force)
+        print(f"exported to {out}")
+        return 0
     from tformer.ct2 import export  # import time (module docstring)
 
     out = export(args.checkpoint, args.output, quantization=args.quantization, force=args.force)
@@ -144,9 +153,20 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tformer.engines import load  # import time (module docstring)
 
-    records = _read_inputs(args.input, args.field)
+    records = [("prompt", args.prompt)] if args.prompt is not None else \
+        _read_inputs(args.input, args.field)
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    if args.chat:  # each text as a user message, the model's answer generated
+        from tformer.data.sft import chat_prompts  # import time (module docstring)
+
+        if not getattr(generator.tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: {args.checkpoint} has no chat template (train it with "
+                             "data.task: sft)")
+        records = list(zip([rid for rid, _ in records],
+                           chat_prompts(generator.tokenizer, [text for _, text in records])))
+    if args.stream:
+        return _stream(generator, [text for _, text in records], options)
     outputs = generator.generate([text for _, text in records], progress=True, **options)
     to_jsonl = args.output is not None and args.output.endswith((".jsonl", ".json"))
     lines = (
@@ -160,6 +180,19 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.writelines(line + "\n" for line in lines)
+    return 0
+
+
+def _stream(generator, prompts: list[str], options: dict) -> int:
+    """``--stream``: each prompt, then its continuation as it is generated (decoder-only)."""
+    if generator.family != "causal":
+        raise ValueError("--stream continues the prompt of a decoder-only model; this "
+                         "checkpoint is an encoder-decoder")
+    for prompt in prompts:
+        print(prompt, end="", flush=True)
+        generator.generate(prompt, on_text=lambda piece: print(piece, end="", flush=True),
+                           **options)
+        print(flush=True)
     return 0
 
 
@@ -207,6 +240,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     options = _generation_options(args)  # seeds torch first: CTranslate2 seeds from it at load
     generator = load(args.checkpoint, device=args.device, **_engine_options(args))
+    if generator.family == "causal":  # a language model: its loss on a text
+        if getattr(generator, "model", None) is None:
+            raise ValueError("tformer evaluate scores a language model's loss on a text, which "
+                             "needs its PyTorch weights: evaluate the checkpoint this export "
+                             f"came from, {generator.settings.get('source')}")
+        from tformer.evaluation import evaluate_text  # import time (module docstring)
+
+        metrics = evaluate_text(generator, args.data, output_dir=args.output_dir,
+                                text_column=args.text_column, block_size=args.block_size)
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return 0
     metrics = evaluate(
         generator, args.data, output_dir=args.output_dir, source_column=args.source_column,
         target_column=args.target_column, prefix=args.prefix, language=args.language,
@@ -253,7 +297,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     names = ("host", "port", "batching", "batcher_process", "max_batch_size", "max_wait_ms",
              "max_queue", "max_inputs", "max_input_chars", "max_input_tokens", "max_new_tokens_cap",
-             "default_max_new_tokens", "max_beams", "timeout_s")
+             "default_max_new_tokens", "max_beams", "timeout_s", "model_name")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key),
                              **{name: getattr(args, name) for name in names})
     serve(args.checkpoint, settings, device=args.device, **_engine_options(args))
@@ -272,6 +316,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer "
                    f"KEY or X-API-Key) on every route but /healthz; default: ${API_KEY_ENV}")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--model-name", default=None, help="the model's id on the OpenAI-compatible "
+                   "routes (GET /v1/models, the model field); default: the checkpoint "
+                   "directory's name")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--batching", choices=BATCHING, default=S.batching,
                    help="continuous: requests join the running batch at every step (greedy, "
@@ -334,20 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", default=None, help=".txt (one text per line) or .jsonl; "
                    "default: stdin")
     p.add_argument("--field", default="source", help="JSONL field holding the text")
+    p.add_argument("--prompt", default=None, help="one text to generate for, instead of "
+                   "--input (a decoder-only model continues it; \"\" = from the start of a "
+                   "document)")
+    p.add_argument("--stream", action="store_true", help="decoder-only models: print each "
+                   "prompt and its continuation as it is generated")
+    p.add_argument("--chat", action="store_true", help="decoder-only models with a chat "
+                   "template (data.task: sft): each text is a user message; print the answer")
     p.add_argument("--output", "-o", default=None, help=".txt or .jsonl (with ids); default: stdout")
     _add_generation_flags(p)
     _add_engine_flags(p)
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser("export", help="write a checkpoint as a CTranslate2 model directory "
-                         "(see docs/inference.md)")
+                         "(see docs/inference.md), or a decoder-only one as a plain transformers "
+                         "GPT-2 / Llama directory (docs/model.md)")
     p.add_argument("checkpoint", help="model directory (own or Hugging Face) or Hub name")
-    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
+    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2", "transformers"],
+                   help="ctranslate2 (default), or transformers: GPT2LMHeadModel / "
+                   "LlamaForCausalLM of a gpt2 / llama preset checkpoint, loadable without tformer")
     p.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
-                   help="stored weight type: int8 for CPUs, float16 / int8_float16 for GPUs "
-                   "(default float32)")
+                   help="CTranslate2's stored weight type: int8 for CPUs, float16 / int8_float16 "
+                   "for GPUs (default float32)")
     p.add_argument("--output", "-o", default=None,
-                   help="directory to write (default: ./NAME-ct2-QUANTIZATION)")
+                   help="directory to write (default: ./NAME-ct2-QUANTIZATION, "
+                   "./NAME-transformers)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_export)
 
@@ -380,10 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.set_defaults(func=_serve)
 
-    p = verbs.add_parser("evaluate", help="score a model on a file with references")
+    p = verbs.add_parser("evaluate", help="score a model on a file with references; a "
+                         "decoder-only model: its loss and perplexity on a text")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet with source and target "
-                   "(a string or a list of reference strings)")
+                   "(a string or a list of reference strings); for a decoder-only model a .txt "
+                   "file, a folder of them, or a file with --text-column")
+    p.add_argument("--text-column", default="text", help="decoder-only: the field of a "
+                   "document's text in a JSONL/CSV/Parquet file")
+    p.add_argument("--block-size", type=int, default=None, help="decoder-only: the context each "
+                   "token is predicted from (default: the one the model was trained on)")
     p.add_argument("--output-dir", default=None, help="write metrics.json and predictions.jsonl")
     p.add_argument("--source-column", default="source")
     p.add_argument("--target-column", default="target")

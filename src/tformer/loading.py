@@ -1,7 +1,7 @@
-"""The one checkpoint loader: a checkpoint directory (own model, any Hugging Face seq2seq model,
-a LoRA checkpoint) or a Hub name → model and tokenizer. Generation, CTranslate2 export,
-evaluation, training (a pretrained base, LoRA merges), visualization and serving all read
-checkpoints through here; the engine that generates from them is chosen by
+"""The one checkpoint loader: a checkpoint directory (own model, any Hugging Face seq2seq or
+causal language model, a LoRA checkpoint) or a Hub name → model and tokenizer. Generation,
+CTranslate2 export, evaluation, training (a pretrained base, LoRA merges), visualization and
+serving all read checkpoints through here; the engine that generates from them is chosen by
 `tformer.engines.load` (``tformer.load``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import tformer.hf  # noqa: F401  (registers model_type "tformer" with the Auto classes)
 from tformer import lora
@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
-    """The one loader of seq2seq models: a checkpoint directory (own model, any Hugging Face
-    seq2seq model, or a LoRA checkpoint whose adapter is not merged yet) or a Hub name, offline
-    first (see `tformer.hub`). Remote code never runs. ``dtype`` "auto" keeps the checkpoint's
-    dtype; training asks for float32.
+    """The one loader of models: a checkpoint directory (own model, any Hugging Face seq2seq
+    model or decoder-only language model, or a LoRA checkpoint whose adapter is not merged yet)
+    or a Hub name, offline first (see `tformer.hub`). The config's ``is_encoder_decoder``
+    decides the ``Auto`` class: ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM``. Remote
+    code never runs. ``dtype`` "auto" keeps the checkpoint's dtype; training asks for float32.
 
     Weights are read from safetensors where the checkpoint has them (tformer's always do); an
     older Hub checkpoint that only has ``pytorch_model.bin`` is read with
@@ -44,12 +45,12 @@ def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
             log.info("merging the LoRA adapter of %s into %s", local, lora.adapter_base(adapter))
             return lora.merge_adapter(base, adapter)
         raise FileNotFoundError(f"{path_or_name}: not a model directory (no config.json)")
+    auto = _auto_class(path_or_name)
     if not local.is_dir():
-        return from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
-                               trust_remote_code=False, dtype=dtype)
+        return from_pretrained(auto, path_or_name, "model", trust_remote_code=False, dtype=dtype)
     check_weights(local)
     try:
-        model, info = from_pretrained(AutoModelForSeq2SeqLM, path_or_name, "model",
+        model, info = from_pretrained(auto, path_or_name, "model",
                                       trust_remote_code=False, dtype=dtype,
                                       output_loading_info=True)
     except RuntimeError as error:  # e.g. a tensor of the wrong shape
@@ -63,6 +64,12 @@ def load_model(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):
             raise CheckpointError(f"{what}: the weight file does not belong to this model")
         log.warning("%s (newly initialised)", what)  # a Hub model may load its own way
     return model
+
+
+def _auto_class(path_or_name: str | Path):
+    """``AutoModelForSeq2SeqLM`` for an encoder-decoder config, else ``AutoModelForCausalLM``."""
+    config = from_pretrained(AutoConfig, path_or_name, "model", trust_remote_code=False)
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 def load_checkpoint(path_or_name: str | Path, dtype: torch.dtype | str = "auto"):

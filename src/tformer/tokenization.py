@@ -1,7 +1,16 @@
-"""Train, save and load the subword tokenizers tformer's own model uses.
+"""Train, save and load the tokenizers tformer's own models use.
 
 One vocabulary serves source and target (the model ties its embeddings), so a tokenizer is
-trained on both sides of the corpus. The pipeline, in the order the text goes through it:
+trained on both sides of the corpus. Four kinds (``data.tokenizer_kind``):
+
+- ``bpe`` (default) and ``unigram``: the subword pipeline below;
+- ``char``: one token per character of the corpus (nanoGPT's Shakespeare, Chinese poems): a
+  `tokenizers` BPE with no merges over the corpus's characters, no normalisation, so text
+  round-trips exactly (a character not in the vocabulary becomes ``<unk>``);
+- ``bytelevel``: GPT-2's byte-level BPE (every text is bytes first, so nothing is unknown).
+
+Every kind is a `tokenizers` model saved as ``tokenizer.json``, so checkpoints load with
+``AutoTokenizer``. The subword pipeline, in the order the text goes through it:
 
 1. Unicode NFKC normalisation. It folds compatibility characters (full-width letters, ligatures,
    superscripts) into their canonical form, so such characters do NOT round-trip exactly; all
@@ -12,10 +21,13 @@ trained on both sides of the corpus. The pipeline, in the order the text goes th
 3. Model: Unigram (default, as SentencePiece) or BPE, both with byte fallback: a character
    missing from the vocabulary is encoded as its UTF-8 bytes (``<0x00>`` ... ``<0xFF>``, always
    in the vocabulary), so no text ever maps to ``<unk>``.
-4. Post-processor: appends ``</s>`` to every sequence.
+4. Post-processor: appends ``</s>`` to every sequence (seq2seq: the model learns where a
+   sequence ends). A language model's tokenizer (``append_eos=False``) adds nothing: the
+   data pipeline appends ``</s>``, the end-of-text token, after each document it packs, and a
+   prompt is encoded as it is.
 
 The special tokens have fixed ids, which the model relies on: ``<pad>`` 0, ``<unk>`` 1,
-``<s>`` 2 (decoder start), ``</s>`` 3.
+``<s>`` 2 (decoder start), ``</s>`` 3 (end of a sequence, of a document).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import Literal
 
@@ -53,8 +66,11 @@ BYTE_TOKENS: tuple[str, ...] = tuple(f"<0x{b:02X}>" for b in range(256))
 # characters instead of matching the byte token (see _add_byte_tokens).
 _ASCII_ALPHABET: list[str] = [chr(c) for c in range(0x20, 0x7F)] + ["\n", "\t"]
 _METASPACE = "▁"
+#: The 256 characters byte-level BPE spells bytes with (GPT-2's table).
+BYTE_LEVEL_ALPHABET: tuple[str, ...] = tuple(pre_tokenizers.ByteLevel.alphabet())
 
-TokenizerKind = Literal["unigram", "bpe"]
+TokenizerKind = Literal["unigram", "bpe", "char", "bytelevel"]
+KINDS: tuple[str, ...] = ("unigram", "bpe", "char", "bytelevel")
 
 
 def _empty_tokenizer(kind: TokenizerKind) -> Tokenizer:
@@ -63,7 +79,7 @@ def _empty_tokenizer(kind: TokenizerKind) -> Tokenizer:
     elif kind == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True))
     else:
-        raise ValueError(f"tokenizer kind must be 'unigram' or 'bpe', got {kind!r}")
+        raise ValueError(f"tokenizer kind must be one of {', '.join(KINDS)}, got {kind!r}")
     # The ▁ marking a word start is added by the normaliser, not by Metaspace, so it is added
     # even before a leading space; decoding strips exactly that one character. Metaspace's own
     # prepending skips text that already starts with a space, which loses that space on decoding.
@@ -149,40 +165,86 @@ def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 8000, kind: TokenizerKind = "unigram"
+    texts: Iterable[str], vocab_size: int = 8000, kind: TokenizerKind = "unigram",
+    append_eos: bool = True,
 ) -> PreTrainedTokenizerFast:
-    """Train a subword tokenizer with byte fallback on ``texts``.
+    """Train a tokenizer of ``kind`` on ``texts``.
 
     Args:
         texts: training text; pass both source and target texts, as the vocabulary is shared.
-        vocab_size: total vocabulary size, the 4 special and 256 byte tokens included. The
-            trainer may return fewer tokens on a small corpus.
-        kind: ``"unigram"`` (SentencePiece-style) or ``"bpe"``.
+        vocab_size: total vocabulary size, the special tokens (and for ``bpe`` / ``unigram``
+            the 256 byte tokens) included. The trainer may return fewer tokens on a small
+            corpus; ``char`` keeps every character when they fit, else the most frequent.
+        kind: ``"unigram"`` (SentencePiece-style), ``"bpe"``, ``"char"`` or ``"bytelevel"``.
+        append_eos: append ``</s>`` to every encoded sequence (seq2seq); False for a language
+            model's tokenizer, which adds no token of its own.
 
     Returns:
-        A fast tokenizer that appends ``</s>`` to every encoded sequence, pads on the right
-        with id 0 and round-trips any NFKC-normalised text with no unknown token.
+        A fast tokenizer that pads on the right with id 0. ``bpe``, ``unigram`` and
+        ``bytelevel`` round-trip any (for the first two, NFKC-normalised) text with no
+        unknown token; ``char`` round-trips every text made of its characters.
     """
-    reserved = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
-    if vocab_size < reserved + len(_ASCII_ALPHABET):
-        raise ValueError(
-            f"vocab_size must be at least {reserved + len(_ASCII_ALPHABET)} "
-            f"({reserved} special and byte tokens plus the ASCII alphabet), got {vocab_size}"
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    reserved = len(SPECIAL_TOKENS) + {"char": 1, "bytelevel": len(BYTE_LEVEL_ALPHABET)}.get(
+        kind, len(BYTE_TOKENS) + len(_ASCII_ALPHABET))
+    if vocab_size < reserved:
+        raise ValueError(f"vocab_size must be at least {reserved} for a {kind} tokenizer "
+                         f"(its special and base tokens), got {vocab_size}")
+    if kind == "char":
+        tokenizer = _char_tokenizer(texts, vocab_size)
+    elif kind == "bytelevel":
+        tokenizer = _bytelevel_tokenizer(texts, vocab_size)
+    else:
+        tokenizer = _empty_tokenizer(kind)
+        tokenizer.train_from_iterator(texts, _trainer(kind, vocab_size - len(BYTE_TOKENS)))
+        tokenizer = _add_byte_tokens(tokenizer)
+    if append_eos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS_TOKEN}",
+            pair=f"$A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
+            special_tokens=[(EOS_TOKEN, EOS_ID)],
         )
-    tokenizer = _empty_tokenizer(kind)
-    tokenizer.train_from_iterator(texts, _trainer(kind, vocab_size - len(BYTE_TOKENS)))
-    tokenizer = _add_byte_tokens(tokenizer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS_TOKEN}",
-        pair=f"$A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
-        special_tokens=[(EOS_TOKEN, EOS_ID)],
-    )
     for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)), strict=True):
         actual = tokenizer.token_to_id(token)
         if actual != expected:  # the model hard-codes these ids
             raise RuntimeError(f"special token {token} got id {actual}, expected {expected}")
     logger.info("trained a %s tokenizer: %d tokens", kind, tokenizer.get_vocab_size())
     return wrap_tokenizer(tokenizer)
+
+
+def _char_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """One token per character: the special tokens, then the corpus's characters in code-point
+    order (nanoGPT's ``sorted(set(text))``), all of them if they fit in ``vocab_size``, else
+    the most frequent (ties by code point). A BPE model with no merges maps each character
+    to its id, with no normalisation or pre-tokenisation, so text (newlines, spaces, CJK)
+    comes back exactly; the Fuse decoder joins the characters."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    room = vocab_size - len(SPECIAL_TOKENS)
+    kept = sorted(counts, key=lambda c: (-counts[c], c))[:room]
+    if len(kept) < len(counts):
+        dropped = sum(counts[c] for c in counts) - sum(counts[c] for c in kept)
+        logger.warning("char tokenizer: %d of %d characters kept (vocab_size %d); the other %d "
+                       "occurrences become <unk>", len(kept), len(counts), vocab_size, dropped)
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(kept)])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def _bytelevel_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """GPT-2's byte-level BPE: text is read as UTF-8 bytes, each spelled by one of 256
+    printable characters, split by GPT-2's pattern, then merged. Deterministic (BPE)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=list(BYTE_LEVEL_ALPHABET), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike[str]) -> None:

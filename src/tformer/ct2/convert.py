@@ -3,8 +3,10 @@
 Two routes, one output layout:
 
 - tformer's own Transformer (``model_type`` "tformer"): :mod:`tformer.ct2.own_spec` maps the
-  weights onto CTranslate2's ``TransformerSpec`` (CTranslate2 has no converter for it);
-- Hugging Face T5 / mT5 / BART / mBART / Marian / Pegasus (any seq2seq architecture that
+  weights onto CTranslate2's ``TransformerSpec`` (encoder-decoder, run by its ``Translator``)
+  or ``TransformerDecoderModelSpec`` (decoder-only, run by its ``Generator``); CTranslate2 has
+  no converter for it;
+- Hugging Face T5 / mT5 / BART / mBART / Marian / Pegasus, GPT-2 / Llama (any architecture that
   ``ctranslate2.converters.TransformersConverter`` registers): that converter, unchanged.
 
 Both are ``ctranslate2.converters.Converter`` subclasses, so validation, quantization, shared
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from tformer.ct2.marker import MARKER, QUANTIZATIONS, TOKENIZER_DIR, is_exported, require_ctranslate2
+from tformer.generation import max_source_length_of
 from tformer.loading import load_model
 from tformer.tokenization import UNK_TOKEN, load_tokenizer
 
@@ -45,8 +48,9 @@ def export(
     quantization: str = "float32",
     force: bool = False,
 ) -> Path:
-    """Export ``checkpoint`` (an own-model or Hugging Face seq2seq directory, a LoRA checkpoint
-    or a Hub name) to a CTranslate2 directory and return its path.
+    """Export ``checkpoint`` (an own model of either family, a Hugging Face seq2seq or causal
+    language model directory, a LoRA checkpoint or a Hub name) to a CTranslate2 directory and
+    return its path.
 
     ``quantization``: the stored weight type, one of :data:`tformer.ct2.QUANTIZATIONS`
     (``int8`` for CPUs, ``float16``/``int8_float16`` for GPUs). ``output`` defaults to
@@ -94,7 +98,9 @@ def export(
 def generation_settings(model_type: str, config: Any, generation_config: Any,
                         tokenizer: Any, max_positions: int | None) -> dict[str, Any]:
     """What the engine needs to generate the same tokens as Hugging Face ``generate()``:
-    the start and end tokens, forced first/last tokens, minimum length and position limit."""
+    the start and end tokens, forced first/last tokens, minimum length and position limit;
+    for a decoder-only model (``decoder_only``), the ``context`` its prompts are continued in
+    (:func:`tformer.generation.max_source_length_of`, as the torch engine)."""
     def get(name: str) -> Any:
         value = getattr(generation_config, name, None)
         return value if value is not None else getattr(config, name, None)
@@ -102,6 +108,7 @@ def generation_settings(model_type: str, config: Any, generation_config: Any,
     eos = get("eos_token_id")
     return {
         "model_type": model_type,
+        "decoder_only": not config.is_encoder_decoder,
         "decoder_start_token_id": get("decoder_start_token_id"),
         "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
         "forced_bos_token_id": get("forced_bos_token_id"),
@@ -129,6 +136,8 @@ def _converter_for(checkpoint: str | Path) -> tuple[Any, Any, dict[str, Any]]:
         converter = _hf_converter(model, tokenizer)
     generation = generation_settings(model_type, model.config, model.generation_config,
                                      tokenizer, max_positions)
+    if generation["decoder_only"]:
+        generation["context"] = max_source_length_of(model, tokenizer)
     return converter, tokenizer, generation
 
 
@@ -151,18 +160,20 @@ class _OwnConverter:
         # ctranslate2 is an optional dependency (own_spec imports it at its top)
         from ctranslate2.converters.converter import Converter
 
-        from tformer.ct2.own_spec import build_spec
+        from tformer.ct2.own_spec import build_decoder_only_spec, build_spec
 
         class OwnConverter(Converter):
             def _load(self):
                 hf = model.config
                 vocabulary = _vocabulary(tokenizer, hf.vocab_size)
+                eos = vocabulary[_first(hf.eos_token_id)]
+                unk = tokenizer.unk_token or UNK_TOKEN
+                if not hf.is_encoder_decoder:
+                    return build_decoder_only_spec(model.model, vocabulary, eos=eos, unk=unk,
+                                                   bos=tokenizer.bos_token or eos)
                 start = vocabulary[hf.decoder_start_token_id]
-                return build_spec(
-                    model.model, vocabulary, bos=tokenizer.bos_token or start,
-                    eos=vocabulary[_first(hf.eos_token_id)],
-                    unk=tokenizer.unk_token or UNK_TOKEN, decoder_start=start,
-                )
+                return build_spec(model.model, vocabulary, bos=tokenizer.bos_token or start,
+                                  eos=eos, unk=unk, decoder_start=start)
 
         return OwnConverter()
 
@@ -180,8 +191,8 @@ def _check_hf_supported(config: Any) -> None:
     name = type(config).__name__
     if name not in _MODEL_LOADERS:
         raise ValueError(f"cannot export model_type {config.model_type!r} to CTranslate2: its "
-                         f"converter has no loader for {name} (seq2seq ones: T5, mT5, BART, "
-                         "mBART, Marian, Pegasus, M2M100)")
+                         f"converter has no loader for {name} (it has T5, mT5, BART, mBART, "
+                         "Marian, Pegasus, M2M100, GPT-2, Llama and more)")
 
 
 # CTranslate2's BART-family loaders read the fairseq-era keys ``normalize_before`` and

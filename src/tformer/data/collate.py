@@ -1,4 +1,5 @@
-"""Pad a list of tokenised examples into the tensors a seq2seq model takes."""
+"""Pad a list of tokenised examples into the tensors a seq2seq model takes; stack a language
+model's windows."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -60,6 +62,21 @@ class Seq2SeqCollator:
     def _mask(rows: list[list[int]], shape: torch.Size) -> torch.Tensor:
         lengths = torch.tensor([len(row) for row in rows])
         return (torch.arange(shape[1]) < lengths[:, None]).long()  # (B, S)
+
+
+@dataclass(frozen=True)
+class CausalLMCollator:
+    """Stack windows of a token stream (`tformer.data.packing`) into ``input_ids`` and ``labels``,
+    both (B, T) LongTensors. The windows have one length, so nothing is padded, and the labels
+    are already the next tokens (-100 where a target is not scored): nothing is shifted here or
+    in the model."""
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        return {key: torch.as_tensor(np.stack([np.asarray(f[key]) for f in features]),
+                                     dtype=torch.long)
+                for key in ("input_ids", "labels")}
 
 
 def _as_list(ids: Any) -> list[int]:

@@ -1,4 +1,5 @@
-"""Load text-to-text examples ({source, target} strings) from local files or the Hub.
+"""Load text-to-text examples ({source, target} strings), or documents of raw text (a language
+model's data, `load_documents`), from local files or the Hub.
 
 Local JSON Lines, CSV and TSV files are parsed here, line by line, rather than by `datasets`:
 that way every error names the file, the line and the field, and nothing is cached under
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: The only columns of a loaded dataset.
 FEATURES = Features({"source": Value("string"), "target": Value("string")})
+#: The only column of loaded documents.
+TEXT_FEATURES = Features({"text": Value("string")})
+TEXT_SUFFIX = ".txt"
 _FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
@@ -108,7 +112,7 @@ def load_examples(
         located = _read_file(path, (source_column, target_column))
     else:
         origin = f"{text} [{split or 'train'}]"
-        located = _read_hub(text, split or "train", (source_column, target_column), hub_config)
+        located = read_hub(text, split or "train", (source_column, target_column), hub_config)
     sources: list[str] = []
     targets: list[str] = []
     records = empty_source = empty_target = 0
@@ -131,6 +135,85 @@ def load_examples(
     else:
         logger.info("%s", report)
     return Dataset.from_dict({"source": sources, "target": targets}, features=FEATURES), report
+
+
+@dataclass(frozen=True)
+class DocumentReport:
+    """What `load_documents` kept: ``records`` read (files, lines or rows), ``kept`` documents,
+    the others empty (missing, null or only whitespace)."""
+
+    origin: str
+    records: int
+    kept: int
+
+    def __str__(self) -> str:
+        return (f"{self.origin}: kept {self.kept} of {self.records} documents; skipped "
+                f"{self.records - self.kept} empty")
+
+
+def load_documents(
+    path_or_name: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    columns: tuple[str, ...] = ("text",),
+    max_documents: int | None = None,
+    hub_config: str | None = None,
+) -> tuple[Dataset, DocumentReport]:
+    """Load raw text as a dataset with one string column, ``text``: one document per row.
+
+    Args:
+        path_or_name: a ``.txt`` file (one document: the whole file), a folder (every ``.txt``
+            file below it, in path order, one document each), a JSONL/JSON/CSV/TSV/Parquet
+            file, or a Hub dataset name (one document per record).
+        split: the split of a Hub dataset (default ``"train"``).
+        columns: the record fields whose texts make a document, joined with a newline (e.g.
+            ``("title", "text")``: a poem under its title); a missing or blank field is left
+            out, a record with none is skipped and counted.
+        max_documents: keep at most this many documents, the first ones.
+        hub_config: the configuration of a Hub dataset that has several.
+
+    Raises:
+        DataError: as `load_examples`; also a folder without ``.txt`` files.
+    """
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_dir() or path.suffix.lower() == TEXT_SUFFIX:
+        origin = str(path)
+        files = _text_files(path)
+        located: Iterator[_Located] = ((str(f), {"text": _decode(f)}) for f in files)
+        columns = ("text",)
+    elif path.exists() or _looks_like_path(text):
+        origin = str(path)
+        located = _read_file(path, columns)
+    else:
+        origin = f"{text} [{split or 'train'}]"
+        located = read_hub(text, split or "train", columns, hub_config)
+    documents: list[str] = []
+    records = 0
+    for where, record in located:
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+        records += 1
+        parts = [_text_field(origin, where, record, column) for column in columns]
+        if any(part is not None for part in parts):
+            documents.append("\n".join(part for part in parts if part is not None))
+    report = DocumentReport(origin, records, len(documents))
+    if not documents:
+        raise DataError(f"{origin}: no text ({report})")
+    (logger.warning if report.kept < report.records else logger.info)("%s", report)
+    return Dataset.from_dict({"text": documents}, features=TEXT_FEATURES), report
+
+
+def _text_files(path: Path) -> list[Path]:
+    """A ``.txt`` file, or every ``.txt`` file below a folder (sorted by path)."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob(f"*{TEXT_SUFFIX}") if p.is_file())
+    if not files:
+        raise DataError(f"{path}: a folder without {TEXT_SUFFIX} files")
+    return files
 
 
 def load_splits(
@@ -174,7 +257,7 @@ def _text_field(origin: str, where: str, record: Mapping[str, Any], field: str) 
     return value
 
 
-def _read_file(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
+def _read_file(path: Path, columns: tuple[str, ...]) -> Iterator[_Located]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
@@ -182,9 +265,9 @@ def _read_file(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
         raise DataError(f"{path} is a directory; give one file per split (found: {found})")
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(_FORMATS)}"
-        )
+        raw = " (raw text is for data.task: lm)" if path.suffix.lower() == TEXT_SUFFIX else ""
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
+                        f"{', '.join(_FORMATS)}{raw}")
     if fmt == "parquet":
         return _read_parquet(path, columns)
     text = _decode(path)
@@ -244,7 +327,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[_Located]:
 
 
 def _read_delimited(
-    path: Path, text: str, columns: tuple[str, str], delimiter: str
+    path: Path, text: str, columns: tuple[str, ...], delimiter: str
 ) -> Iterator[_Located]:
     # TSV follows the usual convention of no quoting (a quote is an ordinary character); CSV
     # follows RFC 4180, where quoted fields may hold commas and newlines.
@@ -266,7 +349,7 @@ def _read_delimited(
         yield f"line {start}", dict(zip(header, row, strict=True))
 
 
-def _read_parquet(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
+def _read_parquet(path: Path, columns: tuple[str, ...]) -> Iterator[_Located]:
     try:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types for a corrupt file
@@ -275,8 +358,10 @@ def _read_parquet(path: Path, columns: tuple[str, str]) -> Iterator[_Located]:
     yield from _rows(table.select(list(columns)).to_pylist())
 
 
-def _read_hub(name: str, split: str, columns: tuple[str, str],
-              config: str | None = None) -> Iterator[_Located]:
+def read_hub(name: str, split: str, columns: tuple[str, ...],
+             config: str | None = None) -> Iterator[_Located]:
+    """(where, record) of every row of a Hub dataset's split; a DataError naming the dataset
+    when it cannot be loaded or lacks one of ``columns``."""
     if not is_offline_mode() and not hub_reachable():
         # One quick probe instead of `datasets`' retries with back-off (24 s measured offline).
         # With HF_HUB_OFFLINE=1, `datasets` reads its local cache at once.
@@ -302,7 +387,7 @@ def _rows(rows: list[dict[str, Any]]) -> Iterator[_Located]:
         yield f"row {number}", row
 
 
-def _check_columns(origin: object, present: list[str], wanted: tuple[str, str]) -> None:
+def _check_columns(origin: object, present: list[str], wanted: tuple[str, ...]) -> None:
     missing = [column for column in wanted if column not in present]
     if missing:
         raise DataError(

@@ -5,7 +5,9 @@ A recipe names a dataset (``data.dataset: multi30k``) instead of files. The exam
 from one of two places:
 
 - a **local mirror**, when ``TFORMER_DATA_DIR`` is set: ``$TFORMER_DATA_DIR/<dataset>/<split>.jsonl``,
-  one ``{"id", "source", "target"}`` object per line (`tformer data write` makes one);
+  one ``{"id", "source", "target"}`` object per line (`tformer data write` makes one); for the
+  raw text of a language model (``data.task: lm``), a ``.txt`` file per split or JSONL records
+  holding the text columns;
 - otherwise the **Hugging Face Hub**: the dataset id, configuration, split and columns recorded
   here, loaded through `datasets` (network, or its cache).
 
@@ -26,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tformer.data.loading import DataError, load_examples
+from tformer.data.loading import TEXT_SUFFIX, DataError, load_examples, read_hub
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +45,34 @@ class Split:
 
     file: str  # e.g. "val.jsonl", relative to the dataset's mirror folder
     hub_split: str  # e.g. "validation" or "test[:50%]"
-    rows: int
+    rows: int  # records; non-blank lines of a .txt file
     sha256: str
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """A public dataset: its Hub id, configuration and columns, and its splits by role."""
+    """A public dataset: its Hub id, configuration and columns, and its splits by role.
+
+    A text-to-text dataset names the Hub columns that become ``source`` and ``target``; a
+    language model's (raw text: `is_text`) the columns whose texts, joined by a newline, make
+    one document, on the Hub and in the mirror (a ``.txt`` mirror file is one document)."""
 
     name: str  # also the mirror folder: $TFORMER_DATA_DIR/<name>/
     task: str
     hub_id: str
     hub_config: str | None
-    source_column: str  # the Hub columns that become "source" and "target"
-    target_column: str
+    source_column: str | None  # the Hub columns that become "source" and "target"
+    target_column: str | None
     splits: Mapping[str, Split]  # role ("train", "validation", "test") -> split
     license: str
     note: str = ""  # how the reference mirror's splits relate to the Hub's
+    text_columns: tuple[str, ...] = ()  # raw text: the Hub columns of a document
+    mirror_text_columns: tuple[str, ...] = ()  # raw text: the same columns in a JSONL mirror
+
+    @property
+    def is_text(self) -> bool:
+        """Raw text for a language model (``data.task: lm``), not {source, target} pairs."""
+        return bool(self.text_columns)
 
     def mirror_files(self, root: Path) -> dict[str, Path]:
         """The mirror file of every role under ``root``."""
@@ -148,6 +161,44 @@ DATASETS: dict[str, DatasetSource] = {
             note="the reference mirror re-splits CSL's 1,000-example title-generation dev set "
                  "800 / 100 / 100; the Hub holds the whole corpus (396k papers)",
         ),
+        DatasetSource(
+            name="tinyshakespeare", task="character-level language modelling (en)",
+            hub_id="karpathy/tiny_shakespeare", hub_config=None,
+            source_column=None, target_column=None, text_columns=("text",),
+            splits={
+                "train": Split("train.txt", "train", 29242,
+                               "a9e24e23a1ec77744dad26844bfd5a09b6e041954e1eef0000e7f24cba6db735"),
+                "validation": Split("validation.txt", "validation+test", 3536,
+                                    "c54f3753a4e6e3c3d1759212815a7caf826e68a33021b25312984400bed40a1f"),
+            },
+            license="public domain (Shakespeare's text)",
+            note="the reference mirror is karpathy/char-rnn's input.txt split as nanoGPT's "
+                 "shakespeare_char: the first 90% of the characters to train, the last 10% to "
+                 "validation. The Hub's copy cuts the same train split and halves the rest "
+                 "into validation and test, read here as one (a mirror written from it joins "
+                 "the two, which should give the same file; not checked, no network here); "
+                 "the Hub id is a loading script, which recent `datasets` may refuse",
+        ),
+        DatasetSource(
+            name="tang_poems", task="character-level language modelling (zh, Tang poems)",
+            hub_id="xmj2002/tang_poems", hub_config=None,
+            source_column=None, target_column=None,
+            text_columns=("title", "paragraphs"), mirror_text_columns=("title", "text"),
+            splits={
+                "train": Split("train.jsonl", "train", 55571,
+                               "1ac28764c9407953f5f751c9eded71b81506ac8fa67116da105f82c33cb3a4a9"),
+                "validation": Split("validation.jsonl", "test[:50%]", 534,
+                                    "8904698905d585faf85d1cfc713f66c9b0171304f478dd3069e31e6824b43c10"),
+                "test": Split("test.jsonl", "test[50%:]", 546,
+                              "bd2047d95e29313e1bea1ed335b26ca846715c3f83aea95fd29b0a5da12a3753"),
+            },
+            license="MIT (the chinese-poetry collection); the poems are in the public domain",
+            note="a document is a poem's title, a newline, then its lines (one per line). The "
+                 "reference mirror is chinese-poetry/chinese-poetry's 全唐诗 (57,603 poems, exact "
+                 "duplicates dropped), split by a hash of the poem id 98 / 1 / 1; it is not on "
+                 "the Hub. The Hub id is another, smaller Tang collection (41,274 poems, train and "
+                 "test only, test halved here): its figures are not comparable",
+        ),
     )
 }
 
@@ -175,23 +226,26 @@ class Location:
     path_or_name: str
     split: str | None  # the Hub split; None for a file
     hub_config: str | None
-    source_column: str
-    target_column: str
+    source_column: str | None
+    target_column: str | None
+    text_columns: tuple[str, ...] = ()  # raw text: the columns of a document
 
     @property
     def is_file(self) -> bool:
         return self.split is None
 
 
-def locate(name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Location]:
-    """Where each role of dataset ``name`` is read: the mirror when ``TFORMER_DATA_DIR`` is set
-    (every file must be there: a mirror that lacks one is an error naming it), else the Hub."""
+def locate(name: str, roles: tuple[str, ...] | None = None) -> dict[str, Location]:
+    """Where each role of dataset ``name`` (default: every split it has) is read: the mirror
+    when ``TFORMER_DATA_DIR`` is set (every file must be there: a mirror that lacks one is an
+    error naming it), else the Hub."""
     source = get_source(name)
+    roles = tuple(source.splits) if roles is None else roles
     root = data_dir()
     if root is None:
         return {
             role: Location(source.hub_id, source.splits[role].hub_split, source.hub_config,
-                           source.source_column, source.target_column)
+                           source.source_column, source.target_column, source.text_columns)
             for role in roles
         }
     files = source.mirror_files(root)
@@ -202,6 +256,9 @@ def locate(name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Location]:
             f"{', '.join(missing)}; write it with `tformer data write {name}` (needs a network), "
             f"or unset {DATA_DIR_ENV} to load {source.hub_id} from the Hugging Face Hub"
         )
+    if source.is_text:
+        columns = source.mirror_text_columns or ("text",)
+        return {role: Location(str(files[role]), None, None, None, None, columns) for role in roles}
     return {role: Location(str(files[role]), None, None, "source", "target") for role in roles}
 
 
@@ -222,32 +279,49 @@ def unavailable(name: str, error: Exception) -> DataError:
 
 
 def write_mirror(name: str, root: Path) -> dict[str, int]:
-    """Load every split of ``name`` from the Hub and write it to ``root/<name>/<file>`` as
-    ``{"id", "source", "target"}`` JSON Lines (records with an empty side are skipped, as in
-    training). Each file is written whole under a temporary name, then renamed, so an interrupted
-    download never leaves a partial file. Returns the rows written per file."""
+    """Load every split of ``name`` from the Hub and write it to ``root/<name>/<file>``: JSON
+    Lines of ``{"id", "source", "target"}`` (records with an empty side are skipped, as in
+    training), or for raw text ``{"id", <mirror text columns>}``, or a ``.txt`` file holding
+    the split's texts one after the other. Each file is written whole under a temporary name,
+    then renamed, so an interrupted download never leaves a partial file. Returns the rows
+    written per file."""
     source = get_source(name)
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, int] = {}
     for role, split in source.splits.items():
         try:
-            rows, _ = load_examples(source.hub_id, split=split.hub_split,
-                                    hub_config=source.hub_config,
-                                    source_column=source.source_column,
-                                    target_column=source.target_column)
+            records = _hub_records(source, split)
         except DataError as error:
             raise unavailable(name, error) from error
         target = folder / split.file
         partial = target.with_name(target.name + ".partial")
         with partial.open("w", encoding="utf-8") as out:
-            for i, row in enumerate(rows):
-                record = {"id": f"{name}-{role}-{i}", **row}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if target.suffix == TEXT_SUFFIX:  # one document: the split's texts in order
+                out.write("".join(record["text"] for record in records))
+            else:
+                for i, record in enumerate(records):
+                    out.write(json.dumps({"id": f"{name}-{role}-{i}", **record},
+                                         ensure_ascii=False) + "\n")
         partial.replace(target)
-        written[str(target)] = len(rows)
-        logger.info("%s: %d rows from %s [%s]", target, len(rows), source.hub_id, split.hub_split)
+        written[str(target)] = len(records)
+        logger.info("%s: %d rows from %s [%s]", target, len(records), source.hub_id,
+                    split.hub_split)
     return written
+
+
+def _hub_records(source: DatasetSource, split: Split) -> list[dict[str, str]]:
+    """A split's records from the Hub, with the mirror's column names: source and target, or
+    the text columns."""
+    if not source.is_text:
+        rows, _ = load_examples(source.hub_id, split=split.hub_split, hub_config=source.hub_config,
+                                source_column=source.source_column,
+                                target_column=source.target_column)
+        return rows.to_list()
+    names = source.mirror_text_columns or ("text",)
+    return [{new: record[old] for old, new in zip(source.text_columns, names)}
+            for _, record in read_hub(source.hub_id, split.hub_split, source.text_columns,
+                                      source.hub_config)]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
     Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V
 
-Dimension names: B batch, H heads, Tq query length, Tk key length, D d_model, Dh = D / H.
-Masks follow ``tformer.model.masks``: True = may attend.
+with two options of later models: grouped-query attention (fewer key/value heads, each shared
+by a group of query heads) and rotary positions applied to queries and keys
+(``tformer.model.rotary``).
+
+Dimension names: B batch, H heads, Hkv key/value heads, Tq query length, Tk key length,
+D d_model, Dh = D / H. Masks follow ``tformer.model.masks``: True = may attend.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 
 from tformer.model import kernels
 from tformer.model.masks import additive, causal_mask
+from tformer.model.rotary import apply_rotary
 
 
 class AttentionOutput(NamedTuple):
@@ -71,6 +76,12 @@ def attention_fast(
     )
 
 
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, T, Dh) -> (B, Hkv · groups, T, Dh): query head h reads key/value head
+    h // groups (grouped-query attention, Ainslie et al. 2023; as Hugging Face's ``repeat_kv``)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 class DecoderCache(Protocol):
     """Keys and values kept between decoding steps, per decoder layer.
 
@@ -92,31 +103,41 @@ class MultiHeadAttention(nn.Module):
     The H per-head projections are one (D -> D) matrix each for Q, K and V, stored stacked as
     ``in_proj`` (3D, D): self-attention projects all three in one matmul. This is also the layout
     of ``torch.nn.MultiheadAttention``, so weights copy across one to one.
+
+    Grouped-query attention (``n_kv_heads`` < ``n_heads``, Ainslie et al. 2023): K and V have
+    Hkv heads, each read by H / Hkv query heads, so ``in_proj`` is (D + 2 Hkv Dh, D) and the
+    cache holds Hkv heads: H / Hkv times less memory per decoded token.
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, layer: int = 0
+        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, layer: int = 0,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads = n_heads
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.layer = layer  # index in the decoder stack, the key into a DecoderCache
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.d_kv = n_kv_heads * self.head_dim  # width of K and of V: D without GQA
+        self.in_proj = nn.Linear(d_model, d_model + 2 * self.d_kv, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _split_heads(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        b, t, _ = x.shape
+        return x.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H or Hkv, T, Dh)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values of ``memory`` (B, Tk, D) -> 2 × (B, H, Tk, Dh): what a
-        decoder computes once per source and then reads from its cache."""
+        """Cross-attention keys and values of ``memory`` (B, Tk, D) -> 2 × (B, Hkv, Tk, Dh): what
+        a decoder computes once per source and then reads from its cache."""
         d = memory.size(-1)
         w_kv = self.in_proj.weight[d:]
         b_kv = None if self.in_proj.bias is None else self.in_proj.bias[d:]
-        k, v = F.linear(memory, w_kv, b_kv).split(d, dim=-1)  # 2 × (B, Tk, D)
+        k, v = F.linear(memory, w_kv, b_kv).split(self.d_kv, dim=-1)  # 2 × (B, Tk, Hkv Dh)
         return self._split_heads(k), self._split_heads(v)
 
     def forward(
@@ -127,19 +148,24 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         cache: DecoderCache | None = None,
         need_weights: bool = False,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> AttentionOutput:
         """Self-attention when ``memory`` is None, else cross-attention of ``x`` over ``memory``.
 
         x: (B, Tq, D); memory: (B, Tk, D); mask broadcastable to (B, H, Tq, Tk);
         ``is_causal`` adds the causal mask (self-attention only). With ``cache`` the keys and
-        values of earlier steps are reused instead of being recomputed.
+        values of earlier steps are reused instead of being recomputed. ``rotary``: the
+        (cos, sin) of the queries' positions (``rotary.rotary_cos_sin``), which rotate queries
+        and keys (self-attention only; the cache keeps keys rotated).
         """
         d = x.size(-1)
         if memory is None:
-            q, k, v = self.in_proj(x).split(d, dim=-1)  # 3 × (B, Tq, D)
-            k, v = self._split_heads(k), self._split_heads(v)
+            q, k, v = self.in_proj(x).split([d, self.d_kv, self.d_kv], dim=-1)  # (B, Tq, ·)
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if cache is not None:
-                k, v = cache.update_self(self.layer, k, v)  # (B, H, past + Tq, Dh)
+                k, v = cache.update_self(self.layer, k, v)  # (B, Hkv, past + Tq, Dh)
         else:
             cached = cache.get_cross(self.layer) if cache is not None else None
             if cached is None:
@@ -150,7 +176,9 @@ class MultiHeadAttention(nn.Module):
                 k, v = cached
             w_q = self.in_proj.weight[:d]
             q = F.linear(x, w_q, None if self.in_proj.bias is None else self.in_proj.bias[:d])
-        q = self._split_heads(q)  # (B, H, Tq, Dh)
+            q = self._split_heads(q)  # (B, H, Tq, Dh)
+        groups = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, Tk, Dh)
 
         tq, tk = q.size(2), k.size(2)
         if is_causal and tq == 1:
@@ -175,4 +203,3 @@ class MultiHeadAttention(nn.Module):
         b = out.size(0)
         out = out.transpose(1, 2).reshape(b, tq, d)  # (B, H, Tq, Dh) -> (B, Tq, D): concat heads
         return AttentionOutput(self.out_proj(out), weights)
-

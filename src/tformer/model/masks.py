@@ -45,3 +45,31 @@ def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """The mask as a bias to add to attention scores, same shape: 0 where True, -inf where
     False (an exact 0 weight after the softmax)."""
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
+def same_document(document_ids: Tensor) -> Tensor:
+    """(B, T) document ids of a packed row -> (B, 1, T, T): query i may attend key j iff both
+    belong to the same document (with the causal mask: only earlier tokens of its own)."""
+    return (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+
+
+def decoder_self_mask(keep: Tensor | None, document_ids: Tensor | None, tq: int,
+                      tk: int) -> Tensor | None:
+    """The self-attention mask of a decoder-only model: causal, AND the real keys of ``keep``
+    (B, Tk) (Hugging Face's ``attention_mask``, past keys included), AND the same document
+    (``document_ids`` (B, T), packed rows, no cache) -> (B, 1, Tq, Tk), or None when causal
+    alone (then the kernel's own causal flag applies).
+
+    Every query may attend itself even where ``keep`` is False: a left-padding query would
+    otherwise see no key at all, and its softmax over nothing would be NaN, which a later
+    layer's zero weight on it does not cancel (0 × NaN = NaN). Real queries never see it.
+    """
+    if keep is None and document_ids is None:
+        return None
+    device = (keep if keep is not None else document_ids).device
+    mask = combine(causal_mask(tq, tk, device),
+                   None if keep is None else padding_mask(keep),
+                   None if document_ids is None else same_document(document_ids))
+    q = torch.arange(tq, device=device)[:, None]
+    itself = torch.arange(tk, device=device)[None, :] == q + (tk - tq)  # (Tq, Tk)
+    return mask | itself

@@ -1,4 +1,6 @@
-"""The encoder-decoder Transformer (Vaswani et al. 2017, figure 1), assembled by one factory.
+"""The encoder-decoder Transformer (Vaswani et al. 2017, figure 1) and the decoder-only
+Transformer (GPT: its decoder without cross-attention, Radford et al. 2018), built from the same
+blocks by one factory.
 
 Dimension names: B batch, S source length, T target length, H heads, D d_model, V vocabulary.
 """
@@ -15,8 +17,16 @@ from torch.utils.checkpoint import checkpoint
 from tformer.model.attention import MultiHeadAttention
 from tformer.model.config import TransformerConfig
 from tformer.model.copy import CopyGenerator
-from tformer.model.layers import DecoderLayer, Embeddings, EncoderLayer, FeedForward
-from tformer.model.masks import padding_mask
+from tformer.model.layers import (
+    DecoderLayer,
+    Embeddings,
+    EncoderLayer,
+    FeedForward,
+    RMSNorm,
+    make_norm,
+)
+from tformer.model.masks import decoder_self_mask, padding_mask
+from tformer.model.rotary import rotary_cos_sin
 
 
 class EncoderOutput(NamedTuple):
@@ -40,6 +50,13 @@ class Seq2SeqOutput(NamedTuple):
     encoder_attentions: tuple[Tensor, ...] | None
     decoder_attentions: tuple[Tensor, ...] | None
     cross_attentions: tuple[Tensor, ...] | None
+
+
+class DecoderOnlyOutput(NamedTuple):
+    logits: Tensor  # (B, T, V); (B, K, V) for the last K positions with logits_to_keep=K
+    hidden: Tensor  # (B, T, D), after the final norm
+    attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, T_past + T)
+    hidden_states: tuple[Tensor, ...] | None  # N + 1 tensors (B, T, D), as the encoder's
 
 
 class KVCache:
@@ -78,7 +95,7 @@ def _checkpoint(function, *args):
 
 
 class _Stack(nn.Module):
-    """N identical layers; pre-norm stacks end with a LayerNorm, post-norm ones already do.
+    """N identical layers; pre-norm stacks end with a norm, post-norm ones already do.
 
     Gradient checkpointing (``gradient_checkpointing = True``, what Hugging Face's
     ``gradient_checkpointing_enable()`` sets, with its own ``_gradient_checkpointing_func``) keeps
@@ -89,7 +106,7 @@ class _Stack(nn.Module):
 
     gradient_checkpointing = False
 
-    def __init__(self, layers: list[nn.Module], final_norm: nn.LayerNorm | None) -> None:
+    def __init__(self, layers: list[nn.Module], final_norm: nn.Module | None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = final_norm
@@ -105,11 +122,11 @@ class _Stack(nn.Module):
 class Encoder(_Stack):
     def forward(
         self, x: Tensor, mask: Tensor | None, need_weights: bool = False,
-        need_hidden: bool = False,
+        need_hidden: bool = False, rotary: tuple[Tensor, Tensor] | None = None,
     ) -> EncoderOutput:
         weights, states = [], [x]
         for layer in self.layers:
-            x, w = self.run(layer, x, mask, need_weights)
+            x, w = self.run(layer, x, mask, need_weights, rotary)
             weights.append(w)
             states.append(x)
         if self.norm is not None:
@@ -121,15 +138,18 @@ class Encoder(_Stack):
 
 class Decoder(_Stack):
     def forward(
-        self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, cache=None,
+        self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None, cache=None,
         need_weights: bool = False, self_mask: Tensor | None = None, need_hidden: bool = False,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> DecoderOutput:
+        """``memory`` None: a decoder-only stack (its layers have no cross-attention)."""
         self_w, cross_w, states = [], [], [x]
         for layer in self.layers:
             if cache is None:
-                x, ws, wc = self.run(layer, x, memory, memory_mask, None, need_weights, self_mask)
+                x, ws, wc = self.run(layer, x, memory, memory_mask, None, need_weights, self_mask,
+                                     rotary)
             else:  # never checkpointed: running the layer again would write the cache twice
-                x, ws, wc = layer(x, memory, memory_mask, cache, need_weights, self_mask)
+                x, ws, wc = layer(x, memory, memory_mask, cache, need_weights, self_mask, rotary)
             self_w.append(ws)
             cross_w.append(wc)
             states.append(x)
@@ -167,7 +187,9 @@ class Transformer(nn.Module):
     ) -> EncoderOutput:
         """``need_hidden``: also return the embedding output and every layer's (``hidden_states``)."""
         mask = None if source_mask is None else padding_mask(source_mask)  # (B, 1, 1, S)
-        return self.encoder(self.src_embed(input_ids), mask, need_weights, need_hidden)
+        positions = Embeddings.positions(input_ids)  # (1, S)
+        return self.encoder(self.src_embed(input_ids, positions=positions), mask, need_weights,
+                            need_hidden, rotary(self.config, positions))
 
     def decode(
         self, decoder_input_ids: Tensor, memory: Tensor, source_mask: Tensor | None = None,
@@ -189,10 +211,12 @@ class Transformer(nn.Module):
         """
         offset = positions if positions is not None else (
             cache.seq_length() if cache is not None else 0)
-        x = self.tgt_embed(decoder_input_ids, offset=offset)  # (B, T, D)
+        positions = Embeddings.positions(decoder_input_ids, offset)  # (1 or B, T)
+        x = self.tgt_embed(decoder_input_ids, positions=positions)  # (B, T, D)
         mask = None if source_mask is None else padding_mask(source_mask)
         self_mask = None if target_mask is None else padding_mask(target_mask)
-        return self.decoder(x, memory, mask, cache, need_weights, self_mask, need_hidden)
+        return self.decoder(x, memory, mask, cache, need_weights, self_mask, need_hidden,
+                            rotary(self.config, positions))
 
     def project(self, hidden: Tensor) -> Tensor:  # (..., D) -> (..., V)
         if self.lm_head is not None:
@@ -223,21 +247,127 @@ class Transformer(nn.Module):
         )
 
 
-def build_transformer(config: TransformerConfig) -> Transformer:
-    """The one factory: every module is built here and handed to the block that uses it."""
+def rotary(config: TransformerConfig, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The (cos, sin) of rotary positions for ``positions`` (B or 1, T), or None when the model
+    adds its positions to the embeddings instead."""
+    if config.positional != "rope":
+        return None
+    return rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+
+
+def default_positions(ids: Tensor, attention_mask: Tensor | None = None,
+                      document_ids: Tensor | None = None, past: int = 0) -> Tensor:
+    """The positions of ``ids`` (B, T) when none are given: restarting at 0 with each packed
+    document (``document_ids`` (B, T)); else counting real tokens only (``attention_mask``
+    (B, past + T), so a left-padded row starts at 0, as Hugging Face's models); else
+    ``past … past + T − 1``."""
+    t = ids.size(1)
+    steps = torch.arange(t, device=ids.device)
+    if document_ids is not None:
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        return steps - (steps * starts).cummax(dim=-1).values  # (B, T)
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+    return (past + steps)[None]  # (1, T)
+
+
+class DecoderOnlyTransformer(nn.Module):
+    """Embeddings, a decoder whose layers have no cross-attention, and the output projection:
+    the GPT family. Build it with :func:`build_transformer` from a config with
+    ``n_encoder_layers=0``.
+
+    Each position predicts the next token from itself and the tokens before it (causal
+    self-attention). Masks are Hugging Face's at this edge: ``attention_mask`` 1 = token,
+    0 = padding.
+    """
+
+    def __init__(self, config: TransformerConfig, embed: Embeddings, decoder: Decoder,
+                 lm_head: nn.Linear | None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed, self.decoder = embed, decoder
+        self.lm_head = lm_head  # None: the output projection is the token embedding (tied)
+
+    def project(self, hidden: Tensor) -> Tensor:  # (..., D) -> (..., V)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed.token.weight)
+
+    def forward(
+        self, ids: Tensor, attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None, document_ids: Tensor | None = None, cache=None,
+        need_weights: bool = False, need_hidden: bool = False, logits_to_keep: int = 0,
+    ) -> DecoderOnlyOutput:
+        """Next-token logits (B, T, V) for ``ids`` (B, T).
+
+        ``attention_mask`` (B, T_past + T): 1 at tokens, 0 at padding (left or right), past
+        keys included when a ``cache`` (a :class:`~tformer.model.attention.DecoderCache`) holds
+        them; then ``ids`` holds only the new positions. ``position_ids`` (B, T): by default
+        :func:`default_positions`. ``document_ids`` (B, T), packed training (no cache): a token
+        attends only to earlier tokens of its own document. ``need_weights`` /
+        ``need_hidden``: also return the attention maps / the embedding output and each
+        layer's. ``logits_to_keep`` K > 0: project only the last K positions (B, K, V), as
+        Hugging Face's models do in ``generate()``, which reads the last position's logits
+        alone: a prompt's other T - 1 rows of (T, V) logits would cost T × D × V
+        multiply-adds (with GPT-2's V = 50,257, more than the whole stack for a 300-token prompt
+        of a 6-layer, D 384 model).
+        """
+        past = cache.seq_length() if cache is not None else 0
+        t = ids.size(1)
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids are for packed training rows, not cached decoding")
+        if attention_mask is not None and attention_mask.shape != (ids.size(0), past + t):
+            raise ValueError(f"attention_mask must be (B, past + T) = {(ids.size(0), past + t)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = default_positions(ids, attention_mask, document_ids, past)
+        x = self.embed(ids, positions=position_ids)  # (B, T, D)
+        # all ones is no mask: the kernel's causal flag then applies
+        keep = (None if attention_mask is None or bool(attention_mask.all())
+                else attention_mask.bool())
+        mask = decoder_self_mask(keep, document_ids, t, past + t)  # (B, 1, T, past + T) or None
+        dec = self.decoder(x, None, None, cache, need_weights, mask, need_hidden,
+                           rotary(self.config, position_ids))
+        kept = dec.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else dec.hidden
+        return DecoderOnlyOutput(self.project(kept), dec.hidden, dec.self_attentions,
+                                 dec.hidden_states)
+
+
+def build_transformer(config: TransformerConfig) -> Transformer | DecoderOnlyTransformer:
+    """The one factory: every module is built here and handed to the block that uses it. With
+    ``n_encoder_layers == 0`` the decoder-only model, else the encoder-decoder."""
     c = config
 
     def attn(layer: int = 0) -> MultiHeadAttention:
-        return MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout, layer=layer)
+        return MultiHeadAttention(c.d_model, c.n_heads, c.attention_dropout, c.bias, layer,
+                                  c.n_kv_heads)
 
     def ffn() -> FeedForward:
-        return FeedForward(c.d_model, c.d_ff, c.activation, c.gated_ffn)
+        return FeedForward(c.d_model, c.d_ff, c.activation, c.gated_ffn, c.bias)
 
-    def final_norm() -> nn.LayerNorm | None:
-        return nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
+    def final_norm() -> nn.Module | None:
+        return make_norm(c.norm, c.d_model, c.layer_norm_eps) if c.norm_first else None
 
     def embeddings(token: nn.Embedding) -> Embeddings:
         return Embeddings(token, c.positional, c.max_positions, c.scale_embeddings, c.dropout)
+
+    def decoder_layer(i: int, cross: bool) -> DecoderLayer:
+        return DecoderLayer(attn(i), attn(i) if cross else None, ffn(), c.d_model, c.dropout,
+                            c.norm_first, c.layer_norm_eps, c.norm)
+
+    def lm_head() -> nn.Linear | None:
+        return None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    if c.decoder_only:
+        # No padding_idx: a decoder-only model often pads with its end-of-text token, whose
+        # embedding must keep learning; padding is masked out of attention and the loss instead.
+        token = nn.Embedding(c.vocab_size, c.d_model)
+        decoder = Decoder([decoder_layer(i, cross=False) for i in range(c.n_decoder_layers)],
+                          final_norm())
+        model = DecoderOnlyTransformer(c, embeddings(token), decoder, lm_head())
+        init_weights(model)
+        return model
 
     src_token = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)
     tgt_token = (
@@ -246,24 +376,17 @@ def build_transformer(config: TransformerConfig) -> Transformer:
     )
     encoder = Encoder(
         [
-            EncoderLayer(attn(), ffn(), c.d_model, c.dropout, c.norm_first, c.layer_norm_eps)
+            EncoderLayer(attn(), ffn(), c.d_model, c.dropout, c.norm_first, c.layer_norm_eps,
+                         c.norm)
             for _ in range(c.n_encoder_layers)
         ],
         final_norm(),
     )
-    decoder = Decoder(
-        [
-            DecoderLayer(
-                attn(i), attn(i), ffn(), c.d_model, c.dropout, c.norm_first, c.layer_norm_eps
-            )
-            for i in range(c.n_decoder_layers)
-        ],
-        final_norm(),
-    )
-    lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+    decoder = Decoder([decoder_layer(i, cross=True) for i in range(c.n_decoder_layers)],
+                      final_norm())
     copy = CopyGenerator(c.d_model) if c.copy_attention else None
-    model = Transformer(c, embeddings(src_token), embeddings(tgt_token), encoder, decoder, lm_head,
-                        copy)
+    model = Transformer(c, embeddings(src_token), embeddings(tgt_token), encoder, decoder,
+                        lm_head(), copy)
     init_weights(model)
     return model
 
@@ -284,3 +407,5 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)

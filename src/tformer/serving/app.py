@@ -8,7 +8,12 @@ Routes (all but ``/healthz`` and the page's own files need the API key when one 
 - ``GET /v1/model``: what is loaded and the limits;
 - ``POST /v1/generate``: outputs for inputs, through the batcher (`tformer.serving.batcher`);
 - ``POST /v1/attention``: attention maps of one input and its (given or generated) target;
+- ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the
+  OpenAI-compatible API, with streaming (`tformer.serving.openai_api`);
 - ``GET /openapi.json``, ``GET /docs``: the OpenAPI schema and Swagger UI.
+
+Errors are ``{"error": {code, message, ...}}`` JSON; on the OpenAI-compatible routes, OpenAI's
+``{"error": {message, type, param, code}}`` (a bad field is then 400, as OpenAI answers it).
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
 import time
 from importlib import resources
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -29,10 +34,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tformer
+from tformer.generation import max_source_length_of
 from tformer.serving import limits
+from tformer.serving.awaiting import answer
 from tformer.serving.batcher import Batcher, BatcherStopped, QueueFull
 from tformer.serving.batching import DynamicBatcher
-from tformer.serving.limits import ApiError
+from tformer.serving.continuous import ContinuousBatcher, supports_continuous
+from tformer.serving.limits import ApiError, is_openai_path
+from tformer.serving.openai_api import model_family, openai_router, served_model_name, state_openai
 from tformer.serving.process import ProcessBatcher
 from tformer.serving.schemas import (
     AttentionRequest,
@@ -46,6 +55,7 @@ from tformer.serving.schemas import (
 )
 from tformer.serving.security import PAGE_CSP, GuardMiddleware, key_dependency
 from tformer.serving.settings import ServeSettings
+from tformer.visualization.attention import attention_maps
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +74,6 @@ def make_batcher(seq2seq, settings: ServeSettings) -> Batcher:
     model (`tformer.serving.continuous`), dynamic for anything else; in a child process of its
     own when ``settings.batcher_process`` (`tformer.serving.process`). The app knows it only
     as a `tformer.serving.batcher.Batcher`."""
-    from tformer.serving.continuous import ContinuousBatcher, supports_continuous
-
     kind = settings.batching
     if kind == "auto":
         kind = "continuous" if supports_continuous(seq2seq) else "dynamic"
@@ -88,8 +96,6 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
     settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
     model_limit = source_limit(seq2seq)
-    if has_attention(seq2seq):  # imported now, not on the first request (it takes ~1.5 s)
-        importlib.import_module("tformer.visualization.attention")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,7 +143,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
                            value=settings.max_queue, headers={"Retry-After": "1"}) from None
         except BatcherStopped as error:
             raise ApiError(503, error.code, str(error)) from None
-        result = await _answer(future, request, settings.timeout_s)
+        result = await answer(future, request, settings.timeout_s)
         return GenerateResponse(
             outputs=result.outputs, input_tokens=read, output_tokens=result.output_tokens,
             truncated_inputs=sum(n > r for n, r in zip(counts, read)),
@@ -171,7 +177,7 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
             future = batcher.call(lambda: _attention_json(seq2seq, body.input, body.target, options))
         except BatcherStopped as error:
             raise ApiError(503, error.code, str(error)) from None
-        maps = await _answer(future, request, settings.timeout_s)
+        maps = await answer(future, request, settings.timeout_s)
         shown = {k: v for k, v in maps.items() if k not in _PART_OF or _PART_OF[k] in parts}
         return AttentionResponse(**shown, truncated_inputs=int(counts[0] > read[0]),
                                  timing_ms=(time.monotonic() - started) * 1000.0)
@@ -192,12 +198,14 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
                             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     app.include_router(api)
+    app.include_router(openai_router(seq2seq, settings, batcher, counter, model_limit, guarded))
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     default_openapi = app.openapi
 
     def openapi_with_limits() -> dict:
         if app.openapi_schema is None:  # built once; FastAPI caches it in openapi_schema
-            state_limits(default_openapi(), settings)
+            state_openai(state_limits(default_openapi(), settings),
+                         served_model_name(seq2seq, settings), model_family(seq2seq))
         return app.openapi_schema
 
     app.openapi = openapi_with_limits
@@ -206,33 +214,39 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
 
 def state_limits(schema: dict, settings: ServeSettings) -> dict:
     """Write the server's caps into its OpenAPI schema (``maximum``, ``maxItems``,
-    ``maxLength``), so that what the schema calls valid is what the server accepts (a client
-    or a fuzzer reads them there). The token cap (``max_input_tokens``, 413) has no JSON Schema
-    form: a text within ``max_input_chars`` may still hold too many tokens."""
-    caps = {
-        "max_new_tokens": {"maximum": settings.max_new_tokens_cap},
-        "num_beams": {"maximum": settings.max_beams},
-        "inputs": {"maxItems": settings.max_inputs},
-        "input": {"maxLength": settings.max_input_chars},
-        "target": {"maxLength": settings.max_input_chars},
+    ``maxLength``) on the request bodies, so that what the schema calls valid is what the server
+    accepts (a client or a fuzzer reads them there). Caps with no JSON Schema form: the token
+    cap (``max_input_tokens``, 413: a text within ``max_input_chars`` may still hold too many
+    tokens), and an OpenAI request's prompts x ``n`` (``max_inputs``, 413)."""
+    chars = {"maxLength": settings.max_input_chars}
+    texts = {"maxItems": settings.max_inputs, "items": chars}
+    tokens = {"integer": {"maximum": settings.max_new_tokens_cap}}
+    caps = {  # per property, per JSON type of its (non-null) branches
+        "max_new_tokens": tokens, "max_tokens": tokens, "max_completion_tokens": tokens,
+        "num_beams": {"integer": {"maximum": settings.max_beams}},
+        "n": {"integer": {"maximum": settings.max_inputs}},
+        "inputs": {"array": texts}, "prompt": {"string": chars, "array": texts},
+        "input": {"string": chars}, "target": {"string": chars}, "content": {"string": chars},
+        "text": {"string": chars},
     }
-    for model in schema.get("components", {}).get("schemas", {}).values():
+    requests = {"GenerateRequest", "AttentionRequest", "CompletionRequest",
+                "ChatCompletionRequest", "ChatMessage", "TextPart"}
+    for title, model in schema.get("components", {}).get("schemas", {}).items():
+        if title not in requests:
+            continue
         for name, prop in model.get("properties", {}).items():
-            if name not in caps:
-                continue
-            branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
-            for branch in branches:
-                branch.update(caps[name])
-                if name == "inputs":
-                    branch.setdefault("items", {})["maxLength"] = settings.max_input_chars
+            for branch in prop.get("anyOf", [prop]):
+                for key, value in caps.get(name, {}).get(branch.get("type"), {}).items():
+                    if isinstance(value, dict):  # "items": the schema of each element
+                        branch.setdefault(key, {}).update(value)
+                    else:
+                        branch[key] = value
     return schema
 
 
 def has_attention(seq2seq) -> bool:
     """Whether attention maps can be drawn: a PyTorch model (own or Hugging Face) and a
     tokenizer. Other engines (e.g. CTranslate2) do not return attention weights."""
-    import torch
-
     model = getattr(seq2seq, "model", None)
     return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
 
@@ -240,10 +254,6 @@ def has_attention(seq2seq) -> bool:
 def source_limit(seq2seq) -> int | None:
     """The longest source the loaded PyTorch model reads (its checkpoint's limit); None for
     another engine, which truncates by its own."""
-    import torch
-
-    from tformer.generation import max_source_length_of
-
     model = getattr(seq2seq, "model", None)
     if not isinstance(model, torch.nn.Module):
         return None
@@ -252,8 +262,6 @@ def source_limit(seq2seq) -> int | None:
 
 def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> dict:
     """Runs in the batcher's worker: the model is only ever used from that thread."""
-    from tformer.visualization.attention import attention_maps
-
     options = dict(options)
     max_new_tokens = options.pop("max_new_tokens")
     max_source_length = options.pop("max_source_length")
@@ -265,40 +273,7 @@ def _attention_json(seq2seq, source: str, target: str | None, options: dict) -> 
     return maps.to_json()
 
 
-async def _answer(future: asyncio.Future, request: Request, timeout_s: float):
-    """The future's result; 504 after ``timeout_s``. A client that disconnects first has its
-    future cancelled (the batcher then skips it) and gets no answer."""
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({future, gone}, timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        future.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if future in done:
-        try:
-            return future.result()
-        except BatcherStopped as error:
-            raise ApiError(503, error.code, str(error)) from None
-    future.cancel()
-    if gone in done:
-        raise ApiError(499, "client_closed", "the client disconnected")
-    raise ApiError(504, "timeout", f"no answer within timeout_s ({timeout_s:g} s)",
-                   limit="timeout_s", value=timeout_s)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read by then, so the next ASGI
-    message can only be ``http.disconnect``)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _model_info(seq2seq, settings: ServeSettings) -> ModelInfo:
-    import torch
-
     model = getattr(seq2seq, "model", None)
     config = getattr(model, "config", None)
     first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
@@ -321,11 +296,21 @@ def _model_info(seq2seq, settings: ServeSettings) -> ModelInfo:
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error is ``{"error": {...}}`` JSON; malformed JSON is 400, a body that is not
-    JSON 415, a bad field 422."""
+    JSON 415, a bad field 422 (400 on the OpenAI-compatible routes, in OpenAI's form)."""
+
+    def reply(request: Request, error: ApiError, details: list[dict] | None = None
+              ) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            return JSONResponse(error.openai_body(), status_code=error.openai_status,
+                                headers=error.headers)
+        body = error.body()
+        if details is not None:
+            body["error"]["details"] = details
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return reply(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -333,27 +318,25 @@ def _add_error_handlers(app: FastAPI) -> None:
                    for e in error.errors()]
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media and media != "application/json" and not media.endswith("+json"):
-            return JSONResponse(ApiError(415, "unsupported_media_type", f"the body must be JSON "
-                                         f"(Content-Type: application/json), not {media}").body(),
-                                status_code=415)
+            return reply(request, ApiError(415, "unsupported_media_type", f"the body must be "
+                                           f"JSON (Content-Type: application/json), not {media}"))
         if any(d["type"] == "json_invalid" for d in details):
-            body = ApiError(400, "invalid_json", "the request body is not valid JSON").body()
-            body["error"]["details"] = details
-            return JSONResponse(body, status_code=400)
-        where = "; ".join(f"{'.'.join(map(str, d['loc'][1:])) or 'body'}: {d['msg']}"
-                          for d in details)
-        body = ApiError(422, "invalid_request", where or "invalid request").body()
-        body["error"]["details"] = details
-        return JSONResponse(body, status_code=422)
+            return reply(request, ApiError(400, "invalid_json", "the request body is not valid "
+                                           "JSON"), details)
+        fields = [".".join(map(str, d["loc"][1:])) for d in details]
+        where = "; ".join(f"{name or 'body'}: {d['msg']}" for name, d in zip(fields, details))
+        return reply(request, ApiError(422, "invalid_request", where or "invalid request",
+                                       param=fields[0] if fields and fields[0] else None),
+                     details)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse(ApiError(error.status_code, code, str(error.detail)).body(),
-                            status_code=error.status_code, headers=error.headers)
+        return reply(request, ApiError(error.status_code, code, str(error.detail),
+                                       headers=error.headers))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(ApiError(500, "internal_error", "internal error (see the server's "
-                                     "log)").body(), status_code=500)
+        return reply(request, ApiError(500, "internal_error", "internal error (see the "
+                                       "server's log)"))

@@ -27,6 +27,7 @@ larger than ``max_batch_size`` runs alone, chunked by ``generate()`` itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -36,7 +37,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tformer.serving.batcher import BatcherStopped, BatchResult, QueueFull, settle_future
+import torch
+
+from tformer.serving.batcher import (
+    BatcherStopped,
+    BatchResult,
+    QueueFull,
+    TokenStream,
+    settle_future,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +63,16 @@ class Job:
     #: The texts already encoded (`ContinuousBatcher.encode`), by a server whose batcher runs
     #: in another process; None: the worker encodes them.
     encoded: tuple | None = None
+    #: Where the continuous batcher hands over tokens as they are decoded (``stream``); its
+    #: ``future`` is this job's.
+    stream: TokenStream | None = None
 
     @property
     def key(self) -> tuple:
-        return tuple(sorted(self.options.items()))
+        """Jobs of equal keys may share a ``generate()`` call. A seeded job shares with none:
+        a sample drawn in a batch depends on the batch."""
+        key = tuple(sorted(self.options.items()))
+        return key + (id(self),) if self.options.get("seed") is not None else key
 
 
 @dataclass(eq=False)
@@ -131,13 +146,20 @@ class DynamicBatcher:
         """Queue texts to generate with ``options`` (must include ``max_new_tokens``); the
         returned future (of the running loop) resolves to a `BatchResult`. Cancel it to drop
         the job."""
-        return self._enqueue(list(texts), options)
+        return self._enqueue(list(texts), options).future
 
-    def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None
-                 ) -> asyncio.Future:
+    def stream(self, texts: Sequence[str], options: dict[str, Any]) -> TokenStream:
+        """As ``submit``, as a `TokenStream`. This batcher decodes a batch in one
+        ``generate()`` call: it pushes no tokens, and the stream ends with the result."""
+        return self._enqueue(list(texts), options, stream=True).stream
+
+    def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None,
+                 stream: bool = False) -> Job:
         self.start()
         loop = asyncio.get_running_loop()
-        job = Job(texts, dict(options), loop.create_future(), loop, encoded=encoded)
+        tokens = TokenStream(loop) if stream else None
+        job = Job(texts, dict(options), tokens.future if tokens else loop.create_future(), loop,
+                  encoded=encoded, stream=tokens)
         with self._lock:  # under the lock: never queued behind stop()'s last call
             if self._stopping:
                 raise BatcherStopped("the batcher has been stopped")
@@ -146,7 +168,7 @@ class DynamicBatcher:
                                 f"max_queue is {self.max_queue}")
             self._waiting += len(texts)
             self._queue.put(job)
-        return job.future
+        return job
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
         """Run ``fn()`` in the worker thread, between batches (for other uses of the model)."""
@@ -264,9 +286,11 @@ class DynamicBatcher:
     def _run_group(self, jobs: list[Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         options = dict(jobs[0].options)
+        seed = options.pop("seed", None)
         started = time.monotonic()
         try:
-            outputs = self.seq2seq.generate(texts, batch_size=self.max_batch_size, **options)
+            with seeded(seed, getattr(self.seq2seq, "model", None)):
+                outputs = self.seq2seq.generate(texts, batch_size=self.max_batch_size, **options)
             counts = self._count_tokens(outputs)
         except Exception as error:
             log.exception("generate() failed on a batch of %d texts", len(texts))
@@ -299,3 +323,18 @@ class DynamicBatcher:
         if tokenizer is None or not outputs:
             return None
         return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, model=None):
+    """With a seed: torch's random generators seeded with it inside, and put back as they were
+    after (the server's other users of them see no change). A no-op without a seed."""
+    if seed is None:
+        yield
+        return
+    devices = []
+    if isinstance(model, torch.nn.Module):
+        devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed % 2**64)
+        yield

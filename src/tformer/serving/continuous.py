@@ -20,10 +20,17 @@ row's history are masked (``target_mask``). A new row takes a free slot with an 
 a row that leaves frees its slot. Positions are per row (`tformer.model.Transformer.decode`
 ``positions``).
 
-This path is greedy decoding of the own Transformer, with or without copy attention (whose
-output reads the source ids, kept per slot). Beam search, sampling and n-gram blocking,
-and Hugging Face models, run through ``generate()`` as whole batches in the same worker, between
-two steps. Why by hand: Hugging Face ``generate()`` decodes a fixed batch to its end, and the
+This path is greedy decoding and sampling (temperature, top-k, top-p; each row with its own
+random generator, seeded per request: `tformer.serving.sampling`) of the own Transformer, with
+or without copy attention (whose output reads the source ids, kept per slot); greedy and
+sampled rows share a step. Beam search and n-gram blocking, and Hugging Face models, run
+through ``generate()`` as whole batches in the same worker, between two steps.
+
+A job submitted as a stream (``stream``: `tformer.serving.batcher.TokenStream`) gets its rows'
+new tokens pushed at every step, before its answer; a row its stream closes (its client found a
+stop sequence) retires at the next step, as with an end-of-sequence token.
+
+Why by hand: Hugging Face ``generate()`` decodes a fixed batch to its end, and the
 serving engines that schedule per step (vLLM, TGI) are built for decoder-only models on GPUs.
 """
 
@@ -39,8 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tformer.serving.batcher import BatcherStopped, BatchResult
+from tformer.hf import TformerForConditionalGeneration
+from tformer.serving.batcher import BatcherStopped, BatchResult, TokenStream
 from tformer.serving.batching import STOP, Call, DynamicBatcher, Job, settle
+from tformer.serving.sampling import RowSampler, row_sampler, sample
 from tformer.serving.slot_cache import SlotCache, concat_encoded
 
 log = logging.getLogger(__name__)
@@ -60,8 +69,6 @@ def supports_continuous(seq2seq) -> bool:
     """True for a `tformer.Seq2Seq` holding the own Transformer (the model this path drives),
     with or without copy attention, whose generation config asks for nothing but plain greedy
     search."""
-    from tformer.hf import TformerForConditionalGeneration
-
     model = getattr(seq2seq, "model", None)
     if getattr(seq2seq, "engine", None) != "torch" or not isinstance(
             model, TformerForConditionalGeneration):
@@ -70,9 +77,9 @@ def supports_continuous(seq2seq) -> bool:
     return all(getattr(generation, name, None) in plain for name, plain in _PLAIN.items())
 
 
-def is_greedy(options: dict) -> bool:
-    return (options.get("num_beams", 1) == 1 and not options.get("do_sample", False)
-            and not options.get("no_repeat_ngram_size", 0))
+def is_stepwise(options: dict) -> bool:
+    """Greedy search or sampling, with nothing this path does not do (beams, n-gram blocking)."""
+    return options.get("num_beams", 1) == 1 and not options.get("no_repeat_ngram_size", 0)
 
 
 @dataclass(eq=False)
@@ -85,6 +92,7 @@ class Decoding:
     outputs: list[str | None] = field(default_factory=list)
     remaining: int = 0
     peak: int = 0  # most rows that shared a step with this request
+    reasons: dict[int, str] = field(default_factory=dict)  # text index -> "stop" or "length"
 
 
 @dataclass
@@ -98,6 +106,7 @@ class _Rows:
     max_new: list[int]
     last: Tensor  # (B,) the token each row feeds next
     cache: SlotCache
+    samplers: list[RowSampler | None]  # None: greedy
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -105,9 +114,10 @@ class _Rows:
 
 class ContinuousBatcher(DynamicBatcher):
     """`DynamicBatcher`'s queue and the same `tformer.serving.batcher.Batcher` interface, with
-    per-step scheduling for greedy requests to the own Transformer; see the module's docstring.
-    A greedy request joins the running batch at the next step, without waiting for company;
-    ``max_wait_ms`` applies to whole-batch jobs (beam search, sampling) when nothing decodes.
+    per-step scheduling for greedy and sampled requests to the own Transformer; see the
+    module's docstring. Such a request joins the running batch at the next step, without
+    waiting for company; ``max_wait_ms`` applies to whole-batch jobs (beam search) when nothing
+    decodes.
     ``stop()`` takes no newcomers and finishes the rows in flight."""
 
     mode = "continuous"
@@ -133,15 +143,21 @@ class ContinuousBatcher(DynamicBatcher):
         embeddings = self.transformer.tgt_embed
         self.max_positions = embeddings.max_positions if embeddings.learned is not None else None
         #: steps: decoder steps; row_steps: rows decoded over all steps; joined: rows admitted
-        #: while others were decoding; pre_encoded: rows admitted already encoded.
-        self.stats.update(steps=0, row_steps=0, joined=0, pre_encoded=0)
+        #: while others were decoding; pre_encoded: rows admitted already encoded; active: rows
+        #: in the running batch after the last step.
+        self.stats.update(steps=0, row_steps=0, joined=0, pre_encoded=0, active=0)
         self._cache = SlotCache(max_batch_size, len(self.transformer.decoder.layers))
 
     def submit_encoded(self, texts: Sequence[str], options: dict[str, Any],
                        encoded: tuple) -> asyncio.Future:
         """As ``submit``, for texts already encoded by :meth:`encode` (in another process, on
         its own copy of the model): the worker only joins them to the running batch."""
-        return self._enqueue(list(texts), options, encoded)
+        return self._enqueue(list(texts), options, encoded).future
+
+    def stream_encoded(self, texts: Sequence[str], options: dict[str, Any],
+                       encoded: tuple) -> TokenStream:
+        """As ``stream``, for texts already encoded by :meth:`encode`."""
+        return self._enqueue(list(texts), options, encoded, stream=True).stream
 
     def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
         """What admitting ``texts`` computes before it joins them: cross-attention keys and
@@ -151,11 +167,11 @@ class ContinuousBatcher(DynamicBatcher):
 
     def steps(self, texts: Sequence[str], options: dict[str, Any]) -> bool:
         """Whether a job joins the running batch (else it runs whole, through
-        ``generate()``): greedy, fits a batch, and (learned positions) fits the position
-        table: a request that fails must fail alone, so one that would overrun goes to
-        ``generate()``."""
+        ``generate()``): greedy or sampled (`is_stepwise`), fits a batch, and (learned
+        positions) fits the position table: a request that fails must fail alone, so one that
+        would overrun goes to ``generate()``."""
         n = options.get("max_new_tokens", 0)
-        return (is_greedy(options) and len(texts) <= self.max_batch_size
+        return (is_stepwise(options) and len(texts) <= self.max_batch_size
                 and (self.max_positions is None or n <= self.max_positions))
 
     # -- the worker ------------------------------------------------------------------------
@@ -180,6 +196,7 @@ class ContinuousBatcher(DynamicBatcher):
                     self._fail(rows.requests, error)
                     rows = None
                     self._cache.keep([])
+                    self.stats["active"] = 0
         for item in [*self._carry, *self._drain()]:
             if item is not STOP:
                 settle(item, error=BatcherStopped("the server is shutting down"))
@@ -303,7 +320,7 @@ class ContinuousBatcher(DynamicBatcher):
         cross, memory, source_mask, source = encoded
         k = source_mask.size(0)
         old = rows if rows is not None else _Rows([], [], [], [], memory.new_zeros(0).long(),
-                                                  self._cache)
+                                                  self._cache, [])
         new = _Rows(
             requests=old.requests + [r for r in requests for _ in r.job.texts],
             slots=old.slots + [i for r in requests for i in range(len(r.job.texts))],
@@ -313,6 +330,8 @@ class ContinuousBatcher(DynamicBatcher):
             last=torch.cat([old.last, torch.full((k,), self.start_id, dtype=torch.long,
                                                  device=memory.device)]),
             cache=self._cache,
+            samplers=old.samplers + [row_sampler(r.job.options, i, memory.device)
+                                     for r in requests for i in range(len(r.job.texts))],
         )
         self._cache.join(cross, memory, source_mask, source)  # last: a failure leaves it as is
         if rows is not None:
@@ -321,25 +340,36 @@ class ContinuousBatcher(DynamicBatcher):
 
     @torch.inference_mode()
     def _step(self, rows: _Rows) -> _Rows | None:
-        """One greedy decoder step for every running row."""
+        """One decoder step for every running row: its greedy or sampled next token."""
         cache = rows.cache
         memory, source_mask, positions, target_mask = cache.begin_step()
         hidden = self.transformer.decode(rows.last[:, None], memory, source_mask, cache,
                                          positions=positions, target_mask=target_mask).hidden
         cache.advance()
         logits = self.transformer.output(hidden, memory, cache.source(), source_mask)
+        last = logits[:, -1]  # (B, V)
         # max(-1).indices: the same first maximal index as argmax(-1), a third of its time
         # on CPU (16 x 8,000 logits: 77 against 219 us, thread time, torch 2.13)
-        rows.last = logits[:, -1].max(-1).indices
-        for tokens, token in zip(rows.tokens, rows.last.tolist()):
-            tokens.append(int(token))
+        rows.last = last.max(-1).indices
+        sampled = [i for i, sampler in enumerate(rows.samplers) if sampler is not None]
+        if sampled:
+            at = torch.tensor(sampled, device=last.device)
+            rows.last[at] = sample(last[at], [rows.samplers[i] for i in sampled])
+        pushed: dict[int, tuple[TokenStream, list[tuple[int, int]]]] = {}
+        for request, slot, tokens, token in zip(rows.requests, rows.slots, rows.tokens,
+                                                rows.last.tolist()):
+            tokens.append(token)
+            if request.job.stream is not None:  # this step's tokens, one push per request
+                pushed.setdefault(id(request), (request.job.stream, []))[1].append((slot, token))
+        for stream, tokens in pushed.values():
+            stream.push(tokens)
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(rows)
         return self._retire(rows)
 
     def _retire(self, rows: _Rows) -> _Rows | None:
-        """Answer the rows that are done (EOS, their ``max_new_tokens``, or their client left)
-        and keep the others."""
+        """Answer the rows that are done (EOS, their ``max_new_tokens``, closed by their
+        stream, or their client left) and keep the others."""
         size = len(rows)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
         keep = []
@@ -350,14 +380,18 @@ class ContinuousBatcher(DynamicBatcher):
                     request.remaining = 0
                     self.stats["dropped"] += 1
                 continue
-            if tokens[-1] not in self.eos_ids and len(tokens) < rows.max_new[i]:
+            stream = request.job.stream
+            stopped = tokens[-1] in self.eos_ids or (stream is not None and slot in stream.closed)
+            if not stopped and len(tokens) < rows.max_new[i]:
                 keep.append(i)
                 continue
             request.outputs[slot] = self.seq2seq.tokenizer.decode(
                 tokens, skip_special_tokens=True).strip()
+            request.reasons[slot] = "stop" if stopped else "length"
             request.remaining -= 1
             if request.remaining == 0:
                 self._answer(request)
+        self.stats["active"] = len(keep)
         if len(keep) == size:
             return rows
         order = rows.cache.keep(keep)  # the running rows, packed into the first slots
@@ -365,7 +399,8 @@ class ContinuousBatcher(DynamicBatcher):
             return None
         return _Rows([rows.requests[i] for i in order], [rows.slots[i] for i in order],
                      [rows.tokens[i] for i in order], [rows.max_new[i] for i in order],
-                     rows.last[torch.tensor(order, device=rows.last.device)], rows.cache)
+                     rows.last[torch.tensor(order, device=rows.last.device)], rows.cache,
+                     [rows.samplers[i] for i in order])
 
     def _answer(self, request: Decoding) -> None:
         outputs = [text or "" for text in request.outputs]
@@ -376,4 +411,5 @@ class ContinuousBatcher(DynamicBatcher):
             batch_inputs=request.peak,
             queue_ms=(request.started - request.job.submitted) * 1000.0,
             generate_ms=(now - request.started) * 1000.0,
+            finish_reasons=[request.reasons[i] for i in range(len(outputs))],
         ))

@@ -17,6 +17,11 @@ into a child process, a fresh interpreter (running `child_main`) on one end of a
   ``("done", id, result, error, stats)`` back when the job's future settles;
 - a reader thread in the parent settles the waiting request's future.
 
+A streamed job (``stream``) is sent as ``("stream", ...)``: the child relays each step's tokens
+as ``("tokens", id, tokens)``, before its ``done``, and the parent pushes them into the
+request's `tformer.serving.batcher.TokenStream`; a text the parent's stream closes (a stop
+sequence) is sent down as ``("close", id, index)``.
+
 The model is handed to the child pickled, so a model built in memory is served the same way as
 a checkpoint (a copy per process: for the small models this is for, a few MB to a few hundred).
 The parent's uses of its own copy (encoding, attention maps: :meth:`ProcessBatcher.call`) run
@@ -52,8 +57,16 @@ from typing import Any
 
 import torch
 
-from tformer.serving.batcher import BatcherStopped, QueueFull, WorkerDown, settle_future
+import tformer
+from tformer.serving.batcher import (
+    BatcherStopped,
+    QueueFull,
+    TokenStream,
+    WorkerDown,
+    settle_future,
+)
 from tformer.serving.batching import DynamicBatcher
+from tformer.serving.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +81,6 @@ class ProcessBatcher:
 
     def __init__(self, seq2seq, *, kind: str, max_batch_size: int, max_wait_ms: float,
                  max_queue: int) -> None:
-        from tformer.serving.continuous import ContinuousBatcher
-
         cls = ContinuousBatcher if kind == "continuous" else DynamicBatcher
         # Built here too (a model the batcher cannot drive fails now, in this process, with the
         # batcher's own message). Never started: a continuous one encodes the texts here.
@@ -81,7 +92,9 @@ class ProcessBatcher:
         self.max_queue = max_queue
         self._options = dict(kind=kind, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
         self._lock = threading.Lock()  # the state below, and the order of messages queued
-        self._pending: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
+        #: job id -> (future, its loop, texts, its stream or None)
+        self._pending: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int,
+                                       TokenStream | None]] = {}
         self._sent: set[int] = set()  # pending jobs whose message is queued for the child
         self._waiting = 0  # texts of the pending jobs
         self._ids = itertools.count()
@@ -136,10 +149,22 @@ class ProcessBatcher:
     def submit(self, texts: Sequence[str], options: dict[str, Any]) -> asyncio.Future:
         """As `DynamicBatcher.submit`: a future of the running loop that resolves to a
         `BatchResult`; cancel it to drop the job (the child is told)."""
+        return self._submit(texts, options, None)
+
+    def stream(self, texts: Sequence[str], options: dict[str, Any]) -> TokenStream:
+        """As ``submit``, as a `TokenStream`: the child relays its batcher's tokens (a
+        continuous one's at every step; a dynamic one pushes none)."""
+        stream = TokenStream(asyncio.get_running_loop())
+        self._submit(texts, options, stream)
+        return stream
+
+    def _submit(self, texts: Sequence[str], options: dict[str, Any],
+                stream: TokenStream | None) -> asyncio.Future:
         texts, options = list(texts), dict(options)
         self.start()
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = stream.future if stream is not None else loop.create_future()
+        kind = "job" if stream is None else "stream"
         encode = self._encoder is not None and self._encoder.steps(texts, options)
         with self._lock:
             if self._stopping:
@@ -150,13 +175,15 @@ class ProcessBatcher:
                 raise QueueFull(f"{self._waiting} texts are already waiting; the limit "
                                 f"max_queue is {self.max_queue}")
             job = next(self._ids)
-            self._pending[job] = (future, loop, len(texts))
+            self._pending[job] = (future, loop, len(texts), stream)
             self._waiting += len(texts)
             if encode:
-                self._model_thread.submit(self._encode_and_send, job, texts, options)
+                self._model_thread.submit(self._encode_and_send, job, kind, texts, options)
             else:  # the child runs it whole (generate()), encoder included
-                self._queue_job(job, ("job", job, texts, options, None))
+                self._queue_job(job, (kind, job, texts, options, None))
         future.add_done_callback(functools.partial(self._cancelled, job))
+        if stream is not None:
+            stream.on_close = functools.partial(self._close, job)
         return future
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
@@ -195,7 +222,13 @@ class ProcessBatcher:
         self._sent.add(job)
         self._outbox.put(message)
 
-    def _encode_and_send(self, job: int, texts: list[str], options: dict[str, Any]) -> None:
+    def _close(self, job: int, index: int) -> None:
+        with self._lock:
+            if job in self._sent:
+                self._outbox.put(("close", job, index))
+
+    def _encode_and_send(self, job: int, kind: str, texts: list[str],
+                         options: dict[str, Any]) -> None:
         """Encode a continuous job here, so that the child only joins and decodes it: the
         encoder pass is then done on this process's core, beside the child's decoding."""
         if job not in self._pending:
@@ -208,7 +241,7 @@ class ProcessBatcher:
             return
         with self._lock:
             if job in self._pending:  # else cancelled while it was encoded: nothing to send
-                self._queue_job(job, ("job", job, texts, options, packed))
+                self._queue_job(job, (kind, job, texts, options, packed))
 
     def _cancelled(self, job: int, future: asyncio.Future) -> None:
         if not future.cancelled():
@@ -230,7 +263,7 @@ class ProcessBatcher:
                 return  # the child is gone: the reader fails what is pending
             except Exception as error:  # a message that does not pickle (say, an option)
                 log.exception("a message could not be sent to the batcher's process")
-                if message[0] == "job":
+                if message[0] in ("job", "stream"):
                     self._settle(message[1], None, error)
 
     def _read(self) -> None:
@@ -249,6 +282,10 @@ class ProcessBatcher:
                     _, job, result, error, stats = message
                     self.stats = stats
                     self._settle(job, result, error)
+                elif message[0] == "tokens":
+                    entry = self._pending.get(message[1])
+                    if entry is not None and entry[3] is not None:
+                        entry[3].push(message[2])
         finally:
             with self._lock:  # from here on, submit() refuses: nothing sent would be answered
                 self._ended = True
@@ -271,7 +308,7 @@ class ProcessBatcher:
         with self._lock:
             pending, self._pending, self._waiting = self._pending, {}, 0
             self._sent.clear()
-        for future, loop, _ in pending.values():
+        for future, loop, *_ in pending.values():
             settle_future(future, loop, None, error)
 
 
@@ -311,8 +348,6 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     inherited, and no caller's ``__main__`` is re-imported, as multiprocessing's spawn would
     do), talking over one end of a socket pair. The directory this package was imported from
     is appended to the child's path, a fallback for a checkout that is not installed."""
-    import tformer
-
     ours, theirs = socket.socketpair()
     root = str(Path(tformer.__file__).resolve().parents[1])
     code = (f"import sys; sys.path.append({root!r}); "
@@ -343,8 +378,6 @@ def _picklable(error: BaseException) -> BaseException:
 def _child(conn: Connection) -> None:
     """The child's main: its batcher's worker thread decodes; this thread runs an event loop
     that turns pipe messages into ``submit()`` calls and settled futures into answers."""
-    from tformer.serving.continuous import ContinuousBatcher
-
     try:
         seq2seq, options = _get(conn)
         kind = options.pop("kind")
@@ -357,6 +390,20 @@ def _child(conn: Connection) -> None:
         return
     loop = asyncio.new_event_loop()
     futures: dict[int, asyncio.Future] = {}
+    streams: dict[int, TokenStream] = {}
+
+    def submit(kind: str, job: int, texts: list[str], job_options: dict,
+               encoded: tuple | None) -> asyncio.Future:
+        if encoded is not None:
+            encoded = unpack_encoded(encoded, first.device, first.dtype)
+        if kind == "job":
+            return (batcher.submit(texts, job_options) if encoded is None
+                    else batcher.submit_encoded(texts, job_options, encoded))
+        stream = (batcher.stream(texts, job_options) if encoded is None
+                  else batcher.stream_encoded(texts, job_options, encoded))
+        stream.sink = lambda tokens: _put(conn, ("tokens", job, tokens))  # (on this loop)
+        streams[job] = stream
+        return stream.future
 
     def done(job: int, result: Any, error: BaseException | None) -> None:
         _put(conn, ("done", job, result, None if error is None else _picklable(error),
@@ -364,6 +411,7 @@ def _child(conn: Connection) -> None:
 
     def answer(job: int, future: asyncio.Future) -> None:
         futures.pop(job, None)
+        streams.pop(job, None)
         if not future.cancelled():  # (a cancelled job: the parent has answered its client)
             error = future.exception()
             done(job, None if error is not None else future.result(), error)
@@ -375,12 +423,10 @@ def _child(conn: Connection) -> None:
             except (EOFError, OSError):  # the parent has gone
                 loop.stop()
                 return
-            if message[0] == "job":
-                _, job, texts, job_options, encoded = message
+            if message[0] in ("job", "stream"):
+                kind, job, texts, job_options, encoded = message
                 try:
-                    future = (batcher.submit(texts, job_options) if encoded is None
-                              else batcher.submit_encoded(texts, job_options, unpack_encoded(
-                                  encoded, first.device, first.dtype)))
+                    future = submit(kind, job, texts, job_options, encoded)
                 except Exception as error:
                     done(job, None, error)
                     continue
@@ -388,6 +434,8 @@ def _child(conn: Connection) -> None:
                 future.add_done_callback(functools.partial(answer, job))
             elif message[0] == "cancel" and message[1] in futures:
                 futures[message[1]].cancel()
+            elif message[0] == "close" and message[1] in streams:
+                streams[message[1]].close(message[2])
             elif message[0] == "stop":
                 loop.stop()
                 return

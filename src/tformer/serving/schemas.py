@@ -19,7 +19,7 @@ Part = Literal["encoder", "decoder", "cross", "copy"]
 MIN_TEMPERATURE = 1e-4
 
 
-def _integral(value):
+def integral(value):
     """An integral float (``2.0``) as the integer it is; anything else is left to the strict
     integer check (``2.5``, ``true`` and ``"2"`` stay errors)."""
     if type(value) is float and value.is_integer():
@@ -27,13 +27,13 @@ def _integral(value):
     return value
 
 
-Integer = Annotated[int, BeforeValidator(_integral)]
+Integer = Annotated[int, BeforeValidator(integral)]
 # The bound inside the type: on an optional field, Field(ge=1) would reach the schema as a
 # "ge" keyword that JSON Schema does not know (pydantic 2.14), not as "minimum".
-Positive = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+Positive = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 
 
-def _encodable(text: str) -> str:
+def encodable(text: str) -> str:
     """Refuse lone surrogates (valid in a JSON string, not in UTF-8): no tokenizer takes them."""
     try:
         text.encode("utf-8")
@@ -71,7 +71,7 @@ class GenerateRequest(GenerationOptions):
     @field_validator("inputs")
     @classmethod
     def _check_inputs(cls, value: list[str]) -> list[str]:
-        return [_encodable(text) for text in value]
+        return [encodable(text) for text in value]
 
 
 class Timing(BaseModel):
@@ -107,7 +107,7 @@ class AttentionRequest(GenerationOptions):
     @field_validator("input", "target")
     @classmethod
     def _check_text(cls, value: str | None) -> str | None:
-        return value if value is None else _encodable(value)
+        return value if value is None else encodable(value)
 
 
 Maps = list[list[list[list[float]]]]  # (layers, H, Tq, Tk)

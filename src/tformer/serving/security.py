@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from tformer.serving.limits import ApiError
+from tformer.serving.limits import ApiError, is_openai_path
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class GuardMiddleware:
 
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._too_large(send_with_headers)
+            await self._too_large(scope, send_with_headers)
             return
         body, more = bytearray(), True
         while more:
@@ -88,7 +88,7 @@ class GuardMiddleware:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                await self._too_large(send_with_headers)
+                await self._too_large(scope, send_with_headers)
                 return
         replayed = False
 
@@ -112,19 +112,25 @@ class GuardMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:  # half an answer is out: nothing else can be sent on it
                 return
-            body = json.dumps(ApiError(500, "internal_error", "internal error (see the "
-                                       "server's log)").body()).encode()
+            body = _render(scope, ApiError(500, "internal_error", "internal error (see the "
+                                           "server's log)"))
             await send_with_headers({"type": "http.response.start", "status": 500, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode())]})
             await send_with_headers({"type": "http.response.body", "body": body})
 
-    async def _too_large(self, send) -> None:
-        body = json.dumps(ApiError(
+    async def _too_large(self, scope, send) -> None:
+        body = _render(scope, ApiError(
             413, "body_too_large", f"the request body exceeds max_body_bytes "
             f"({self.max_body_bytes})", limit="max_body_bytes", value=self.max_body_bytes,
-        ).body()).encode()
+        ))
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _render(scope, error: ApiError) -> bytes:
+    """The error's JSON body, in OpenAI's form on the OpenAI-compatible routes."""
+    body = error.openai_body() if is_openai_path(scope.get("path", "")) else error.body()
+    return json.dumps(body).encode()

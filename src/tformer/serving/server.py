@@ -9,6 +9,14 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn
+from huggingface_hub import try_to_load_from_cache
+
+from tformer import lora
+from tformer.ct2 import is_exported
+from tformer.engines import load
+from tformer.hub import looks_like_path
+from tformer.serving.app import create_app
 from tformer.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -22,16 +30,11 @@ def require_safetensors(checkpoint: str | Path) -> None:
     ``*.safetensors`` (a LoRA checkpoint: its adapter's and, in turn, its base model's) or be a
     CTranslate2 export (``tformer export``); a Hub name must have ``model.safetensors`` (or its
     shard index) in the local cache."""
-    from tformer import lora
-    from tformer.hub import looks_like_path
-
     text = str(checkpoint)
     path = Path(text).expanduser()
     hint = ("tformer serve reads weights only from safetensors: re-save the model with "
             "save_pretrained(..., safe_serialization=True)")
     if path.is_dir():
-        from tformer.ct2 import is_exported
-
         if is_exported(path):  # CTranslate2's model.bin is its own flat format, not a pickle
             return
         adapter = path / lora.ADAPTER_DIR
@@ -48,8 +51,6 @@ def require_safetensors(checkpoint: str | Path) -> None:
         raise FileNotFoundError(f"checkpoint {text} is a file; give its directory")
     if looks_like_path(text):
         raise FileNotFoundError(f"checkpoint directory {text} does not exist")
-    from huggingface_hub import try_to_load_from_cache
-
     for name in ("model.safetensors", "model.safetensors.index.json"):
         if isinstance(try_to_load_from_cache(text, name), str):
             return
@@ -61,11 +62,6 @@ def serve(checkpoint: str | Path, settings: ServeSettings, *, device: str | None
           log_level: str = "info", **load_options) -> None:
     """Load ``checkpoint`` with `tformer.load` (``load_options`` passed on) and serve it with
     uvicorn until interrupted. Refuses checkpoints without safetensors weights."""
-    import uvicorn
-
-    from tformer.engines import load
-    from tformer.serving.app import create_app
-
     require_safetensors(checkpoint)  # passes a CTranslate2 export (its model.bin is no pickle)
     seq2seq = load(checkpoint, device=device, **load_options)
     if not settings.loopback and settings.api_key is None:
@@ -86,8 +82,6 @@ class ServerThread:
 
     def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning") -> None:
-        import uvicorn
-
         self.host = host
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -44,6 +44,8 @@ class ServeSettings:
             ``max_new_tokens_cap``).
         max_beams: largest ``num_beams`` (422).
         timeout_s: seconds a request may wait for its answer, queue included (504).
+        model_name: the model's id on the OpenAI-compatible routes (``GET /v1/models``, the
+            ``model`` field); None = the checkpoint directory's name.
     """
 
     host: str = "127.0.0.1"
@@ -61,6 +63,7 @@ class ServeSettings:
     default_max_new_tokens: int = 64
     max_beams: int = 8
     timeout_s: float = 60.0
+    model_name: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue", "max_inputs", "max_input_chars",
@@ -84,6 +87,8 @@ class ServeSettings:
                              f"({self.max_inputs}): a full request would never fit")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (omit it to serve without a key)")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ValueError("model_name must not be empty (omit it for the checkpoint's name)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -104,7 +109,7 @@ class ServeSettings:
     def limits(self) -> dict:
         """The limits a client should know (shown by ``GET /v1/model``); never the key."""
         shown = asdict(self)
-        for name in ("host", "port", "api_key"):
+        for name in ("host", "port", "api_key", "model_name"):
             shown.pop(name)
         return shown
 

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 
 from tformer.data.sources import DATASETS
-from tformer.model import SIZES, TransformerConfig, config_for
+from tformer.model import PRESETS, SIZES, TransformerConfig, architecture_fields, config_for
+from tformer.tokenization import KINDS
+
+#: The architecture fields a recipe may set: all but those the tokenizer decides.
+_ARCHITECTURE = {name: spec for name, spec in architecture_fields().items()
+                 if name not in ("vocab_size", "pad_token_id")}
 
 
 class ConfigError(ValueError):
@@ -29,14 +34,13 @@ _POSITIVE = (0, False, None, False)
 _FRACTION = (0, True, 1, False)  # [0, 1)
 _RANGES: dict[str, dict[str, tuple]] = {
     "model": {
+        # The architecture's own ranges are TransformerConfig's (checked in ModelSection).
         "lora_r": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": _FRACTION,
-        "d_model": _AT_LEAST_1, "n_heads": _AT_LEAST_1, "n_encoder_layers": _AT_LEAST_1,
-        "n_decoder_layers": _AT_LEAST_1, "d_ff": _AT_LEAST_1, "dropout": _FRACTION,
-        "attention_dropout": _FRACTION, "max_positions": _AT_LEAST_1, "layer_norm_eps": _POSITIVE,
     },
     "data": {
         "max_source_length": _AT_LEAST_1, "max_target_length": _AT_LEAST_1,
         "max_train_examples": _AT_LEAST_1, "vocab_size": _AT_LEAST_1, "bpe_dropout": _FRACTION,
+        "block_size": _AT_LEAST_1,
     },
     "train": {
         "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
@@ -77,11 +81,13 @@ def _check_ranges(section: str, obj) -> None:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """The own Transformer as a named size plus any field of
-    :class:`tformer.model.TransformerConfig` (None = the size's value); or a pretrained
-    Hugging Face seq2seq checkpoint, fine-tuned whole or through a LoRA adapter."""
+    """The own Transformer as a named size, an optional preset (``gpt2``, ``llama``: the
+    decoder-only family) and any field of :class:`tformer.model.TransformerConfig` (None = the
+    size's or preset's value); or a pretrained Hugging Face seq2seq checkpoint, fine-tuned whole
+    or through a LoRA adapter."""
 
     size: str = "small"
+    preset: str | None = None  # a name of tformer.model.PRESETS; None = the paper's model
     pretrained: str | None = None  # Hub name or local directory of an AutoModelForSeq2SeqLM
     # LoRA (pretrained models only): rank of the adapter; None = fine-tune every weight.
     lora_r: int | None = None
@@ -90,29 +96,24 @@ class ModelSection:
     # Linear modules to adapt; None = the attention query and value projections of the
     # architecture (T5: [q, v]; BART, Marian, mBART, Pegasus: [q_proj, v_proj]).
     lora_target_modules: tuple[str, ...] | None = None
-    d_model: int | None = None
-    n_heads: int | None = None
-    n_encoder_layers: int | None = None
-    n_decoder_layers: int | None = None
-    d_ff: int | None = None
-    dropout: float | None = None
-    attention_dropout: float | None = None
-    activation: str | None = None
-    gated_ffn: bool | None = None
-    norm_first: bool | None = None
-    positional: str | None = None
-    max_positions: int | None = None
-    scale_embeddings: bool | None = None
-    tie_embeddings: bool | None = None
-    copy_attention: bool | None = None
-    layer_norm_eps: float | None = None
+    # The own Transformer's architecture: every field of TransformerConfig but those the
+    # tokenizer decides, as an optional override of the size's value (None = the size's).
+    # Declared once, in tformer.model.config; taken from there (`architecture_fields`).
+    __annotations__.update({name: hint | None for name, (hint, _) in _ARCHITECTURE.items()})
+    locals().update(dict.fromkeys(_ARCHITECTURE))
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"model.size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(PRESETS)} or null, "
+                              f"got {self.preset!r}")
         _check_ranges("model", self)
-        if self.pretrained is not None:
-            own = [f"model.{name}" for name in self._own_fields() if getattr(self, name) is not None]
+        if self.pretrained is None:
+            self.transformer_config(vocab_size=1, pad_token_id=0)  # architecture errors now
+        else:
+            own = [f"model.{name}" for name in ("preset", *self._own_fields())
+                   if getattr(self, name) is not None]
             if own:
                 raise ConfigError(
                     f"{', '.join(own)} describe(s) the own Transformer; with model.pretrained "
@@ -128,9 +129,7 @@ class ModelSection:
     @classmethod
     def _own_fields(cls) -> list[str]:
         """The fields that size the own Transformer (None = the size's value)."""
-        other = ("size", "pretrained", "lora_r", "lora_alpha", "lora_dropout",
-                 "lora_target_modules")
-        return [f.name for f in dataclasses.fields(cls) if f.name not in other]
+        return list(_ARCHITECTURE)
 
     def transformer_config(self, vocab_size: int, pad_token_id: int) -> TransformerConfig:
         chosen = {
@@ -138,9 +137,18 @@ class ModelSection:
             if getattr(self, name) is not None
         }
         try:
-            return config_for(self.size, vocab_size, pad_token_id=pad_token_id, **chosen)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from e
+            return config_for(self.size, vocab_size, self.preset, pad_token_id=pad_token_id,
+                              **chosen)
+        except ValueError as e:  # TransformerConfig names the field: say it as a recipe key
+            raise ConfigError(str(e).replace("TransformerConfig.", "model.")) from e
+
+
+#: What a run trains (``data.task``): a text-to-text model on {source, target} pairs, a
+#: language model on raw text (next-token prediction over packed blocks), or a decoder-only
+#: model instruction-tuned on {source, target} pairs as prompts and responses.
+TASKS = ("seq2seq", "lm", "sft")
+#: The tasks of a decoder-only model.
+DECODER_ONLY_TASKS = ("lm", "sft")
 
 
 @dataclass(frozen=True)
@@ -148,29 +156,50 @@ class DataSection:
     """Where the examples come from and how they are cut: a named public dataset (``dataset``,
     read from the local mirror ``$TFORMER_DATA_DIR`` or the Hub, see `tformer.data.sources`),
     files or a Hub name per split (``train``, ``validation``, ``test``), or neither: the embedded
-    corpus of the installed packages' docstrings (no download)."""
+    corpus of the installed packages' docstrings (no download).
 
+    ``task: lm`` reads raw text instead of pairs: ``.txt`` files, folders of them, or the
+    ``text_column`` of JSONL/CSV/Parquet files and Hub datasets, one document per file or row
+    (see `tformer.data.packing`).
+
+    ``task: sft`` reads the pairs of ``seq2seq`` as prompts (``prefix`` + source) and responses
+    (target), rendered with the tokenizer's chat template, several packed to a block of
+    ``block_size`` tokens (see `tformer.data.sft`)."""
+
+    task: Literal["seq2seq", "lm", "sft"] = "seq2seq"
     dataset: str | None = None  # a name of `tformer data list`, e.g. "multi30k"
-    train: str | None = None  # file (jsonl/csv/tsv/parquet) or Hub dataset name
+    train: str | None = None  # file (jsonl/csv/tsv/parquet; lm: also txt, a folder) or Hub name
     hub_config: str | None = None  # configuration of a Hub dataset, e.g. "3.0.0"
     validation: str | None = None
     test: str | None = None
     source_column: str = "source"
     target_column: str = "target"
+    text_column: str = "text"  # lm: the column holding a document's text
     prefix: str = ""  # prepended to every source, e.g. "summarize: "
     max_source_length: int = 256
     max_target_length: int = 128
-    max_train_examples: int | None = None
+    # lm: tokens per training block (the context the model learns on); a block is read with
+    # the token after it, its last target
+    block_size: int = 256
+    max_train_examples: int | None = None  # lm: documents
     tokenizer: str | None = None  # existing tokenizer; None = train one on the training split
     # BPE by default: `tokenizers`' Unigram trainer is not reproducible (two trainings on the
-    # same text give different vocabularies), so a run could not be repeated exactly.
-    tokenizer_kind: Literal["unigram", "bpe"] = "bpe"
+    # same text give different vocabularies), so a run could not be repeated exactly. char and
+    # bytelevel (GPT-2's byte-level BPE) are the usual choices of a language model.
+    tokenizer_kind: Literal["unigram", "bpe", "char", "bytelevel"] = "bpe"
     vocab_size: int = 8000
     # BPE-dropout (Provilkov et al. 2020): each epoch the training split is encoded afresh with
     # every BPE merge skipped with this probability; validation, test and inference are not.
     bpe_dropout: float = 0.0
+    # sft: the Jinja chat template saved with the tokenizer (Hugging Face's chat_template);
+    # None = the tokenizer's own, else tformer's (tformer.data.sft.DEFAULT_CHAT_TEMPLATE)
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
+        for name, allowed in (("task", TASKS), ("tokenizer_kind", KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"data.{name} must be one of {list(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         if self.dataset is not None:
             if self.dataset not in DATASETS:
                 raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)} "
@@ -180,11 +209,25 @@ class DataSection:
             if given:
                 raise ConfigError(f"data.dataset={self.dataset} names every split; drop "
                                   f"{', '.join(given)} (or drop data.dataset to give files)")
+            kind = "lm" if DATASETS[self.dataset].is_text else "seq2seq"
+            if kind != self.task and not (kind, self.task) == ("seq2seq", "sft"):
+                raise ConfigError(f"data.dataset={self.dataset} is a {kind} dataset; set "
+                                  f"data.task: {kind} (data.task is {self.task})")
         _check_ranges("data", self)
-        if self.tokenizer_kind not in ("unigram", "bpe"):
-            raise ConfigError(
-                f"data.tokenizer_kind must be 'unigram' or 'bpe', got {self.tokenizer_kind!r}"
-            )
+        if self.task == "lm":
+            if self.train is None and self.dataset is None:
+                raise ConfigError("data.task: lm needs text: data.train (a .txt file, a folder "
+                                  "of them, a JSONL file or a Hub name) or data.dataset")
+            if self.bpe_dropout:
+                raise ConfigError("data.bpe_dropout applies to data.task: seq2seq (a language "
+                                  "model's windows are encoded once)")
+            if self.prefix:
+                raise ConfigError("data.prefix applies to data.task: seq2seq (its sources)")
+        if self.task == "sft" and self.bpe_dropout:
+            raise ConfigError("data.bpe_dropout applies to data.task: seq2seq (sft examples "
+                              "are encoded once)")
+        if self.chat_template is not None and self.task != "sft":
+            raise ConfigError("data.chat_template applies to data.task: sft")
 
 
 @dataclass(frozen=True)
@@ -262,6 +305,27 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
+    def __post_init__(self) -> None:
+        """The settings of two sections that must agree."""
+        d, t = self.data, self.train
+        if self.model.pretrained is None:
+            core = self.model.transformer_config(vocab_size=1, pad_token_id=0)
+            decoder_only = core.n_encoder_layers == 0
+            if d.task in DECODER_ONLY_TASKS and not decoder_only:
+                raise ConfigError(f"data.task: {d.task} trains a decoder-only model: set "
+                                  "model.preset: gpt2 (or llama), or model.n_encoder_layers: 0")
+            if d.task == "seq2seq" and decoder_only:
+                raise ConfigError("model.n_encoder_layers: 0 is a decoder-only model, trained "
+                                  "with data.task: lm or sft")
+            if d.task in DECODER_ONLY_TASKS and d.block_size > core.max_positions:
+                raise ConfigError(f"data.block_size ({d.block_size}) exceeds the positions the "
+                                  f"model has, model.max_positions ({core.max_positions})")
+        if d.task in DECODER_ONLY_TASKS and t.max_tokens % d.block_size:
+            raise ConfigError(
+                f"train.max_tokens ({t.max_tokens}) must be a multiple of data.block_size "
+                f"({d.block_size}) for data.task: {d.task}: a micro-batch is max_tokens / "
+                "block_size blocks")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -284,7 +348,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check a recipe value against the field's type; ints are accepted where floats are."""
     name = f"{section}.{f.name}"
     hint = typing.get_type_hints(_SECTIONS[section])[f.name]
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    options = typing.get_args(hint) if union else (hint,)
     if isinstance(value, Raw):
         for option in sorted(options, key=lambda o: o is str):  # str last: it takes anything
             try:

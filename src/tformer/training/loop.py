@@ -25,7 +25,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from datasets import Dataset
 
-from tformer.data import Seq2SeqCollator, padding_fraction
 from tformer.training.adapter import FullModel, trained_weights
 from tformer.training.checkpoint import (
     TrainState,
@@ -43,6 +42,7 @@ from tformer.training.distributed import (
     full_model,
     load_sharded_state,
     save_sharded_state,
+    setup_deepspeed,
     shards_state,
 )
 from tformer.training.log import MetricsLogger, Window
@@ -50,15 +50,14 @@ from tformer.training.progress import TrainProgress
 from tformer.training.rundir import claim_run_dir, drop_metrics_after, record_data_files, resume_point
 from tformer.training.schedule import lr_factor
 from tformer.training.setup import (
-    TrainSplit,
     build_model,
     build_optimizer,
     get_tokenizer,
     load_texts,
+    make_train_split,
     micro_batches,
     resolve_precision,
     sharer,
-    token_lengths,
     tokenize_splits,
 )
 from tformer.training.stopping import (
@@ -68,7 +67,7 @@ from tformer.training.stopping import (
     TrainingError,
     patience_exhausted,
 )
-from tformer.training.validation import collate_batch, forward_loss, maybe_evaluate
+from tformer.training.validation import batch_tokens, collate_batch, forward_loss, maybe_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +100,16 @@ def train(config: Config, resume: bool = False, overwrite: bool = False) -> Trai
         raise ValueError("--resume continues the run in train.output_dir and --overwrite deletes "
                          "it: give one of them")
     t = config.train
+    precision = resolve_precision(t.precision, config)
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(t.precision, config),
+        mixed_precision=precision,
         gradient_accumulation_steps=t.grad_accum,
         # Without cpu=True, accelerate 1.15 ignores torchrun's WORLD_SIZE on a CPU-only
-        # machine and every process trains alone (measured); with it, DDP over gloo.
+        # machine and every process trains alone (measured); with it, DDP over gloo (or
+        # DeepSpeed on that group, which setup_deepspeed enters).
         cpu=not torch.cuda.is_available(),
     )
+    setup_deepspeed(accelerator, precision, t.grad_accum, t.clip_grad_norm)
     lock = claim_run_dir(Path(t.output_dir), resume, overwrite, accelerator)
     try:
         return _train(config, resume, accelerator)
@@ -140,13 +142,9 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
         s, t.warmup_steps, t.schedule, state.schedule_steps or t.max_steps, t.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     after_prepare(model, accelerator)  # FSDP2 (tformer.training.distributed)
-    train_split = TrainSplit(config, data, tokenizer, sharer(accelerator),
-                             accelerator.is_main_process)
-    collate = Seq2SeqCollator(tokenizer.pad_token_id,
-                              accelerator.unwrap_model(model).config.decoder_start_token_id)
-    data.stats["padding_fraction"] = padding_fraction(
-        train_split.sampler.batches(0), *token_lengths(data.tokens["train"])
-    )
+    train_split = make_train_split(config, data, tokenizer, accelerator.unwrap_model(model).config,
+                                   sharer(accelerator), accelerator.is_main_process)
+    data.stats.update(train_split.stats())
     log.info("data: %s", {k: v for k, v in data.stats.items() if "lengths" not in k})
 
     if resume_from is not None:
@@ -180,17 +178,19 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
             loss_value = 0.0
             for _ in range(t.grad_accum):
                 indices = next(batches)  # state.epoch is now this batch's epoch
-                batch = collate_batch(collate, train_split.tokens(state.epoch), indices, accelerator)
+                batch = collate_batch(train_split.collate, train_split.tokens(state.epoch), indices,
+                                      accelerator)
                 with accelerator.accumulate(model):
                     loss = train_loss(model, batch, t.label_smoothing)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.clip_grad_norm:
+                        # under DeepSpeed this only reads the norm: its engine clipped already
                         window.add_grad_norm(
                             accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += accelerator.num_processes
-                window.tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+                window.tokens += batch_tokens(batch)
                 loss_value += loss.item() / t.grad_accum
             if not math.isfinite(loss_value):
                 raise TrainingError(

@@ -1,5 +1,7 @@
-// tformer's page: calls POST v1/generate, then POST v1/attention with the answer as target,
-// and draws the answer's cross-attention on a canvas. Plain JavaScript, no build step.
+// tformer's page: streams the answer from POST v1/completions (Server-Sent Events: the text
+// grows token by token; beam search, which cannot stream, goes to POST v1/generate), then
+// calls POST v1/attention with the answer as target and draws its cross-attention on a canvas.
+// Plain JavaScript, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -12,19 +14,59 @@ function headers() {
   return h;
 }
 
+function failure(status, data, statusText) {
+  const error = data && data.error ? data.error : { message: statusText };
+  const err = new Error(error.message || ("HTTP " + status));
+  err.status = status;
+  return err;
+}
+
 async function api(path, body) {
   const init = body === undefined ? { headers: headers() }
     : { method: "POST", headers: headers(), body: JSON.stringify(body) };
   const response = await fetch(path, init);
   let data = null;
   try { data = await response.json(); } catch (e) { data = null; }
-  if (!response.ok) {
-    const error = data && data.error ? data.error : { message: response.statusText };
-    const err = new Error(error.message || ("HTTP " + response.status));
-    err.status = response.status;
-    throw err;
-  }
+  if (!response.ok) throw failure(response.status, data, response.statusText);
   return data;
+}
+
+// POST v1/completions with stream: true; onText(text so far) at every chunk. Resolves to
+// { text, usage, finish } once the server sends data: [DONE].
+async function streamCompletion(body, onText) {
+  const response = await fetch("v1/completions", {
+    method: "POST", headers: headers(), body: JSON.stringify(Object.assign({}, body, {
+      stream: true, stream_options: { include_usage: true } })),
+  });
+  if (!response.ok) {
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    throw failure(response.status, data, response.statusText);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", text = "", usage = null, finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) { // one event: "data: ..." lines, a blank line
+      const lines = buffer.slice(0, end).split("\n");
+      buffer = buffer.slice(end + 2);
+      for (const line of lines) {
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw failure(500, chunk, "error");
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices) {
+          text += choice.text;
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+        onText(text);
+      }
+    }
+  }
+  return { text, usage, finish };
 }
 
 function setState(state, message) {
@@ -74,18 +116,29 @@ async function run(event) {
   $("meta").textContent = "";
   clearHeatmap();
   const opts = options();
-  let answer;
+  const started = performance.now();
+  let output;
   try {
-    answer = await api("v1/generate", Object.assign({ inputs: [text] }, opts));
+    if (opts.num_beams === 1) { // streamed: the text grows as the model decodes it
+      const body = { prompt: text, max_tokens: opts.max_new_tokens, temperature: 0 };
+      if (opts.do_sample) Object.assign(body, { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p });
+      const answer = await streamCompletion(body, (sofar) => { $("output").textContent = sofar; });
+      output = answer.text;
+      $("meta").textContent = `${answer.usage.prompt_tokens} input tokens, ` +
+        `${answer.usage.completion_tokens} output tokens, ${(performance.now() - started).toFixed(0)} ms ` +
+        `(streamed; finish: ${answer.finish})`;
+    } else {
+      const answer = await api("v1/generate", Object.assign({ inputs: [text] }, opts));
+      output = answer.outputs[0];
+      const outTokens = answer.output_tokens ? answer.output_tokens[0] : "?";
+      $("meta").textContent = `${answer.input_tokens[0]} input tokens, ${outTokens} output tokens, ` +
+        `${answer.timing.total_ms.toFixed(0)} ms (batch of ${answer.batch_inputs})`;
+    }
   } catch (err) {
     setState("error", err.message);
     return;
   }
-  const output = answer.outputs[0];
   $("output").textContent = output;
-  const outTokens = answer.output_tokens ? answer.output_tokens[0] : "?";
-  $("meta").textContent = `${answer.input_tokens[0]} input tokens, ${outTokens} output tokens, ` +
-    `${answer.timing.total_ms.toFixed(0)} ms (batch of ${answer.batch_inputs})`;
   setState("busy", "Drawing attention…");
   try {
     maps = await api("v1/attention", {
