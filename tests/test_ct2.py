@@ -29,6 +29,7 @@ BEAM = dict(num_beams=4, early_stopping=True)
 DECODINGS = {
     "greedy": {},
     "greedy_no_repeat": dict(no_repeat_ngram_size=2),
+    "greedy_repetition_penalty": dict(repetition_penalty=1.5),
     "beam4": BEAM,
     "beam4_lp0.6": dict(BEAM, length_penalty=0.6),
     "beam4_lp2": dict(BEAM, length_penalty=2.0),
@@ -191,6 +192,8 @@ def test_trained_own_model_float32_export_generates_the_same_tokens(copy_run, co
     outputs = torch_path.generate(copy_texts, max_new_tokens=32)
     lengths = {len(torch_path.tokenizer(o)["input_ids"]) for o in outputs}
     assert len(lengths) >= 4, f"degenerate outputs, the comparison would prove little: {outputs}"
+    # the penalty changes outputs, so that its equality below means something
+    assert torch_path.generate(copy_texts, max_new_tokens=32, repetition_penalty=1.5) != outputs
     assert_same_outputs(torch_path, engine, copy_texts, max_new_tokens=32)
     # a short limit: both count the end token the same way
     assert_same_outputs(torch_path, engine, copy_texts, max_new_tokens=3,

@@ -1,6 +1,7 @@
 """The data layer: loading and its errors, tokenising, length-bucketed batches, collating, and
 the embedded corpus."""
 
+import ast
 import csv
 import json
 import logging
@@ -550,19 +551,28 @@ def _rows(corpus) -> list[dict]:
 def test_corpus_reads_every_package_and_skips_tests_vendored_and_generated_code(site):
     rows = _rows(docstring_corpus(roots=[site]))
     sources = "\n".join(row["source"] for row in rows)
-    assert "def compute_0(value, scale=0)" in sources and "def solo_unique(x)" in sources
+    # parameters without annotations or defaults (the return annotation is kept)
+    assert "def compute_0(value, scale)\n" in sources and "def solo_unique(x)" in sources
     assert "hidden_" not in sources and "broken" not in sources
     widget = [row for row in rows if row["source"].startswith("class Widget")]
     assert widget == [{"source": "class Widget(Base, metaclass=Meta)\n"
                                  "Parts are kept in insertion order.",
                        "target": "A widget that holds parts."}]
     fetch = [row for row in rows if row["source"].startswith("async def fetch")]
-    assert fetch[0]["source"] == ("async def fetch(self, key: str) -> bytes\n"
+    assert fetch[0]["source"] == ("async def fetch(self, key) -> bytes\n"
                                   "The key must exist, or KeyError is raised.")
     assert fetch[0]["target"] == "Fetch one part by its key."
     pattern = re.compile(r"(async def|def|class) \w+")
     assert all(pattern.match(row["source"]) and "\n" in row["source"] for row in rows)
     assert all("\n" not in row["target"] and len(row["target"].split()) >= 3 for row in rows)
+
+
+def test_corpus_signatures_keep_parameter_names_and_the_return_annotation():
+    source = "def f(a: int = 1, /, b: str = 'x', *args: int, c: float = 2.0, d, **kw: dict) -> bool:"
+    node = ast.parse(source + "\n    pass").body[0]
+    assert corpus_module._signature(node) == "def f(a, /, b, *args, c, d, **kw) -> bool"
+    node = ast.parse("async def g(*, key=None):\n    pass").body[0]
+    assert corpus_module._signature(node) == "async def g(*, key)"
 
 
 def test_corpus_roots_are_the_stdlib_and_site_packages():
@@ -588,7 +598,7 @@ def test_corpus_is_deduplicated(site):
     # package's files, then solo.py) is kept
     bodies = [source.partition("\n")[2] for source in sources]
     assert bodies.count("Both arguments are converted to floats first.") == 1
-    assert any(source.startswith("def helper(x, y=1)") for source in sources)
+    assert any(source.startswith("def helper(x, y)\n") for source in sources)
     assert len(rows) == 400 + 4  # compute_*, helper, Widget, fetch, solo_unique
 
 

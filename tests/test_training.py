@@ -463,3 +463,49 @@ def test_bpe_dropout_needs_a_bpe_tokenizer_and_a_probability(data_files, tmp_pat
         "data.bpe_dropout": 0.1, "data.tokenizer_kind": "unigram"}))
     with pytest.raises(ConfigError, match="data.bpe_dropout=0.1 needs a fast BPE tokenizer.*Unigram"):
         train(config)
+
+
+def _repeated_ngrams(row: list[int], n: int, stop: set[int]) -> int:
+    """How many of ``row``'s token n-grams (up to its first end or pad token) occurred
+    before in it."""
+    for i, token in enumerate(row):
+        if token in stop:
+            row = row[:i]
+            break
+    grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("no_repeat", [0, 2])
+def test_the_recipes_generation_settings_reach_validation_and_the_test_score(
+        data_files, tmp_path, monkeypatch, no_repeat):
+    """``train.no_repeat_ngram_size`` and ``train.repetition_penalty`` are what validation's
+    metric and the test score generate with: with ``no_repeat_ngram_size=2`` no generated
+    bigram repeats; the same run without it repeats some (a 4-step model stutters)."""
+    from tformer.hf import TformerForConditionalGeneration
+    from tformer.recipe import run_recipe
+
+    calls = []
+    original = TformerForConditionalGeneration.generate
+
+    def recording(self, *args, **kwargs):
+        ids = original(self, *args, **kwargs)
+        calls.append((kwargs, ids.tolist(), {self.config.eos_token_id, self.config.pad_token_id}))
+        return ids
+
+    monkeypatch.setattr(TformerForConditionalGeneration, "generate", recording)
+    config = load_config(None, overrides(
+        data_files, tmp_path / "run", **{
+            "data.test": data_files["validation"], "train.max_steps": 4, "train.eval_every": 4,
+            "train.max_new_tokens": 16, "train.no_repeat_ngram_size": no_repeat,
+            "train.repetition_penalty": 1.0 if no_repeat else 1.1}))
+    result = run_recipe(config)
+    test = json.loads((result.run_dir / "test_metrics.json").read_text())
+    assert test["generation"]["no_repeat_ngram_size"] == no_repeat
+    calls = [c for c in calls if c[0]["max_new_tokens"] == 16]  # not the report's attention map
+    assert len(calls) >= 2  # validation at step 4, then the test split
+    assert all(kwargs["no_repeat_ngram_size"] == no_repeat for kwargs, _, _ in calls)
+    assert all(kwargs["repetition_penalty"] == (1.0 if no_repeat else 1.1)
+               for kwargs, _, _ in calls)
+    repeats = sum(_repeated_ngrams(row[1:], 2, stop) for _, ids, stop in calls for row in ids)
+    assert (repeats == 0) if no_repeat else (repeats > 0)

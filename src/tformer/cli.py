@@ -86,6 +86,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stopping", action="store_true", default=None, help="end a beam "
                    "search once num_beams hypotheses are finished (what CTranslate2 always does)")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens "
+                   "already in the output less likely (1 = off)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -105,7 +107,8 @@ def _generation_options(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
         length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, do_sample=args.sample,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        repetition_penalty=args.repetition_penalty, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.batch_size, max_source_length=args.max_source_length,
     )

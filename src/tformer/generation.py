@@ -56,6 +56,7 @@ def generate_texts(
     length_penalty: float = 1.0,
     early_stopping: bool | None = None,
     no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -73,6 +74,8 @@ def generate_texts(
     CTranslate2, fairseq and Marian do); ``False`` keeps searching while Hugging Face's
     heuristic says a running beam could still win; None (default) = the checkpoint's
     generation config (False unless it says otherwise).
+    ``repetition_penalty`` > 1 makes every token already in the output less likely (Hugging
+    Face's CTRL penalty: a positive logit divided by it, a negative one multiplied).
 
     Sources are truncated to ``max_source_length`` tokens, by default the checkpoint's own
     limit (:func:`max_source_length_of`); how many were is logged and, with ``report`` (a dict),
@@ -103,6 +106,7 @@ def generate_texts(
     options = dict(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
         length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty,
     )
     if do_sample:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -316,7 +320,7 @@ class Seq2Seq:
                  **options) -> list[str] | str:
         """Generate for one text (returns a string) or many (returns a list, input order).
         Options: see :func:`generate_texts` (num_beams, length_penalty, early_stopping,
-        no_repeat_ngram_size, do_sample, temperature, top_k, top_p, batch_size,
+        no_repeat_ngram_size, repetition_penalty, do_sample, temperature, top_k, top_p, batch_size,
         max_source_length, progress, report)."""
         single = isinstance(texts, str)
         out = generate_texts(self.model, self.tokenizer, [texts] if single else list(texts),

@@ -87,17 +87,19 @@ class _CT2Engine:
 
 
 def search_options(*, num_beams: int = 1, length_penalty: float = 1.0,
-                   no_repeat_ngram_size: int = 0, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: int = 0,
+                   no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+                   do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0) -> dict[str, Any]:
     """The keyword arguments of ``translate_batch`` and ``generate_batch`` (the same names in
     both) for the search options of ``generate()``: beam size, length penalty, n-gram ban,
-    sampling (the defaults are :func:`tformer.generation.generate_texts`'). Both engines take
-    these options as ``**search`` and pass them here, so that a misspelt one is a TypeError."""
+    repetition penalty, sampling (the defaults are :func:`tformer.generation.generate_texts`').
+    Both engines take these options as ``**search`` and pass them here, so that a misspelt one
+    is a TypeError."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     options: dict[str, Any] = dict(beam_size=num_beams, length_penalty=length_penalty,
-                                   no_repeat_ngram_size=no_repeat_ngram_size)
+                                   no_repeat_ngram_size=no_repeat_ngram_size,
+                                   repetition_penalty=repetition_penalty)
     if do_sample:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -5,7 +5,8 @@ Nothing is downloaded: the examples come from the source files of the running in
 with `ast` (never imported, so no module runs any code). Each function, method or class whose
 docstring has a summary paragraph and a body gives one example:
 
-- source: the signature (``def split(self, sep=None, maxsplit=-1)``), a newline, the body;
+- source: the signature, its parameters without annotations and defaults
+  (``def split(self, sep, maxsplit) -> list``), a newline, the body;
 - target: the summary: the docstring's first paragraph joined into one line, or only its
   first line when that line is a sentence (ends with ".") followed directly by more text.
 
@@ -368,7 +369,21 @@ def _signature(node: _Definition) -> str:
         return f"class {node.name}({', '.join(bases)})" if bases else f"class {node.name}"
     keyword = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-    return f"{keyword} {node.name}({ast.unparse(node.args)}){returns}"
+    return f"{keyword} {node.name}({_parameter_names(node.args)}){returns}"
+
+
+def _parameter_names(args: ast.arguments) -> str:
+    """The parameters without their annotations and defaults: a quarter of a signature's tokens
+    (the demo's tokenizer: mean 22 tokens, 17 without; 90th percentile 40, 28), which a short
+    source (the demo's first 32 tokens) can spend on the body instead."""
+    def name(arg: ast.arg | None) -> ast.arg | None:
+        return None if arg is None else ast.arg(arg=arg.arg)
+
+    return ast.unparse(ast.arguments(
+        posonlyargs=[name(a) for a in args.posonlyargs], args=[name(a) for a in args.args],
+        vararg=name(args.vararg), kwonlyargs=[name(a) for a in args.kwonlyargs],
+        kw_defaults=[None] * len(args.kwonlyargs), kwarg=name(args.kwarg), defaults=[],
+    ))
 
 
 def _example(node: _Definition, docstring: str) -> _Docstring | None:

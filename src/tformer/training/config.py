@@ -51,7 +51,8 @@ _RANGES: dict[str, dict[str, tuple]] = {
         "clip_grad_norm": _POSITIVE, "log_every": _AT_LEAST_1, "eval_every": _AT_LEAST_1,
         "eval_max_examples": _AT_LEAST_1, "early_stopping_patience": _AT_LEAST_1,
         "keep_last": _AT_LEAST_1, "save_every": _AT_LEAST_1, "num_beams": _AT_LEAST_1,
-        "max_new_tokens": _AT_LEAST_1,
+        "max_new_tokens": _AT_LEAST_1, "no_repeat_ngram_size": _AT_LEAST_0,
+        "repetition_penalty": _POSITIVE,
     },
 }
 
@@ -259,11 +260,21 @@ class TrainSection:
     early_stopping_patience: int | None = None  # evaluations without improvement
     keep_last: int = 2
     save_every: int | None = None  # None = at every evaluation
-    num_beams: int = 1  # generation during validation
+    # Generation for validation's metric and the test score (Hugging Face generate()'s
+    # options of the same names; `tformer generate` and `evaluate` take them as flags).
+    num_beams: int = 1
     max_new_tokens: int = 64
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in an output; 0 = off
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the output less likely
     # LoRA runs: at the end, write the adapter merged into the weights as a plain model
     # directory in the best and last checkpoints (the adapter stays in CKPT/adapter/).
     merge_lora: bool = True
+
+    def generation_options(self) -> dict[str, Any]:
+        """Options of `tformer.generation.generate_texts` for validation and the test score."""
+        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                    no_repeat_ngram_size=self.no_repeat_ngram_size,
+                    repetition_penalty=self.repetition_penalty)
 
     def __post_init__(self) -> None:
         _check_ranges("train", self)

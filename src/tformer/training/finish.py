@@ -57,8 +57,7 @@ def evaluate_test(result: TrainResult, config: Config) -> dict:
     metrics = evaluate_examples(
         seq2seq, [str(i) for i in range(len(test))], sources,
         [[target] for target in test["target"]], data="test split", output_dir=result.run_dir,
-        file_prefix="test_", max_new_tokens=t.max_new_tokens, num_beams=t.num_beams,
-        max_source_length=limit,
+        file_prefix="test_", max_source_length=limit, **t.generation_options(),
     )
     log.info("test (%d examples): ROUGE-L %.2f, BLEU %.2f", len(test), metrics["rougeL"],
              metrics["bleu"])

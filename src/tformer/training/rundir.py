@@ -50,7 +50,8 @@ RESUMABLE = frozenset({
     "train.output_dir", "train.max_steps", "train.max_minutes", "train.log_every",
     "train.eval_every", "train.eval_max_examples", "train.metric",
     "train.early_stopping_patience", "train.keep_last", "train.save_every", "train.num_beams",
-    "train.max_new_tokens", "train.merge_lora", "train.compile",
+    "train.max_new_tokens", "train.no_repeat_ngram_size", "train.repetition_penalty",
+    "train.merge_lora", "train.compile",
 })
 
 

@@ -151,8 +151,8 @@ def _generation_metric(record: dict[str, Any], model, tokenizer, data: RunData, 
     )
     with accelerator.autocast():
         predictions = generate_texts(
-            model, tokenizer, prompt(sample["source"]), max_new_tokens=t.max_new_tokens,
-            num_beams=t.num_beams, max_source_length=max_source_length,
+            model, tokenizer, prompt(sample["source"]), max_source_length=max_source_length,
+            **t.generation_options(),
         )
     record[t.metric] = score(t.metric, predictions, sample["target"])
     record["samples"] = [
