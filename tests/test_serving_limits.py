@@ -10,8 +10,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+import tformer
+from tformer.hf import TformerConfig, TformerForConditionalGeneration
+from tformer.model import config_for
 from tformer.serving import ServeSettings, create_app
 from tformer.serving.settings import resolve_api_key
+from tformer.tokenization import train_tokenizer
 
 from . import serving_helpers as helpers
 from .serving_helpers import StubSeq2Seq, client, error_of
@@ -167,3 +171,30 @@ def test_a_full_queue_is_answered_503():
     assert (error["limit"], error["value"]) == ("max_queue", 4)
     assert refused.headers["retry-after"] == "1"
     assert held.json()["outputs"] == ["HOLD"] and waiting.json()["outputs"] == list("ABCD")
+
+
+def test_a_request_longer_than_the_decoders_position_table_is_refused_naming_the_field(
+        tmp_path):
+    """An encoder-decoder with learned positions (a table of 16) cannot write 17 tokens: the
+    server lowers max_new_tokens_cap to its table, so every route answers 4xx naming the
+    field, never a 500; 16 tokens, and the default, are answered."""
+    texts = ["a dog runs in the park", "the cat sleeps on a mat", "two men play ball"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=400, kind="bpe")
+    core = config_for("tiny", len(tokenizer), None, positional="learned", max_positions=16)
+    TformerForConditionalGeneration(TformerConfig.from_transformer_config(core)).save_pretrained(
+        tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with TestClient(create_app(tformer.load(tmp_path, device="cpu"))) as api:
+        for path, body, param in (
+                ("/v1/completions", {"prompt": "a dog", "max_tokens": 17}, "max_tokens"),
+                ("/v1/completions", {"prompt": "a dog", "max_tokens": 17, "logprobs": 2},
+                 "max_tokens")):
+            answer = api.post(path, json=body)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+            assert "max_new_tokens_cap is 16" in answer.json()["error"]["message"]
+        assert error_of(api.post("/v1/generate", json={"inputs": ["a dog"], "max_new_tokens": 17}),
+                        422)["limit"] == "max_new_tokens_cap"
+        for body in ({"prompt": "a dog", "max_tokens": 16, "temperature": 0, "logprobs": 1},
+                     {"prompt": "a dog"}):
+            assert api.post("/v1/completions", json=body).status_code == 200
+        assert api.post("/v1/generate", json={"inputs": ["a dog"]}).status_code == 200

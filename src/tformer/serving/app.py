@@ -97,6 +97,11 @@ def create_app(seq2seq, *, settings: ServeSettings | None = None,
     settings = settings or ServeSettings()
     batcher = batcher if batcher is not None else make_batcher(seq2seq, settings)
     settings = dataclasses.replace(settings, batching=batcher.mode)  # auto, resolved
+    writable = output_limit(seq2seq)
+    if writable is not None and writable < settings.max_new_tokens_cap:
+        log.info("max_new_tokens_cap lowered from %d to %d: the model's decoder has a position "
+                 "table of %d", settings.max_new_tokens_cap, writable, writable)
+        settings = dataclasses.replace(settings, max_new_tokens_cap=writable)
     counter = limits.TokenCounter(getattr(seq2seq, "tokenizer", None))
     model_limit = source_limit(seq2seq)
 
@@ -255,6 +260,21 @@ def has_attention(seq2seq) -> bool:
     weights."""
     model = getattr(seq2seq, "model", None)
     return isinstance(model, torch.nn.Module) and getattr(seq2seq, "tokenizer", None) is not None
+
+
+def output_limit(seq2seq) -> int | None:
+    """The most tokens the loaded encoder-decoder model can write: its decoder's learned
+    position table (tformer's ``positional: learned``, or a Hugging Face model's
+    ``max_position_embeddings``). None without one: sinusoidal or relative positions, another
+    engine (which clamps by its own), or a decoder-only model (whose window slides). The app
+    lowers ``max_new_tokens_cap`` to it, so a longer request is refused naming the field."""
+    model = getattr(seq2seq, "model", None)
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not getattr(config, "is_encoder_decoder", False):
+        return None
+    if hasattr(config, "positional"):  # tformer's own model
+        return config.max_positions if config.positional == "learned" else None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def source_limit(seq2seq) -> int | None:
