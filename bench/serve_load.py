@@ -31,11 +31,12 @@ sending the request to reading the whole answer. The script checks that every re
 answered 200 and that each text got the same output in every scenario (batched equals one at a
 time), and prints the ratios: throughput (3)/(2), goal >= 4; p99 (3)/(1), goal <= 2.
 
-``--openai`` runs other scenarios, on the batching server alone (greedy, taking turns too):
-``/v1/generate`` against ``/v1/completions`` (not streamed) at N clients, the overhead of the
+``--openai`` runs other scenarios (greedy, taking turns too): ``/v1/generate`` against
+``/v1/completions`` (not streamed) at N clients on the batching server, the overhead of the
 OpenAI route at the same load; and streaming clients of ``/v1/completions`` at 1 and N
-clients, measuring the time to the first text chunk (TTFT) and the gaps between the chunks of
-an answer (inter-token latency), p50 and p99.
+clients, on the batching server and on the one-at-a-time one, measuring the time to the first
+text chunk (TTFT) and the gaps between the chunks of an answer (inter-token latency), p50 and
+p99.
 """
 
 from __future__ import annotations
@@ -295,35 +296,45 @@ async def drive_route(server: Server, texts: list[str], clients: int, requests: 
 
 
 def openai_report(args: argparse.Namespace, checkpoint: str, texts: list[str]) -> None:
-    """Streaming latency at 1 and N clients, and /v1/completions against /v1/generate at N."""
-    with Server(checkpoint, args.clients, args.max_wait_ms, args) as server:
-        asyncio.run(drive(server, texts, args.clients, args.clients, args.max_new_tokens,
-                          "warm-up"))
+    """Streaming latency at 1 and N clients, on the batching server and on the same model served
+    one request at a time; and /v1/completions against /v1/generate at N, on the batching one."""
+    with Server(checkpoint, 1, 0.0, args) as single, \
+            Server(checkpoint, args.clients, args.max_wait_ms, args) as server:
+        for warm in (single, server):
+            asyncio.run(drive(warm, texts, args.clients, args.clients, args.max_new_tokens,
+                              "warm-up"))
         rows, streams = {}, {}
-        for _ in range(args.rounds):  # the scenarios take turns, as in main()
+        for r in range(args.rounds):  # the scenarios take turns, as in main()
             n = args.requests // args.rounds
-            for name, openai in (("/v1/generate", False), ("/v1/completions", True)):
+            routes = (("/v1/generate", False), ("/v1/completions", True))
+            for name, openai in (routes if r % 2 == 0 else routes[::-1]):
                 rows.setdefault(name, []).append(asyncio.run(drive_route(
                     server, texts, args.clients, n, args.max_new_tokens, name, openai)))
-            for clients, total in ((1, args.single_requests), (args.clients, args.requests)):
-                part = asyncio.run(drive_stream(server, texts, clients, total // args.rounds,
-                                                args.max_new_tokens, "stream"))
-                streams.setdefault(clients, []).append(part)
+            for label, where in (("batching", server), ("one at a time", single)):
+                for clients, total in ((1, args.single_requests), (args.clients, args.requests)):
+                    part = asyncio.run(drive_stream(where, texts, clients, total // args.rounds,
+                                                    args.max_new_tokens, label))
+                    streams.setdefault((label, clients), []).append(part)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     report([merge(parts) for parts in rows.values()])
-    print(f"\n{'streamed /v1/completions':<28}{'clients':>8}{'requests':>9}{'TTFT p50':>10}"
-          f"{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'errors':>7}{'CPU srv':>8}{'CPU cli':>8}")
-    for clients, parts in streams.items():
+    generate, completions = (merge(parts) for parts in rows.values())
+    print(f"/v1/completions / /v1/generate throughput at {args.clients} clients: "
+          f"{completions.rps / generate.rps:.3f}x   (goal >= 0.95: at most 5% overhead)")
+    print(f"\n{'streamed /v1/completions':<28}{'clients':>8}{'requests':>9}{'req/s':>8}"
+          f"{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'errors':>7}"
+          f"{'CPU srv':>8}{'CPU cli':>8}")
+    for (label, clients), parts in streams.items():
         first = [x for p in parts for x in p.first_ms]
         gaps = [x for p in parts for x in p.gaps_ms]
         seconds = sum(p.seconds for p in parts)
-        print(f"{'':<28}{clients:>8}{len(first):>9}{Streamed.pct(first, 50):>10.1f}"
+        print(f"{label:<28}{clients:>8}{len(first):>9}{len(first) / seconds:>8.2f}"
+              f"{Streamed.pct(first, 50):>10.1f}"
               f"{Streamed.pct(first, 99):>10.1f}{Streamed.pct(gaps, 50):>9.1f}"
               f"{Streamed.pct(gaps, 99):>9.1f}{sum(p.errors for p in parts):>7}"
               f"{sum(p.server_cpu_s for p in parts) / seconds:>8.0%}"
               f"{sum(p.client_cpu_s for p in parts) / seconds:>8.0%}")
     print("TTFT: request sent -> first text chunk; ITL: gap between two text chunks of one "
-          "answer; times in ms")
+          "answer; times in ms; one at a time: the same model served with --max-batch-size 1")
 
 
 def merge(parts: list[Scenario]) -> Scenario:
@@ -424,8 +435,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 / 8 requests: a smoke run")
     parser.add_argument("--openai", action="store_true", help="instead: streaming clients of "
                         "/v1/completions (time to first token, inter-token latency; 1 and "
-                        "--clients clients) and /v1/completions against /v1/generate, on the "
-                        "batching server")
+                        "--clients clients, batching and one at a time) and /v1/completions "
+                        "against /v1/generate on the batching server")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.single_requests = 64, 8

@@ -149,12 +149,18 @@ def test_stop_sequences_cut_the_completion_streamed_or_not(client, seq2seq, text
     stop = full.split()[1]
     expected = full[: full.find(stop)]
     whole = client.completions.create(prompt=text, max_tokens=30, temperature=0,
-                                      stop=[stop, "\u2603never"], model=None)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        prompt=text, max_tokens=30, temperature=0, stop=stop, stream=True, model=None)
-        if c.choices)
+                                      stop=[stop, "\u2603never"], model=None, logprobs=1)
+    chunks = [c.choices[0] for c in client.completions.create(
+        prompt=text, max_tokens=30, temperature=0, stop=stop, stream=True, model=None,
+        logprobs=1) if c.choices]
+    streamed = "".join(c.text for c in chunks)
     assert whole.choices[0].text == expected == streamed
     assert whole.choices[0].finish_reason == "stop"
+    # the tokens scored are the same both ways: up to the one that completed the stop sequence
+    # (the batcher decoded one more before the row left; neither answer lists it)
+    scored = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert whole.choices[0].logprobs.tokens == scored
+    assert "".join(scored).startswith(expected.strip()) and stop in "".join(scored)
 
 
 def test_errors_are_openais_and_raised_as_the_clients_typed_errors(server, client, model_dir):

@@ -142,8 +142,11 @@ class Embeddings(nn.Module):
         if not self.additive:
             return kernels.dropout(x, self.p_drop, self.training)
         if self.learned is not None:
-            # (read back only here: on a GPU, .max() of a tensor waits for the device)
-            last = int(positions.max()) if positions.numel() else 0
+            # (read back only here: on a GPU, .max() of a tensor waits for the device; not
+            # while compiling, where reading a tensor back breaks the graph: there the table
+            # lookup itself still refuses an index past its end)
+            last = (int(positions.max()) if positions.numel()
+                    and not torch.compiler.is_compiling() else 0)
             if last >= self.max_positions:
                 raise ValueError(
                     f"sequence of length {last + 1} exceeds max_positions="

@@ -118,6 +118,12 @@ class DynamicBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._carry: deque = deque()  # jobs that did not fit the last round; worker-only
         self._lock = threading.Lock()
+        #: Whose futures it hands out: None, the caller's running event loop; the batcher's
+        #: process (`tformer.serving.process`) sets one that settles them on the spot.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: False: answers leave ``output_tokens`` None, for a caller that counts them itself
+        #: (the batcher's process: the server's process counts, off the decoding core).
+        self.counts_tokens = True
         self._waiting = 0  # texts queued, not yet taken by a round
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -156,7 +162,7 @@ class DynamicBatcher:
     def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None,
                  stream: bool = False) -> Job:
         self.start()
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         tokens = TokenStream(loop) if stream else None
         job = Job(texts, dict(options), tokens.future if tokens else loop.create_future(), loop,
                   encoded=encoded, stream=tokens)
@@ -320,9 +326,14 @@ class DynamicBatcher:
         # The worker thread is the only user of the model's tokenizer: Hugging Face fast
         # tokenizers are not safe to call from two threads at once ("Already borrowed").
         tokenizer = getattr(self.seq2seq, "tokenizer", None)
-        if tokenizer is None or not outputs:
+        if tokenizer is None or not outputs or not self.counts_tokens:
             return None
-        return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
+        return count_tokens(tokenizer, outputs)
+
+
+def count_tokens(tokenizer, outputs: Sequence[str]) -> list[int]:
+    """``output_tokens``: each output re-encoded without special tokens."""
+    return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
 
 
 @contextlib.contextmanager

@@ -302,7 +302,12 @@ def openai_router(seq2seq, settings: ServeSettings, batcher: Batcher, counter: T
             future = asyncio.ensure_future(collect(stream, rows))
         result = await awaiting.answer(future, request, settings.timeout_s)
         texts, reasons, usage = finish(plan, result, rows)
-        return render.answer(plan, texts, reasons, usage, result.logprobs)
+        scored = result.logprobs
+        if scored and streamed:  # a row cut at a stop sequence: its tokens up to the cut, as
+            # streamed (the batcher scored one more, at the step that retired the row)
+            scored = [lp[: len(row.tokens)] if row.stopped else lp
+                      for lp, row in zip(scored, rows)]
+        return render.answer(plan, texts, reasons, usage, scored)
 
     async def collect(stream: TokenStream, rows: list[TextStream]) -> BatchResult:
         async for tokens in awaiting.events(stream, settings.timeout_s):
