@@ -171,8 +171,9 @@ class ContinuousBatcher(DynamicBatcher):
 
     def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
         """What admitting ``texts`` to an encoder-decoder model computes before it joins them
-        (``family.encodes``): cross-attention keys and values per layer, encoder output,
-        source mask and source ids (see ``submit_encoded``)."""
+        (``family.encodes``): cross-attention keys and values of every layer (one tensor),
+        encoder output, source mask and source ids (`tformer.serving.slot_cache.Encoded`; see
+        ``submit_encoded``)."""
         family = self.family
         return family.encode(*family.tokenize([Job(list(texts), options, None, None)]))
 

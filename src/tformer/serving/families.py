@@ -33,7 +33,7 @@ from tformer.generation import max_source_length_of
 from tformer.hf import TformerForCausalLM, TformerForConditionalGeneration
 from tformer.model import KVCache
 from tformer.serving.batching import Job
-from tformer.serving.slot_cache import History, SlotCache, SourceSlots, concat_encoded
+from tformer.serving.slot_cache import Encoded, History, SlotCache, SourceSlots, concat_encoded
 
 
 @dataclass
@@ -183,15 +183,17 @@ class EncoderDecoder:
         return source, source_mask
 
     @torch.inference_mode()
-    def encode(self, source: Tensor, source_mask: Tensor) -> tuple[dict, Tensor, Tensor, Tensor]:
+    def encode(self, source: Tensor, source_mask: Tensor) -> Encoded:
         """Cross-attention keys and values, encoder output (k, S, D), source mask and ids of
-        the new texts."""
+        the new texts. The keys and values of every layer are stacked into one tensor, as the
+        slot cache keeps them (`SourceSlots`) and the batcher's process receives them, so that
+        joining them is one copy."""
         device = self.core.src_embed.token.weight.device
         source, source_mask = source.to(device), source_mask.to(device)
         memory = self.core.encode(source, source_mask).hidden
-        cross = {i: layer.cross_attn.memory_kv(memory)
-                 for i, layer in enumerate(self.core.decoder.layers)}
-        return cross, memory, source_mask, source
+        layers = self.core.decoder.layers
+        kv = torch.stack([x for layer in layers for x in layer.cross_attn.memory_kv(memory)])
+        return kv.unflatten(0, (len(layers), 2)), memory, source_mask, source
 
     def logits(self, cache: SlotCache, last: Tensor, positions: Tensor,
                target_mask: Tensor) -> Tensor:

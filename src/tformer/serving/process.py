@@ -331,8 +331,7 @@ def pack_encoded(encoded: tuple) -> tuple:
     """An encoded job as four numpy arrays: unpickling tensors goes through ``torch.load``
     once per tensor, which cost the child 14% of its time under 16 clients; numpy arrays
     unpickle as plain buffers. (float32 on the way: numpy has no bfloat16.)"""
-    cross, memory, source_mask, source_ids = encoded
-    kv = torch.stack([torch.stack(cross[i]) for i in range(len(cross))])  # (L, 2, k, H, S, Dh)
+    kv, memory, source_mask, source_ids = encoded  # kv: (L, 2, k, H, S, Dh)
     return (kv.float().cpu().numpy(), memory.float().cpu().numpy(), source_mask.cpu().numpy(),
             source_ids.cpu().numpy())
 
@@ -342,7 +341,7 @@ def unpack_encoded(packed: tuple, device: torch.device, dtype: torch.dtype) -> t
     ``device`` in ``dtype``."""
     kv, memory = (torch.from_numpy(x).to(device, dtype) for x in packed[:2])
     source_mask, source_ids = (torch.from_numpy(x).to(device) for x in packed[2:])
-    return {i: (kv[i, 0], kv[i, 1]) for i in range(kv.size(0))}, memory, source_mask, source_ids
+    return kv, memory, source_mask, source_ids
 
 
 def _put(conn: Connection, message: Any) -> None:

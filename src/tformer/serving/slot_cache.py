@@ -19,15 +19,21 @@ from torch import Tensor
 #: history in its first columns (what a decoder-only model's prefill computes).
 History = dict[int, tuple[Tensor, Tensor]]
 
+#: An encoder-decoder model's encoded texts (`tformer.serving.families.EncoderDecoder.encode`):
+#: the cross-attention keys and values of every layer as one tensor (L, 2, k, Hkv, S, Dh), the
+#: encoder output (k, S, D), the source mask and the source ids (k, S).
+Encoded = tuple[Tensor, Tensor, Tensor, Tensor]
+
 
 class SlotCache:
     """The running batch's keys and values, one slot per text being decoded (a
     `tformer.model.attention.DecoderCache`).
 
     Buffers are allocated for ``capacity`` slots (``max_batch_size``) and slots ``[0, n)`` are in
-    use. Self-attention: per layer a (capacity, Hkv, T, Dh) buffer in which slot ``r``'s history
-    fills the first ``lengths[r]`` columns (left-aligned); a step writes every slot's new column
-    in place, each at its own position (one indexed write), and attends over the first
+    use. Self-attention: one (layers, 2, capacity, Hkv, T, Dh) buffer of every layer's keys and
+    values (``self_kv``: per layer, views of it), in which slot ``r``'s history fills the first
+    ``lengths[r]`` columns (left-aligned); a step writes every slot's new column in place, each
+    at its own position (one indexed write per layer), and attends over the first
     ``max(lengths) + 1`` columns with ``target_mask`` hiding the columns past a slot's own.
     A slot joins with an empty history (an encoder-decoder model's row, which starts from the
     decoder's start token) or with one (a decoder-only model's prefilled prompt); ``fill``
@@ -37,8 +43,10 @@ class SlotCache:
     A joining text takes slot ``n``; a leaving one gets a still-running slot from the end moved
     into its place. Joining and leaving thus copy only the slots that change, never the whole
     batch (re-packing the batch on every join and leave took about 15% of the time with 16
-    clients). Buffers grow, doubling, when a longer history or source comes, and never shrink.
-    What a previous text left in a slot is masked, like padding.
+    clients). Each of these copies is one tensor operation over all layers: one per layer and
+    per tensor took 8-10% of the batcher's time with 16 clients and 4 layers. Buffers grow,
+    doubling, when a longer history or source comes, and never shrink. What a previous text
+    left in a slot is masked, like padding.
     """
 
     HEADROOM = 32  # history columns of a fresh buffer
@@ -48,9 +56,8 @@ class SlotCache:
         """``like``: a tensor of the model's dtype and device (a parameter)."""
         self.capacity, self.layers, self.n = capacity, layers, 0
         self.source = source
-        shape = (capacity, kv_heads, self.HEADROOM, head_dim)
-        self.self_kv: dict[int, tuple[Tensor, Tensor]] = {
-            i: (like.new_zeros(shape), like.new_zeros(shape)) for i in range(layers)}
+        self._kv = like.new_zeros(layers, 2, capacity, kv_heads, self.HEADROOM, head_dim)
+        self.self_kv = layer_views(self._kv)
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=like.device)
         self.history: list[int] = []  # lengths[:n] as Python ints (no device reads per step)
         self.width = 0  # history columns the current step attends over
@@ -85,7 +92,7 @@ class SlotCache:
         """Room for one more column, then what the decoder takes for the slots in use: the
         positions (n,) of their new tokens and the target mask (n, width)."""
         self.width = max(self.history) + 1
-        if self.width > self.self_kv[0][0].size(2):
+        if self.width > self._kv.size(4):
             self._grow_history(2 * self.width)
         self._slots = torch.arange(self.n, device=self.lengths.device)
         positions = self.lengths[: self.n]
@@ -100,7 +107,7 @@ class SlotCache:
     # -- joining and leaving ---------------------------------------------------------------
 
     def join(self, k: int, history: History | None = None, lengths: list[int] | None = None,
-             encoded: tuple | None = None) -> None:
+             encoded: Encoded | None = None) -> None:
         """``k`` new slots: with an empty history, or with ``history`` (see `History`) of
         ``lengths`` columns each; with their encoder side ``encoded`` when the cache has one
         (see `SourceSlots.join`)."""
@@ -119,12 +126,12 @@ class SlotCache:
         """Give slots in use a new history (None: an empty one) of ``lengths`` columns."""
         if history is not None:
             width = history[0][0].size(2)
-            if width > self.self_kv[0][0].size(2):
-                self._grow_history(max(width, 2 * self.self_kv[0][0].size(2)))
+            if width > self._kv.size(4):
+                self._grow_history(max(width, 2 * self._kv.size(4)))
             at = torch.tensor(slots, device=self.lengths.device)
-            for i, (kn, vn) in history.items():
-                kb, vb = self.self_kv[i]
-                kb[at, :, :width], vb[at, :, :width] = kn, vn
+            # stacked as the buffer is (layers, 2, ...), to be written in one operation
+            kv = torch.stack([x for i in range(self.layers) for x in history[i]])
+            self._kv[:, :, at, :, :width] = kv.unflatten(0, (self.layers, 2))
         for slot, length in zip(slots, lengths):
             self.history[slot] = length
         self.lengths[slots] = torch.tensor(lengths, device=self.lengths.device)
@@ -144,9 +151,7 @@ class SlotCache:
             to = torch.tensor(holes, device=self.lengths.device)
             src = torch.tensor(movers, device=self.lengths.device)
             w = max(self.history[i] for i in movers)
-            for kv in self.self_kv.values():
-                for x in kv:
-                    x[to, :, :w] = x[src, :, :w]
+            self._kv[:, :, to, :, :w] = self._kv[:, :, src, :, :w]
             self.lengths[to] = self.lengths[src]
             if self.source is not None:
                 self.source.move(to, src, movers)
@@ -157,19 +162,21 @@ class SlotCache:
         return order
 
     def _grow_history(self, columns: int) -> None:
-        self.self_kv = {i: tuple(widened(x, 2, columns) for x in kv)
-                        for i, kv in self.self_kv.items()}
+        self._kv = widened(self._kv, 4, columns)
+        self.self_kv = layer_views(self._kv)
 
 
 class SourceSlots:
-    """The encoder side of each slot, for an encoder-decoder model: cross-attention keys and
-    values (capacity, Hkv, S, Dh) per layer, the encoder output (capacity, S, D), the source
-    mask and the source ids (capacity, S); the ids are read by copy attention's output
-    (`tformer.model.copy`) only. Allocated at the first join (its widths come with it); moved
-    with its slot by `SlotCache.keep`."""
+    """The encoder side of each slot, for an encoder-decoder model: the cross-attention keys and
+    values of every layer in one (layers, 2, capacity, Hkv, S, Dh) buffer (``cross_kv``: per
+    layer, views of it), the encoder output (capacity, S, D), the source mask and the source
+    ids (capacity, S); the ids are read by copy attention's output (`tformer.model.copy`) only.
+    Allocated at the first join (its widths come with it); moved with its slot by
+    `SlotCache.keep`."""
 
     def __init__(self, capacity: int, layers: int) -> None:
         self.capacity, self.layers = capacity, layers
+        self._kv: Tensor | None = None  # at first join
         self.cross_kv: dict[int, tuple[Tensor, Tensor]] = {}
         # ``memory`` is passed to ``decode`` (its cross-attention is told apart from
         # self-attention by having one) but not read there: the keys and values come from this
@@ -192,18 +199,16 @@ class SourceSlots:
         """The source ids (n, S) of the slots in use, as wide as this step's memory."""
         return self.source_ids[:n, : self.width]
 
-    def join(self, new: slice, cross_kv: dict[int, tuple[Tensor, Tensor]], memory: Tensor,
-             source_mask: Tensor, source_ids: Tensor) -> None:
+    def join(self, new: slice, cross_kv: Tensor, memory: Tensor, source_mask: Tensor,
+             source_ids: Tensor) -> None:
         """Slots ``new`` get the rows of ``memory`` (k, S, D), with their cross-attention keys
-        and values (k, Hkv, S, Dh) per layer, source mask and ids (k, S)."""
+        and values (L, 2, k, Hkv, S, Dh), source mask and ids (k, S): an `Encoded`."""
         s = source_mask.size(1)
         if self.memory is None:
-            self._allocate(cross_kv[0][0], memory, s)
+            self._allocate(cross_kv, memory, s)
         elif s > self.memory.size(1):
             self._grow(max(s, 2 * self.memory.size(1)))
-        for i, (kn, vn) in cross_kv.items():
-            kb, vb = self.cross_kv[i]
-            kb[new, :, :s], vb[new, :, :s] = kn, vn
+        self._kv[:, :, new, :, :s] = cross_kv
         self.memory[new, :s] = memory
         self.source_mask[new] = False
         self.source_mask[new, :s] = source_mask
@@ -214,43 +219,43 @@ class SourceSlots:
     def move(self, to: Tensor, src: Tensor, movers: list[int]) -> None:
         """Copy slots ``src`` into slots ``to`` (``movers``: ``src`` as Python ints)."""
         s = max(self.sources[i] for i in movers)
-        for kv in self.cross_kv.values():
-            for x in kv:
-                x[to, :, :s] = x[src, :, :s]
+        self._kv[:, :, to, :, :s] = self._kv[:, :, src, :, :s]
         for x in (self.memory, self.source_mask, self.source_ids):
             x[to] = x[src]
 
     def reorder(self, order: list[int]) -> None:
         self.sources = [self.sources[i] for i in order]
 
-    def _allocate(self, k: Tensor, memory: Tensor, s: int) -> None:
-        r, (_, h, _, dh) = self.capacity, k.shape
-        self.cross_kv = {i: (k.new_zeros(r, h, s, dh), k.new_zeros(r, h, s, dh))
-                         for i in range(self.layers)}
+    def _allocate(self, kv: Tensor, memory: Tensor, s: int) -> None:
+        r, (*_, h, _, dh) = self.capacity, kv.shape
+        self._kv = kv.new_zeros(self.layers, 2, r, h, s, dh)
+        self.cross_kv = layer_views(self._kv)
         self.memory = memory.new_zeros(r, s, memory.size(2))
         self.source_mask = torch.zeros(r, s, dtype=torch.bool, device=memory.device)
         self.source_ids = torch.zeros(r, s, dtype=torch.long, device=memory.device)
 
     def _grow(self, columns: int) -> None:
         # Everything widened first, then swapped in: a failed allocation changes nothing.
-        cross_kv = {i: tuple(widened(x, 2, columns) for x in kv)
-                    for i, kv in self.cross_kv.items()}
+        kv = widened(self._kv, 4, columns)
         memory = widened(self.memory, 1, columns)
         source_mask = widened(self.source_mask, 1, columns)
         source_ids = widened(self.source_ids, 1, columns)
-        self.cross_kv, self.memory = cross_kv, memory
+        self._kv, self.cross_kv, self.memory = kv, layer_views(kv), memory
         self.source_mask, self.source_ids = source_mask, source_ids
 
 
-def concat_encoded(parts: list[tuple]) -> tuple[dict, Tensor, Tensor, Tensor]:
-    """Encoded batches (`tformer.serving.families.EncoderDecoder.encode`: cross-attention keys
-    and values per layer, encoder output, source mask, source ids) as one, to join together;
-    their sources padded to the longest (masked; the ids' padding is 0, which the copy
-    attention gives weight 0)."""
+def concat_encoded(parts: list[Encoded]) -> Encoded:
+    """Encoded batches (see `Encoded`) as one, to join together; their sources padded to the
+    longest (masked; the ids' padding is 0, which the copy attention gives weight 0)."""
     s = max(p[2].size(1) for p in parts)
-    cat = lambda xs, dim: torch.cat([widened(x, dim, s) for x in xs])  # noqa: E731
-    cross = {i: tuple(cat([p[0][i][j] for p in parts], 2) for j in (0, 1)) for i in parts[0][0]}
-    return cross, *(cat([p[k] for p in parts], 1) for k in (1, 2, 3))
+    cross = torch.cat([widened(p[0], 4, s) for p in parts], 2)  # rows are dim 2: (L, 2, k, ...)
+    return cross, *(torch.cat([widened(p[k], 1, s) for p in parts]) for k in (1, 2, 3))
+
+
+def layer_views(kv: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """Each layer's keys and values in ``kv`` (L, 2, ...): views, for the per-layer reads and
+    writes of a step (no indexing of the whole buffer per layer)."""
+    return {i: (kv[i, 0], kv[i, 1]) for i in range(kv.size(0))}
 
 
 def widened(x: Tensor, dim: int, size: int) -> Tensor:
