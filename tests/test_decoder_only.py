@@ -195,3 +195,17 @@ def test_outputs_and_every_parameter_learns(preset):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3
+
+
+def test_learned_positions_compile_as_one_graph():
+    """The gpt2 preset's forward traces as one graph: its learned-position range check reads
+    the positions back only when not compiling (a read-back breaks the graph, and the compiled
+    training step then runs part of the model eagerly)."""
+    import torch._dynamo as dynamo
+
+    model = tiny("gpt2")
+    ids = torch.randint(0, V, (2, 8))
+    explained = dynamo.explain(lambda x: model(x).logits)(ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    with pytest.raises(ValueError, match="max_positions"):  # eager: still a clear error
+        model(torch.randint(0, V, (1, model.config.max_positions + 1)))
