@@ -15,9 +15,11 @@ into a child process, a fresh interpreter (running `child_main`) on one end of a
   much as a one-row decoder step and, under 16 clients, a quarter of the batcher's time. (A
   decoder-only model's prompts are prefilled in the child, whose cache holds their keys and
   values: nothing is computed ahead for them.);
-- the child submits each job to its batcher, from an event loop of its own, and sends
-  ``("done", id, result, error, stats)`` back when the job's future settles;
-- a reader thread in the parent settles the waiting request's future.
+- the child's main thread reads the pipe and submits each job to its batcher; the batcher's
+  worker thread sends ``("done", id, result, error, stats)`` back itself when it settles the
+  job (`_AtOnce`: no event loop in the child);
+- a reader thread in the parent counts the answer's output tokens and settles the waiting
+  request's future.
 
 A streamed job (``stream``) is sent as ``("stream", ...)``: the child relays each step's tokens
 as ``("tokens", id, tokens)``, before its ``done``, and the parent pushes them into the
