@@ -337,17 +337,18 @@ def test_two_processes_resumed_equals_uninterrupted(data_files, tmp_path):
 
 class _TrainingTime:
     """A clock for the training loop that moves only when it takes a training batch: 10 s per
-    batch, so time budgets and time-based schedules are exact, whatever the machine's speed."""
+    batch (``seconds``: the time of the n-th batch, 1-based), so time budgets and time-based
+    schedules are exact, whatever the machine's speed."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, seconds=lambda n: 10.0) -> None:
         from tformer.training import loop, stopping
 
         self.now = 0.0
         real = loop.micro_batches
 
         def batches(*args):
-            for indices in real(*args):
-                self.now += 10.0
+            for n, indices in enumerate(real(*args), 1):
+                self.now += seconds(n)
                 yield indices
 
         monkeypatch.setattr(loop, "micro_batches", batches)
@@ -362,25 +363,49 @@ def _train_lrs(run: Path) -> list[float]:
     return [r["lr"] for r in records if r["split"] == "train"]
 
 
+def _time_budget_run(data_files, run: Path, minutes: float):
+    """A linear decay over ``minutes`` of `_TrainingTime`, 2 warm-up steps, a log line each
+    step, no validation."""
+    return load_config(None, overrides(data_files, run, **{
+        "train.max_steps": 100000, "train.max_minutes": minutes, "train.schedule": "linear",
+        "train.decay_over": "time", "train.warmup_steps": 2, "train.log_every": 1,
+        "train.eval_every": 100000, "train.lr": 1e-3}))
+
+
 def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path, monkeypatch):
-    """``decay_over: time``: the step time is measured once, over the warm-up (10 s per step
-    here), and the rest of the 60 s budget becomes the horizon of the step-driven decay
-    (2 + 40 s / 10 s = 6 steps), kept in the train state. The run stops on its budget at step
-    7, its rate at the floor from step 6 on. (Before, the decay followed the clock itself,
-    at the cost of a broadcast per step.)"""
+    """``decay_over: time``: the step time is measured over the warm-up (10 s per step here),
+    and the rest of the 60 s budget becomes the horizon of the step-driven decay
+    (2 + 40 s / 10 s = 6 steps), kept in the train state; measured again as the run goes, the
+    pace is the same and so is the horizon. The run stops on its budget at step 7, its rate at
+    the floor from step 6 on."""
     from tformer.training.schedule import lr_factor
 
     _TrainingTime(monkeypatch)
-    config = load_config(None, overrides(data_files, tmp_path / "run", **{
-        "train.max_steps": 100000, "train.max_minutes": 1.0, "train.schedule": "linear",
-        "train.decay_over": "time", "train.warmup_steps": 2, "train.log_every": 1,
-        "train.eval_every": 100000, "train.lr": 1e-3}))
-    result = train(config)
+    result = train(_time_budget_run(data_files, tmp_path / "run", 1.0))
     assert (result.stopped_by, result.state.step) == ("time_limit", 7)
     assert result.state.schedule_steps == 6
     expected = [1e-3 * lr_factor(k, 2, "linear", 6) for k in range(1, 8)]
     assert _train_lrs(tmp_path / "run") == pytest.approx(expected)
     assert expected[-3:] == [0.0] * 3 and expected[1] == pytest.approx(1e-3 * (1 - 1 / 4))
+
+
+def test_time_schedule_follows_a_change_of_pace(data_files, tmp_path, monkeypatch):
+    """The machine slows down mid-run (10 s a step, then 20 s from step 7: another job
+    started): the horizon measured at the end of the warm-up (2 + 160 s / 10 s = 18 steps)
+    would leave the rate at 0.6 of its peak when the 3-minute budget runs out. Measured again
+    every tenth of the budget, the horizon moves to step 12 at step 7 (7 + 100 s / 20 s), the
+    decay going on from where it was: the rate never rises, and it is at its floor when the
+    run stops on its budget."""
+    from tformer.training.schedule import lr_factor
+
+    _TrainingTime(monkeypatch, seconds=lambda n: 10.0 if n <= 6 else 20.0)
+    result = train(_time_budget_run(data_files, tmp_path / "run", 3.0))
+    assert (result.stopped_by, result.state.step) == ("time_limit", 13)
+    assert result.state.schedule_steps == 12
+    lrs = _train_lrs(tmp_path / "run")
+    assert lrs[:7] == pytest.approx([1e-3 * lr_factor(k, 2, "linear", 18) for k in range(1, 8)])
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[1:], lrs[2:]))  # after the warm-up
+    assert lrs[-2:] == [0.0, 0.0] and lrs[8] > 0.0
 
 
 def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypatch):

@@ -55,8 +55,12 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_seconds: float = 0.0
-    # decay_over: time: the decay's horizon in steps, measured once (training.stopping)
+    # decay_over: time (training.stopping): the decay's horizon in steps; where its current
+    # line starts, (step, progress of the decay), None: at the end of the warm-up, progress 0;
+    # and when the horizon was last measured, (step, clock seconds)
     schedule_steps: int | None = None
+    schedule_from: tuple[int, float] | None = None
+    schedule_planned_at: tuple[int, float] | None = None
     # names of the checkpoints this run wrote, oldest first: pruning deletes only these
     checkpoints: list[str] = dataclasses.field(default_factory=list)
 

@@ -139,7 +139,8 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
     optimizer = build_optimizer(model, config)
     state = TrainState()  # replaced by the checkpoint's on resume; the schedule reads it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, t.warmup_steps, t.schedule, state.schedule_steps or t.max_steps, t.min_lr_ratio))
+        s, t.warmup_steps, t.schedule, state.schedule_steps or t.max_steps, t.min_lr_ratio,
+        start=state.schedule_from))
     model, optimizer = accelerator.prepare(model, optimizer)
     after_prepare(model, accelerator)  # FSDP2 (tformer.training.distributed)
     train_split = make_train_split(config, data, tokenizer, accelerator.unwrap_model(model).config,
@@ -198,7 +199,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
                     f"checkpoint is {last_ckpt or 'none (no checkpoint written yet)'}. "
                     "Try a lower train.lr, train.precision=fp32 or train.clip_grad_norm=1.0."
                 )
-            horizon.observe(state.step + 1, state, accelerator)  # decay_over: time, once
+            horizon.observe(state.step + 1, state, accelerator)  # decay_over: time, first
             scheduler.step()
             state.step += 1
             window.add(loss_value)
@@ -210,6 +211,7 @@ def _train(config: Config, resume: bool, accelerator: Accelerator) -> TrainResul
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 out_of_time = _out_of_time(clock, t.max_minutes, accelerator)
+                horizon.replan(state, accelerator)  # decay_over: time, every tenth of it
             if state.step % t.eval_every == 0 or state.step == t.max_steps or out_of_time:
                 improved = maybe_evaluate(model, tokenizer, data, config, state, accelerator,
                                           logger)

@@ -8,9 +8,12 @@
 - SIGINT / SIGTERM (`InterruptFlag`): finish the step, save, stop.
 
 ``train.decay_over: time`` does not make the schedule follow the clock. `TimeHorizon` measures
-the time of a step once, at the end of the warm-up, and turns the remaining budget into a step
-count, the horizon of the (step-driven) decay. The count is kept in ``TrainState`` so that a
-resumed run decays over the same horizon.
+the time of a step at the end of the warm-up and turns the remaining budget into a step count,
+the horizon of the (step-driven) decay; it measures again every tenth of the budget, over the
+steps since (evaluations and checkpoints included), and moves the horizon when the pace has
+changed (another job started or ended on the machine): the decay goes on from where it is to
+its floor at the new horizon (`tformer.training.schedule.decay_progress`). The plan is kept in
+``TrainState`` so that a resumed run decays as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from tformer.training.checkpoint import TrainState
+from tformer.training.schedule import decay_progress
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +61,23 @@ class RunClock:
 
 
 class TimeHorizon:
-    """``decay_over: time``: the decay's horizon in steps, measured once.
+    """``decay_over: time``: the decay's horizon in steps, measured at the end of the warm-up
+    (`observe`) and again every tenth of the budget (`replan`).
 
-    The time per step is measured from the end of the first step this process runs (which pays
-    one-off costs: allocation, compilation) to the end of the warm-up (at least the second
-    step): during the warm-up the horizon does not matter yet. The steps that the rest of the
-    budget is worth at that pace are added to the step count; process 0's figure is sent to
-    every process (one broadcast per run). Evaluations are not in the measurement: with many
-    of them the budget stops the run somewhat before its decay reaches the floor."""
+    The first time per step is measured from the end of the first step this process runs
+    (which pays one-off costs: allocation, compilation) to the end of the warm-up (at least the
+    second step): during the warm-up the horizon does not matter yet. The steps that the rest of
+    the budget is worth at that pace are added to the step count. Each later measurement takes
+    the pace since the one before, evaluations and checkpoints included. Process 0's figures are
+    sent to every process."""
+
+    REPLANS = 10  # measurements over the budget after the first
 
     def __init__(self, clock: RunClock, warmup_steps: int, max_minutes: float | None,
                  active: bool) -> None:
         self.clock, self.active = clock, active
         self.budget = 60 * max_minutes if max_minutes is not None else None
+        self.warmup_steps = warmup_steps
         self.measure_at = max(warmup_steps, 2)
         self.first: tuple[int, float] | None = None
 
@@ -86,12 +94,44 @@ class TimeHorizon:
         per_step = (now - self.first[1]) / (step - self.first[0])
         horizon = step + math.floor((self.budget - now) / per_step + 1e-9)
         if accelerator.num_processes > 1:
-            horizon = broadcast_object_list([horizon], from_process=0)[0]
+            horizon, now = broadcast_object_list([horizon, now], from_process=0)
         state.schedule_steps = max(horizon, step + 1)
+        state.schedule_planned_at = (step, now)
         log.info("decay_over: time: %.3g s per step over steps %d-%d; the %.1f min budget is "
                  "worth %d steps, the horizon of the learning-rate decay (max_minutes still "
                  "stops the run)", per_step, self.first[0] + 1, step, self.budget / 60,
                  state.schedule_steps)
+
+    def replan(self, state: TrainState, accelerator: Accelerator) -> None:
+        """Call after optimizer step ``state.step`` at a point every process reaches together
+        (a log line): every tenth of the budget, the horizon the pace since the last measurement
+        gives, the decay going on from its progress at this step."""
+        if not self.active or state.schedule_planned_at is None:
+            return
+        plan = self._replanned(state) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            plan = broadcast_object_list([plan], from_process=0)[0]
+        if plan is None:
+            return
+        old = state.schedule_steps
+        state.schedule_steps, state.schedule_from, state.schedule_planned_at = plan[:3]
+        if abs(state.schedule_steps - old) > 0.01 * old:
+            log.info("decay_over: time: %.3g s per step since step %d; the horizon of the "
+                     "learning-rate decay moves from step %d to %d", *plan[3:], old,
+                     state.schedule_steps)
+
+    def _replanned(self, state: TrainState) -> tuple | None:
+        step, now = state.step, self.clock.seconds()
+        last_step, last_seconds = state.schedule_planned_at
+        if step <= last_step or now - last_seconds < self.budget / self.REPLANS:
+            return None
+        progress = decay_progress(step, self.warmup_steps, state.schedule_steps,
+                                  state.schedule_from)
+        if progress >= 1.0 or now >= self.budget:  # at the floor already, or out of time
+            return None
+        per_step = (now - last_seconds) / (step - last_step)
+        horizon = step + max(math.floor((self.budget - now) / per_step + 1e-9), 1)
+        return horizon, (step, progress), (step, now), per_step, last_step
 
 
 def patience_exhausted(state: TrainState, patience: int | None) -> bool:
