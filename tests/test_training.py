@@ -389,23 +389,27 @@ def test_schedule_over_the_time_budget_ends_at_the_floor(data_files, tmp_path, m
     assert expected[-3:] == [0.0] * 3 and expected[1] == pytest.approx(1e-3 * (1 - 1 / 4))
 
 
-def test_time_schedule_follows_a_change_of_pace(data_files, tmp_path, monkeypatch):
-    """The machine slows down mid-run (10 s a step, then 20 s from step 7: another job
-    started): the horizon measured at the end of the warm-up (2 + 160 s / 10 s = 18 steps)
-    would leave the rate at 0.6 of its peak when the 3-minute budget runs out. Measured again
-    every tenth of the budget, the horizon moves to step 12 at step 7 (7 + 100 s / 20 s), the
-    decay going on from where it was: the rate never rises, and it is at its floor when the
-    run stops on its budget."""
-    from tformer.training.schedule import lr_factor
-
-    _TrainingTime(monkeypatch, seconds=lambda n: 10.0 if n <= 6 else 20.0)
+@pytest.mark.parametrize("pace, first, moved, last_step", [
+    ((10.0, 20.0, 6), 18, 12, 13),  # slower from step 7: 7 + 100 s / 20 s
+    ((20.0, 10.0, 3), 9, 15, 16),  # faster from step 4: 5 + 100 s / 10 s
+], ids=["slower", "faster"])
+def test_time_schedule_follows_a_change_of_pace(data_files, tmp_path, monkeypatch, pace, first,
+                                                 moved, last_step):
+    """The machine's pace changes mid-run (another job started, or ended): the horizon
+    measured at the end of the warm-up (``first``) would leave the rate above its floor at the
+    end of the 3-minute budget (slower), or at the floor long before it (faster). Measured
+    again every tenth of the budget, the horizon moves (to ``moved``), the decay going on from
+    where it was: the rate never rises, and it reaches its floor as the run stops."""
+    before, after, until = pace
+    _TrainingTime(monkeypatch, seconds=lambda n: before if n <= until else after)
     result = train(_time_budget_run(data_files, tmp_path / "run", 3.0))
-    assert (result.stopped_by, result.state.step) == ("time_limit", 13)
-    assert result.state.schedule_steps == 12
+    assert (result.stopped_by, result.state.step) == ("time_limit", last_step)
+    assert result.state.schedule_steps == moved != first
     lrs = _train_lrs(tmp_path / "run")
-    assert lrs[:7] == pytest.approx([1e-3 * lr_factor(k, 2, "linear", 18) for k in range(1, 8)])
     assert all(b <= a + 1e-12 for a, b in zip(lrs[1:], lrs[2:]))  # after the warm-up
-    assert lrs[-2:] == [0.0, 0.0] and lrs[8] > 0.0
+    # the update at the new horizon is the first at the floor (the record of step k holds
+    # update k + 1's rate): it is reached, and not before
+    assert lrs[moved - 3] > 0.0 and lrs[moved - 2:] == [0.0] * (last_step - moved + 2)
 
 
 def test_time_budget_resumed_equals_uninterrupted(data_files, tmp_path, monkeypatch):

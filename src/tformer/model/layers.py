@@ -136,17 +136,21 @@ class Embeddings(nn.Module):
                 positions: Tensor | None = None) -> Tensor:  # (B, T) -> (B, T, D)
         """``offset``: position of ``ids[:, 0]`` (see :meth:`positions`); or the ``positions``
         (B, T) themselves (left padding, packed documents)."""
+        given = positions is not None
         if positions is None:
             positions = self.positions(ids, offset)
         x = self.token(ids) * self.scale
         if not self.additive:
             return kernels.dropout(x, self.p_drop, self.training)
         if self.learned is not None:
-            # (read back only here: on a GPU, .max() of a tensor waits for the device; not
-            # while compiling, where reading a tensor back breaks the graph: there the table
-            # lookup itself still refuses an index past its end)
-            last = (int(positions.max()) if positions.numel()
-                    and not torch.compiler.is_compiling() else 0)
+            if not given and not isinstance(offset, Tensor):  # known without reading back
+                last = offset + ids.size(1) - 1
+            elif torch.compiler.is_compiling() or not positions.numel():
+                # reading a tensor back would break the graph: the table lookup itself still
+                # refuses an index past its end
+                last = 0
+            else:  # (on a GPU, .max() of a tensor waits for the device)
+                last = int(positions.max())
             if last >= self.max_positions:
                 raise ValueError(
                     f"sequence of length {last + 1} exceeds max_positions="

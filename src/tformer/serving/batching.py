@@ -154,16 +154,20 @@ class DynamicBatcher:
         the job."""
         return self._enqueue(list(texts), options).future
 
-    def stream(self, texts: Sequence[str], options: dict[str, Any]) -> TokenStream:
-        """As ``submit``, as a `TokenStream`. This batcher decodes a batch in one
-        ``generate()`` call: it pushes no tokens, and the stream ends with the result."""
-        return self._enqueue(list(texts), options, stream=True).stream
+    def stream(self, texts: Sequence[str], options: dict[str, Any],
+               sink: Callable[[list[tuple]], None] | None = None) -> TokenStream:
+        """As ``submit``, as a `TokenStream` (``sink``: its `TokenStream.sink`, set before the
+        worker can see the job). This batcher decodes a batch in one ``generate()`` call: it
+        pushes no tokens, and the stream ends with the result."""
+        return self._enqueue(list(texts), options, stream=True, sink=sink).stream
 
     def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None,
-                 stream: bool = False) -> Job:
+                 stream: bool = False, sink: Callable[[list[tuple]], None] | None = None) -> Job:
         self.start()
         loop = self.loop or asyncio.get_running_loop()
         tokens = TokenStream(loop) if stream else None
+        if tokens is not None:
+            tokens.sink = sink
         job = Job(texts, dict(options), tokens.future if tokens else loop.create_future(), loop,
                   encoded=encoded, stream=tokens)
         with self._lock:  # under the lock: never queued behind stop()'s last call

@@ -116,6 +116,10 @@ class ProcessBatcher:
             1, thread_name_prefix="tformer-model")
         #: The child batcher's counters, as of its last answer.
         self.stats: dict[str, Any] = {}
+        #: The reader thread's own tokenizer, to count output tokens (the model thread encodes
+        #: with the model's, and a fast tokenizer fails when two threads call it at once);
+        #: None: answers keep the child's count (none).
+        self._counter = _copy_of(getattr(seq2seq, "tokenizer", None))
 
     # -- parent side -----------------------------------------------------------------------
 
@@ -277,10 +281,7 @@ class ProcessBatcher:
     def _read(self) -> None:
         """The reader thread: settle each answered job; when the pipe closes (or anything
         breaks here), fail the rest and refuse new jobs."""
-        # The reader's own copy of the tokenizer: the model thread encodes with the other one,
-        # and a fast tokenizer fails when two threads call it at once.
-        tokenizer = getattr(self.seq2seq, "tokenizer", None)
-        counter = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        counter = self._counter
         try:
             while True:
                 try:
@@ -293,11 +294,14 @@ class ProcessBatcher:
                 if message[0] == "done":
                     _, job, result, error, stats = message
                     self.stats = stats
-                    if result is not None and counter is not None:
+                    if result is not None and counter is not None and result.outputs:
                         # counted here, beside the child's decoding: ~3% of its time under
                         # 16 clients
-                        result = dataclasses.replace(
-                            result, output_tokens=count_tokens(counter, result.outputs))
+                        try:
+                            result = dataclasses.replace(
+                                result, output_tokens=count_tokens(counter, result.outputs))
+                        except Exception:  # the answer goes out without its counts
+                            log.exception("counting an answer's output tokens failed")
                     self._settle(job, result, error)
                 elif message[0] == "tokens":
                     entry = self._pending.get(message[1])
@@ -327,6 +331,18 @@ class ProcessBatcher:
             self._sent.clear()
         for future, loop, *_ in pending.values():
             settle_future(future, loop, None, error)
+
+
+def _copy_of(tokenizer):
+    """A copy of ``tokenizer`` for another thread; None if there is none or it cannot be
+    copied (then no output tokens are counted)."""
+    if tokenizer is None:
+        return None
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001  (any tokenizer class: a count is not worth a failure)
+        log.warning("the tokenizer could not be copied: answers will not count output tokens")
+        return None
 
 
 def pack_encoded(encoded: tuple) -> tuple:
@@ -410,7 +426,7 @@ class _Future:
             self._state, self._result, self._error = state, result, error
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback(self)
+            _run_callback(callback, self)
         return True
 
     def set_result(self, result: Any) -> None:
@@ -441,7 +457,16 @@ class _Future:
             if self._state == "pending":
                 self._callbacks.append(callback)
                 return
-        callback(self)
+        _run_callback(callback, self)
+
+
+def _run_callback(callback: Callable[[_Future], None], future: _Future) -> None:
+    """As an event loop runs a done-callback: its error is logged, and the worker (or the
+    reader) that settled the future goes on."""
+    try:
+        callback(future)
+    except Exception:
+        log.exception("a callback of a batcher job failed")
 
 
 class _AtOnce:
@@ -493,9 +518,11 @@ def _child(conn: Connection) -> None:
         if kind == "job":
             return (batcher.submit(texts, job_options) if encoded is None
                     else batcher.submit_encoded(texts, job_options, encoded))
-        stream = (batcher.stream(texts, job_options) if encoded is None
-                  else batcher.stream_encoded(texts, job_options, encoded))
-        stream.sink = lambda tokens: send(("tokens", job, tokens))  # (in the worker)
+        # the sink is set before the worker sees the job: it relays from the worker's thread,
+        # possibly before this one returns
+        sink = lambda tokens: send(("tokens", job, tokens))  # noqa: E731
+        stream = (batcher.stream(texts, job_options, sink=sink) if encoded is None
+                  else batcher.stream_encoded(texts, job_options, encoded, sink=sink))
         streams[job] = stream
         return stream.future
 
@@ -517,6 +544,9 @@ def _child(conn: Connection) -> None:
                 message = _get(conn)
             except (EOFError, OSError):  # the parent has gone
                 break
+            except Exception:  # a message that does not unpickle: the others go on
+                log.exception("a message from the server could not be read")
+                continue
             if message[0] in ("job", "stream"):
                 kind, job, texts, job_options, encoded = message
                 try:

@@ -106,7 +106,7 @@ class TimeHorizon:
         """Call after optimizer step ``state.step`` at a point every process reaches together
         (a log line): every tenth of the budget, the horizon the pace since the last measurement
         gives, the decay going on from its progress at this step."""
-        if not self.active or state.schedule_planned_at is None:
+        if not self.active or state.schedule_steps is None:
             return
         plan = self._replanned(state) if accelerator.is_main_process else None
         if accelerator.num_processes > 1:
@@ -115,23 +115,28 @@ class TimeHorizon:
             return
         old = state.schedule_steps
         state.schedule_steps, state.schedule_from, state.schedule_planned_at = plan[:3]
-        if abs(state.schedule_steps - old) > 0.01 * old:
+        if plan[3] is not None and abs(state.schedule_steps - old) > 0.01 * old:
             log.info("decay_over: time: %.3g s per step since step %d; the horizon of the "
                      "learning-rate decay moves from step %d to %d", *plan[3:], old,
                      state.schedule_steps)
 
     def _replanned(self, state: TrainState) -> tuple | None:
         step, now = state.step, self.clock.seconds()
+        if state.schedule_planned_at is None:  # a checkpoint from before re-planning: from here
+            return state.schedule_steps, state.schedule_from, (step, now), None, None
         last_step, last_seconds = state.schedule_planned_at
         if step <= last_step or now - last_seconds < self.budget / self.REPLANS:
             return None
-        progress = decay_progress(step, self.warmup_steps, state.schedule_steps,
+        # The scheduler has moved already: update step + 1 has its rate. The new line starts
+        # there, so that no rate after it is above it.
+        at = step + 1
+        progress = decay_progress(at, self.warmup_steps, state.schedule_steps,
                                   state.schedule_from)
         if progress >= 1.0 or now >= self.budget:  # at the floor already, or out of time
             return None
         per_step = (now - last_seconds) / (step - last_step)
-        horizon = step + max(math.floor((self.budget - now) / per_step + 1e-9), 1)
-        return horizon, (step, progress), (step, now), per_step, last_step
+        horizon = max(step + math.floor((self.budget - now) / per_step + 1e-9), at + 1)
+        return horizon, (at, progress), (step, now), per_step, last_step
 
 
 def patience_exhausted(state: TrainState, patience: int | None) -> bool:
