@@ -154,12 +154,17 @@ class DynamicBatcher:
         the job."""
         return self._enqueue(list(texts), options).future
 
-    def stream(self, texts: Sequence[str], options: dict[str, Any],
-               sink: Callable[[list[tuple]], None] | None = None) -> TokenStream:
-        """As ``submit``, as a `TokenStream` (``sink``: its `TokenStream.sink`, set before the
-        worker can see the job). This batcher decodes a batch in one ``generate()`` call: it
-        pushes no tokens, and the stream ends with the result."""
-        return self._enqueue(list(texts), options, stream=True, sink=sink).stream
+    def stream(self, texts: Sequence[str], options: dict[str, Any]) -> TokenStream:
+        """As ``submit``, as a `TokenStream`. This batcher decodes a batch in one
+        ``generate()`` call: it pushes no tokens, and the stream ends with the result."""
+        return self._enqueue(list(texts), options, stream=True).stream
+
+    def relay(self, texts: Sequence[str], options: dict[str, Any],
+              sink: Callable[[list[tuple]], None], encoded: tuple | None = None) -> TokenStream:
+        """As ``stream`` (``encoded``: texts already encoded, as ``submit_encoded`` takes
+        them), each push handed to ``sink`` (its `TokenStream.sink`), which is set before the
+        worker can see the job (the batcher's process relays tokens from the worker's thread)."""
+        return self._enqueue(list(texts), options, encoded, stream=True, sink=sink).stream
 
     def _enqueue(self, texts: list[str], options: dict[str, Any], encoded: tuple | None = None,
                  stream: bool = False, sink: Callable[[list[tuple]], None] | None = None) -> Job:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,11 +163,6 @@ class ContinuousBatcher(DynamicBatcher):
         """As ``submit``, for texts already encoded by :meth:`encode` (in another process, on
         its own copy of the model): the worker only joins them to the running batch."""
         return self._enqueue(list(texts), options, encoded).future
-
-    def stream_encoded(self, texts: Sequence[str], options: dict[str, Any], encoded: tuple,
-                       sink: Callable[[list[tuple]], None] | None = None) -> TokenStream:
-        """As ``stream``, for texts already encoded by :meth:`encode`."""
-        return self._enqueue(list(texts), options, encoded, stream=True, sink=sink).stream
 
     def encode(self, texts: Sequence[str], options: dict[str, Any]) -> tuple:
         """What admitting ``texts`` to an encoder-decoder model computes before it joins them

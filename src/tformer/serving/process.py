@@ -520,9 +520,8 @@ def _child(conn: Connection) -> None:
                     else batcher.submit_encoded(texts, job_options, encoded))
         # the sink is set before the worker sees the job: it relays from the worker's thread,
         # possibly before this one returns
-        sink = lambda tokens: send(("tokens", job, tokens))  # noqa: E731
-        stream = (batcher.stream(texts, job_options, sink=sink) if encoded is None
-                  else batcher.stream_encoded(texts, job_options, encoded, sink=sink))
+        stream = batcher.relay(texts, job_options, lambda tokens: send(("tokens", job, tokens)),
+                               encoded)
         streams[job] = stream
         return stream.future
 
