@@ -337,12 +337,7 @@ class DynamicBatcher:
         tokenizer = getattr(self.seq2seq, "tokenizer", None)
         if tokenizer is None or not outputs or not self.counts_tokens:
             return None
-        return count_tokens(tokenizer, outputs)
-
-
-def count_tokens(tokenizer, outputs: Sequence[str]) -> list[int]:
-    """``output_tokens``: each output re-encoded without special tokens."""
-    return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in tokenizer(list(outputs), add_special_tokens=False)["input_ids"]]
 
 
 @contextlib.contextmanager

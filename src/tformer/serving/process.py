@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import dataclasses
 import functools
 import itertools
@@ -71,8 +70,9 @@ from tformer.serving.batcher import (
     WorkerDown,
     settle_future,
 )
-from tformer.serving.batching import DynamicBatcher, count_tokens
+from tformer.serving.batching import DynamicBatcher
 from tformer.serving.continuous import ContinuousBatcher
+from tformer.serving.limits import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,10 @@ class ProcessBatcher:
             1, thread_name_prefix="tformer-model")
         #: The child batcher's counters, as of its last answer.
         self.stats: dict[str, Any] = {}
-        #: The reader thread's own tokenizer, to count output tokens (the model thread encodes
-        #: with the model's, and a fast tokenizer fails when two threads call it at once);
-        #: None: answers keep the child's count (none).
-        self._counter = _copy_of(getattr(seq2seq, "tokenizer", None))
+        #: Counts output tokens in the reader thread, with its own copy of the tokenizer (the
+        #: model thread encodes with the model's); None: a model without a tokenizer.
+        tokenizer = getattr(seq2seq, "tokenizer", None)
+        self._counter = TokenCounter(tokenizer) if tokenizer is not None else None
 
     # -- parent side -----------------------------------------------------------------------
 
@@ -299,7 +299,8 @@ class ProcessBatcher:
                         # 16 clients
                         try:
                             result = dataclasses.replace(
-                                result, output_tokens=count_tokens(counter, result.outputs))
+                                result, output_tokens=counter.count(result.outputs,
+                                                                    special=False))
                         except Exception:  # the answer goes out without its counts
                             log.exception("counting an answer's output tokens failed")
                     self._settle(job, result, error)
@@ -331,18 +332,6 @@ class ProcessBatcher:
             self._sent.clear()
         for future, loop, *_ in pending.values():
             settle_future(future, loop, None, error)
-
-
-def _copy_of(tokenizer):
-    """A copy of ``tokenizer`` for another thread; None if there is none or it cannot be
-    copied (then no output tokens are counted)."""
-    if tokenizer is None:
-        return None
-    try:
-        return copy.deepcopy(tokenizer)
-    except Exception:  # noqa: BLE001  (any tokenizer class: a count is not worth a failure)
-        log.warning("the tokenizer could not be copied: answers will not count output tokens")
-        return None
 
 
 def pack_encoded(encoded: tuple) -> tuple:
@@ -410,7 +399,9 @@ def _picklable(error: BaseException) -> BaseException:
 class _Future:
     """What the child's batcher hands out instead of an asyncio future: settled in the thread
     that settles it (the worker), its callbacks run there and then. The subset of
-    `asyncio.Future` the batchers and `TokenStream` use."""
+    `asyncio.Future` the batchers and `TokenStream` use. Not `concurrent.futures.Future`: that
+    one raises when it is set after a cancel, and here the pipe's thread may cancel a job while
+    the worker settles it; this one keeps whichever came first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
