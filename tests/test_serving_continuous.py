@@ -146,6 +146,29 @@ def test_continuous_batching_admits_texts_encoded_elsewhere_with_the_others(own,
         assert result.outputs == own.generate(t, max_new_tokens=NEW)
 
 
+def test_jobs_encoded_together_equal_each_encoded_alone(own, texts):
+    """`ContinuousBatcher.encode_together` (one encoder pass for several jobs, as the server's
+    process encodes the requests that arrive together) gives each job what encoding it alone
+    gives: as wide as its own longest source, with equal keys, values and encoder output;
+    a job's own max_source_length still truncates it."""
+    from tformer.serving.continuous import ContinuousBatcher
+
+    batcher = ContinuousBatcher(own, max_batch_size=8, max_wait_ms=0, max_queue=100)
+    chosen = sorted(texts[:6], key=len)
+    jobs = [(chosen[5:6], GREEDY), (chosen[0:2], GREEDY), (chosen[3:4], {"max_source_length": 3}),
+            (chosen[2:5], GREEDY)]
+    together = batcher.encode_together(jobs)
+    alone = [batcher.encode(t, options) for t, options in jobs]
+    assert [x[2].shape for x in together] == [x[2].shape for x in alone]
+    assert len({x[2].size(1) for x in together}) == 4  # each job as wide as its own source
+    assert together[2][2].size(1) == 3  # truncated by its own max_source_length
+    for mine, reference in zip(together, alone):
+        torch.testing.assert_close(mine[0], reference[0], atol=1e-5, rtol=1e-5)  # keys, values
+        torch.testing.assert_close(mine[1] * mine[2][..., None], reference[1] * reference[2][..., None],
+                                   atol=1e-5, rtol=1e-5)  # encoder output at real positions
+        assert torch.equal(mine[2], reference[2]) and torch.equal(mine[3], reference[3])
+
+
 def test_continuous_batching_drops_a_request_cancelled_while_it_decodes(seq2seq, texts):
     """A client leaving while its row decodes: the row leaves the batch at the next step and
     the other rows' outputs are those of a run without the cancellation. (End-of-sequence is

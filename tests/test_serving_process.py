@@ -64,6 +64,47 @@ def test_batcher_process_drops_a_cancelled_job_and_answers_the_others(seq2seq, t
     assert not batcher.healthy  # stopped
 
 
+def test_batcher_process_encodes_the_jobs_that_wait_together(seq2seq, texts):
+    """Jobs that arrive while the server's process is busy encoding are encoded together, in
+    one pass of at most a batch of texts (max_batch_size 4: a pass of four 1-text jobs, then
+    the 2-text job), and decode to `Seq2Seq.generate`'s outputs. A pass that fails is retried
+    one job at a time, so only the job at fault fails."""
+    from tformer.serving.process import ProcessBatcher
+
+    batcher = ProcessBatcher(seq2seq, kind="continuous", max_batch_size=4, max_wait_ms=0,
+                             max_queue=100)
+    passes = []
+    encode_together = batcher._encoder.encode_together
+
+    def spy(jobs):
+        passes.append([len(t) for t, _ in jobs])
+        if any(text.startswith("BAD") for t, _ in jobs for text in t):
+            raise ValueError("this text cannot be encoded")
+        return encode_together(jobs)
+
+    batcher._encoder.encode_together = spy
+    options = {**GREEDY, "max_new_tokens": NEW}
+
+    async def main():
+        gate = threading.Event()
+        batcher.call(gate.wait)  # holds the thread that encodes while the jobs come
+        futures = [batcher.submit([t], options) for t in [*texts[:2], "BAD", texts[2]]]
+        futures.append(batcher.submit(texts[3:5], options))
+        gate.set()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    batcher.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert passes == [[1, 1, 1, 1], [1], [1], [1], [1], [2]]
+    assert isinstance(results[2], ValueError)
+    assert [results[i].outputs[0] for i in (0, 1, 3)] == [
+        seq2seq.generate(t, max_new_tokens=NEW) for t in texts[:3]]
+    assert results[4].outputs == seq2seq.generate(texts[3:5], max_new_tokens=NEW)
+
+
 def test_batcher_process_that_dies_fails_its_requests_and_the_health_check(seq2seq, texts):
     """The child killed while a request waits on it: that request, and every later one, is
     answered 503 worker_down at once (not after the timeout), and /healthz says 503."""

@@ -170,10 +170,16 @@ class EncoderDecoder:
 
     def tokenize(self, jobs: list[Job]) -> tuple[Tensor, Tensor]:
         """The jobs' texts as source ids and mask (k, S)."""
-        ids: list[list[int]] = []
-        for job in jobs:
-            ids += self.tokenizer(job.texts, truncation=True,
-                                  max_length=job.options.get("max_source_length"))["input_ids"]
+        # one tokenizer call per distinct max_source_length (usually one for all the jobs)
+        limits = [job.options.get("max_source_length") for job in jobs for _ in job.texts]
+        texts = [text for job in jobs for text in job.texts]
+        ids: list[list[int]] = [[] for _ in texts]
+        for limit in dict.fromkeys(limits):
+            at = [i for i, x in enumerate(limits) if x == limit]
+            encoded = self.tokenizer([texts[i] for i in at], truncation=True,
+                                     max_length=limit)["input_ids"]
+            for i, x in zip(at, encoded):
+                ids[i] = x
         width = max(1, max(len(x) for x in ids))
         source = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         source_mask = torch.zeros(len(ids), width, dtype=torch.bool)

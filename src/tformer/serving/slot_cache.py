@@ -252,6 +252,21 @@ def concat_encoded(parts: list[Encoded]) -> Encoded:
     return cross, *(torch.cat([widened(p[k], 1, s) for p in parts]) for k in (1, 2, 3))
 
 
+def split_encoded(encoded: Encoded, counts: list[int]) -> list[Encoded]:
+    """The inverse of `concat_encoded`: ``encoded``'s rows, ``counts[i]`` rows to part ``i``,
+    each part as wide as its own longest source (the masks are prefixes) and contiguous (a part
+    is pickled to the batcher's process on its own)."""
+    kv, memory, source_mask, source_ids = encoded
+    parts, start = [], 0
+    for count in counts:
+        rows = slice(start, start + count)
+        s = max(1, int(source_mask[rows].sum(1).max()))
+        parts.append((kv[:, :, rows, :, :s].contiguous(), memory[rows, :s].contiguous(),
+                      source_mask[rows, :s].contiguous(), source_ids[rows, :s].contiguous()))
+        start += count
+    return parts
+
+
 def layer_views(kv: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
     """Each layer's keys and values in ``kv`` (L, 2, ...): views, for the per-layer reads and
     writes of a step (no indexing of the whole buffer per layer)."""
