@@ -5,6 +5,11 @@ ask, temperature 1, and with top-p 0.9), and admitting one newcomer into 15 runn
 
     .venv/bin/python bench/serve_step.py CHECKPOINT [--threads 1]
 
+``--parts`` also times the 1- and 16-row steps with the output projection, then attention,
+replaced by a stand-in that costs nothing (zeros; the queries), in turns with the whole step,
+and prints the difference: what each part costs in the step as it runs (its weights read from
+memory rather than from a warm cache, as in a loop over the part alone).
+
 End-of-sequence is switched off so that every row keeps decoding; each figure is the best of
 ``--repeats`` runs of ``--steps`` steps, taken after 10 warm-up steps. The ratio of a 16-row
 step to a 1-row step is the floor under the serving benchmark's p99 ratio
@@ -46,6 +51,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the step without the output projection, then without "
+                        "attention: what each costs (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint
@@ -97,6 +105,8 @@ def main() -> None:
         steps = {n: step_ms(n) for n in (1, 4, 16)}
         sampling = {top_p: step_ms(16, top_p=top_p) for top_p in (1.0, 0.9)}
         admit = admit_ms()
+        parts = {name: part_ms(step_ms, replace) for name, replace in
+                 stand_ins(seq2seq).items()} if args.parts else {}
     finally:
         batcher.stop()
         loop.close()
@@ -107,7 +117,47 @@ def main() -> None:
         for top_p, ms in sampling.items()))
     print(f"16 rows / 1 row: {steps[16] / steps[1]:.2f}x; admitting 1 newcomer into 15 rows: "
           f"{admit:.2f} ms ({admit / steps[1]:.2f} single-row steps)")
+    for name, ms in parts.items():
+        print(f"{name} in the step, ms: " + ", ".join(
+            f"{n} row{'s' * (n > 1)} {whole - rest:.2f} (of {whole:.2f})"
+            for n, (whole, rest) in ms.items()))
 
+
+def part_ms(step_ms, replace, rounds: int = 4) -> dict[int, tuple[float, float]]:
+    """For 1 and 16 rows: the best step time with the part and without it (``replace()``
+    swaps a stand-in in and returns what puts the part back), taken in turns over ``rounds``
+    so that a change in the machine's load falls on both."""
+    best = {n: [float("inf"), float("inf")] for n in (1, 16)}
+    for _ in range(rounds):
+        for n in best:
+            best[n][0] = min(best[n][0], step_ms(n))
+            restore = replace()
+            try:
+                best[n][1] = min(best[n][1], step_ms(n))
+            finally:
+                restore()
+    return {n: (whole, rest) for n, (whole, rest) in best.items()}
+
+
+def stand_ins(seq2seq) -> dict:
+    """Per part of the model, a function that replaces it by a stand-in that costs nothing
+    (zeros of the logits' shape; the queries as the attention's output) and returns what puts
+    it back."""
+    from tformer.model import attention
+
+    core = seq2seq.model.model
+    vocab = seq2seq.model.config.vocab_size
+
+    def projection():
+        core.project = lambda hidden: hidden.new_zeros(*hidden.shape[:-1], vocab)
+        return lambda: delattr(core, "project")  # the class's method again
+
+    def attention_kernel():
+        fast = attention.attention_fast
+        attention.attention_fast = lambda q, k, v, *args, **kwargs: q
+        return lambda: setattr(attention, "attention_fast", fast)
+
+    return {"output projection": projection, "attention": attention_kernel}
 
 if __name__ == "__main__":
     main()
