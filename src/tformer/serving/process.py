@@ -248,8 +248,9 @@ class ProcessBatcher:
         batch of texts) in one encoder pass and send them, so that the child only joins and
         decodes them: the encoder runs on this process's core, beside the child's decoding.
         Each job queues one call of this; a call finding nothing left returns. One pass for the
-        jobs that came together, rather than one each: under 16 clients, one-text passes took
-        half of this process's CPU time (a pass costs per operation more than per text)."""
+        jobs that came together, rather than one each: a pass costs per operation more than per
+        text, and under 16 clients the encoding took half of this process's CPU time (requests
+        then come about one per decoder step, so most passes still hold one; bursts share)."""
         with self._lock:
             waiting = [entry for entry in self._to_encode if entry[0] in self._pending]
             size, count = 0, 0
