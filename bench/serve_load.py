@@ -24,6 +24,11 @@ load falls on all of them alike):
 3. batching, N clients: the throughput and latency with batches;
 4. batching, 1 client: what batching costs when there is nothing to batch.
 
+``--burst N`` adds, after them, N requests sent at once (one connection each) to each server,
+``--rounds`` times, taking turns: the time until the last is answered (median), batching
+against one at a time. That is a notebook or a batch job firing its requests together: the
+server admits them as fast as it can encode them.
+
 Every request holds one input text (Multi30k validation sources by default, cycled in the same
 order in every scenario), greedy decoding, ``--max-new-tokens``. A client sends its next request
 as soon as it has the answer to the last (closed loop). Latency is measured by the client, from
@@ -197,6 +202,27 @@ async def drive(server: Server, texts: list[str], clients: int, requests: int,
                            process_cpu_seconds(server.process.pid) - server_cpu)
     return Scenario(name, clients, seconds, latencies, batches, outputs, errors, lengths, cpu,
                     server_cpu)
+
+
+async def burst(server: Server, texts: list[str], n: int, max_new_tokens: int,
+                start: int) -> tuple[float, int]:
+    """``n`` requests sent at once, one connection each (``texts`` from ``start`` on): the
+    seconds until the last is answered, and how many were not answered 200."""
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
+        nonlocal errors
+        async with session.post("/v1/generate", json={"inputs": [text],
+                                                      "max_new_tokens": max_new_tokens}) as r:
+            await r.read()
+            errors += r.status != 200
+
+    connector = aiohttp.TCPConnector(limit=n)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(server.url, connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(session, texts[(start + i) % len(texts)]) for i in range(n)))
+        return time.perf_counter() - started, errors
 
 
 @dataclass
@@ -433,6 +459,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4,
                         help="chunks each scenario is split into, taking turns (default 4)")
     parser.add_argument("--quick", action="store_true", help="64 / 8 requests: a smoke run")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="also: N requests sent at once to each server, --rounds times "
+                        "(the time until all are answered)")
     parser.add_argument("--openai", action="store_true", help="instead: streaming clients of "
                         "/v1/completions (time to first token, inter-token latency; 1 and "
                         "--clients clients, batching and one at a time) and /v1/completions "
@@ -469,6 +498,12 @@ def main() -> None:
                     parts[name].append(asyncio.run(drive(
                         server, texts, clients, n, args.max_new_tokens, name, start=r * n,
                         warm_up=r == 0)))
+            bursts: dict[str, list[tuple[float, int]]] = {"one at a time": [], "batching": []}
+            for r in range(args.rounds if args.burst else 0):
+                pair = [("one at a time", single), ("batching", batched)]
+                for name, server in (pair if r % 2 == 0 else pair[::-1]):
+                    bursts[name].append(asyncio.run(burst(server, texts, args.burst,
+                                                          args.max_new_tokens, r * args.burst)))
         rows = [merge(parts[name]) for name, *_ in plan]
         print(f"load average after: {os.getloadavg()[0]:.1f}")
     report(rows)
@@ -484,6 +519,12 @@ def main() -> None:
           f"at 1 client: p50 {batched_alone.pct(50) / alone.pct(50):.2f}x of one at a time")
     print(f"outputs: {len(batched.outputs)} texts compared, {mismatched} differ between "
           f"batched and one-at-a-time serving; errors: {sum(r.errors for r in rows)}")
+    if args.burst:
+        ms = {name: statistics.median(s for s, _ in runs) * 1000 for name, runs in bursts.items()}
+        print(f"burst of {args.burst} requests sent at once (median of {args.rounds}): all "
+              f"answered in {ms['batching']:.0f} ms batching, {ms['one at a time']:.0f} ms one "
+              f"at a time: {ms['one at a time'] / ms['batching']:.2f}x; errors: "
+              f"{sum(e for runs in bursts.values() for _, e in runs)}")
 
 
 if __name__ == "__main__":
