@@ -5,8 +5,9 @@ ask, temperature 1, and with top-p 0.9), and admitting one newcomer into 15 runn
 
     .venv/bin/python bench/serve_step.py CHECKPOINT [--threads 1]
 
-``--parts`` also times the 1- and 16-row steps with the output projection, then attention,
-replaced by a stand-in that costs nothing (zeros; the queries), in turns with the whole step,
+``--parts`` also times the 1- and 16-row steps with the output projection, then the attention
+kernel (``attention_fast``: softmax(QKᵀ/√d)·V; not the projections around it), replaced by a
+stand-in that costs nothing (zeros; the queries), in turns with the whole step,
 and prints the difference: what each part costs in the step as it runs (its weights read from
 memory rather than from a warm cache, as in a loop over the part alone).
 
@@ -157,7 +158,7 @@ def stand_ins(seq2seq) -> dict:
         attention.attention_fast = lambda q, k, v, *args, **kwargs: q
         return lambda: setattr(attention, "attention_fast", fast)
 
-    return {"output projection": projection, "attention": attention_kernel}
+    return {"output projection": projection, "attention kernel": attention_kernel}
 
 if __name__ == "__main__":
     main()

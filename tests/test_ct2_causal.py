@@ -146,8 +146,8 @@ def test_int8_runs_and_its_agreement_is_measured(exported, tokenizer, tmp_path):
     the prompts on an AVX2 host, over 50% on an AVX512 one), so those figures are printed. What
     is asserted is that int8 keeps the model: its log-probabilities of float32's own
     continuations (teacher-forced, ``score_batch``) are nearer to float32's than a uniform guess
-    is (measured on the AVX2 host: mean error 0.28x that distance for gpt2, 0.48x for llama; a
-    broken quantization, noise or a constant, is at 1x or beyond)."""
+    is, with a margin (measured on the AVX2 host: mean error 0.28x that distance for gpt2,
+    0.48x for llama; a broken quantization, noise or a constant, is at 1x or beyond)."""
     int8_dir = ct2.export(exported["checkpoint"], tmp_path / "int8", quantization="int8")
     size = (int8_dir / "model.bin").stat().st_size
     assert size < 0.6 * (exported["float32"] / "model.bin").stat().st_size
@@ -171,7 +171,7 @@ def test_int8_runs_and_its_agreement_is_measured(exported, tokenizer, tmp_path):
           f"{spread:.3f}")
     assert all(len(row) >= 1 for row in b)
     assert len(reference) == len(quantized) == sum(len(r) - 1 for r in rows)
-    assert error < spread
+    assert error < 0.75 * spread
 
 
 # --- one interface, two engines ---------------------------------------------------------------

@@ -88,9 +88,11 @@ def test_batcher_process_encodes_the_jobs_that_wait_together(seq2seq, texts):
     async def main():
         gate = threading.Event()
         batcher.call(gate.wait)  # holds the thread that encodes while the jobs come
-        futures = [batcher.submit([t], options) for t in [*texts[:2], "BAD", texts[2]]]
-        futures.append(batcher.submit(texts[3:5], options))
-        gate.set()
+        try:
+            futures = [batcher.submit([t], options) for t in [*texts[:2], "BAD", texts[2]]]
+            futures.append(batcher.submit(texts[3:5], options))
+        finally:
+            gate.set()
         return await asyncio.gather(*futures, return_exceptions=True)
 
     batcher.start()

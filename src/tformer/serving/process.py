@@ -271,8 +271,11 @@ class ProcessBatcher:
             packed = [pack_encoded(x) for x in encoded]
         except Exception as error:
             if len(jobs) > 1:
+                log.debug("encoding %d requests together failed (%s); encoding each alone",
+                          len(jobs), error)
                 for job in jobs:
-                    self._encode_and_send([job])
+                    if job[0] in self._pending:  # (not those cancelled meanwhile)
+                        self._encode_and_send([job])
                 return
             log.exception("encoding a request failed")
             self._settle(jobs[0][0], None, error)
@@ -357,6 +360,7 @@ class ProcessBatcher:
         with self._lock:
             pending, self._pending, self._waiting = self._pending, {}, 0
             self._sent.clear()
+            self._to_encode.clear()
         for future, loop, *_ in pending.values():
             settle_future(future, loop, None, error)
 
